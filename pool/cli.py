@@ -1,0 +1,130 @@
+"""The ``workerpool`` command.
+
+Service commands (``scheduler``, ``worker``, ``api``) live in their own packages and are loaded
+by module name only when invoked, so ``pool`` never imports a service at import time and one
+service's dependencies never load in another's process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pool import devnet as devnet_mod
+
+# command name -> "module:attribute" of a click command, imported on first use.
+LAZY_COMMANDS: dict[str, str] = {}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS:
+            module_name, attr = LAZY_COMMANDS[cmd_name].split(":")
+            command: click.Command = getattr(importlib.import_module(module_name), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Run an iExec workerpool: scheduler, worker nodes, status API, orders, devnet."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def devnet() -> None:
+    """A local chain (anvil) with the real PoCo v6.1.0 contracts, for development and tests."""
+
+
+DIR_OPTION = click.option(
+    "--dir",
+    "directory",
+    default=".devnet",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the devnet keeps devnet.json, the chain state and anvil's log.",
+)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@devnet.command("up")
+@DIR_OPTION
+@click.option("--port", default=8545, show_default=True, help="anvil port on 127.0.0.1.")
+def devnet_up(directory: Path, port: int) -> None:
+    """Start anvil, deploy PoCo, create the pool and sample apps (idempotent)."""
+    try:
+        info, seconds, deployed = devnet_mod.up(directory, port)
+    except devnet_mod.DevnetError as exc:
+        _fail(str(exc))
+        return
+    what = "deployed PoCo and provisioned" if deployed else "resumed"
+    click.echo(f"devnet up ({what}) in {seconds:.1f}s: {info['rpc_url']} chain {info['chain_id']}")
+    click.echo(f"  hub        {info['hub']}")
+    click.echo(f"  workerpool {info['workerpool']}")
+    for name, app in info["apps"].items():
+        click.echo(f"  app {name:<10} {app['address']}  {app['image']}")
+    click.echo(f"  wrote {directory / 'devnet.json'} (its keys are PUBLIC TEST KEYS)")
+
+
+@devnet.command("down")
+@DIR_OPTION
+def devnet_down(directory: Path) -> None:
+    """Stop the anvil this directory started (its state is kept for the next `up`)."""
+    stopped = devnet_mod.Devnet(directory).stop()
+    click.echo("devnet stopped" if stopped else "devnet was not running")
+
+
+@devnet.command("status")
+@DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def devnet_status(directory: Path, as_json: bool) -> None:
+    """Say whether the devnet runs, its head block and whether PoCo is deployed."""
+    info: dict[str, Any] = devnet_mod.status(directory)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    if not info["configured"]:
+        click.echo(f"no devnet in {directory} (run: workerpool devnet up)")
+        sys.exit(3)
+    state = "running" if info.get("answers") else "stopped"
+    click.echo(f"devnet {state} pid={info['pid']} {info['rpc_url']}")
+    if info.get("answers"):
+        click.echo(f"  head block {info['block']}, PoCo deployed: {info['poco_deployed']}")
+    if not info.get("answers"):
+        sys.exit(3)
+
+
+@devnet.command("env")
+@DIR_OPTION
+@click.option("--worker", type=int, default=None, help="Add worker N's wallet (0-based).")
+def devnet_env(directory: Path, worker: int | None) -> None:
+    """Print `export` lines pointing the services at the devnet: eval "$(workerpool devnet env)"."""
+    info = devnet_mod.Devnet(directory).load()
+    if info is None:
+        _fail(f"no devnet in {directory} (run: workerpool devnet up)")
+        return
+    try:
+        lines = devnet_mod.env_lines(info, worker)
+    except devnet_mod.DevnetError as exc:
+        _fail(str(exc))
+        return
+    click.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

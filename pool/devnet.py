@@ -1,0 +1,396 @@
+"""A local devnet: anvil on 127.0.0.1 with the real PoCo v6.1.0, a workerpool and sample apps.
+
+``up`` is idempotent: it installs the pinned tools when missing (npm
+``@foundry-rs/anvil-linux-amd64`` and a ``npm pack`` of ``@iexec/poco``, cached under
+``$XDG_CACHE_HOME/workerpool``), starts anvil with its state kept in the devnet directory (so
+``up`` after ``down`` resumes the same chain), deploys PoCo when the chain has none, creates the
+workerpool and the sample apps when missing, funds the actors, and writes ``devnet.json``.
+
+All keys here derive from anvil's default mnemonic: they are PUBLIC TEST KEYS, known to
+everyone, never to be used on a real chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from eth_account import Account
+from web3 import Web3
+
+from poco import POCO_VERSION, actions
+from poco.chain import ChainClient, Receipt, Wallet
+from poco.deploy import Artifacts, Deployer
+
+log = logging.getLogger(__name__)
+
+ANVIL_PACKAGE = "@foundry-rs/anvil-linux-amd64"
+ANVIL_VERSION = "1.7.1"
+POCO_PACKAGE = "@iexec/poco"
+
+# PUBLIC TEST MNEMONIC (anvil/hardhat default). Every key derived from it is public.
+PUBLIC_TEST_MNEMONIC = "test test test test test test test test test test test junk"
+ANVIL_ACCOUNTS = 20
+ROLES = ("deployer", "scheduler", "requester", "app_provider")
+FIRST_WORKER_INDEX = len(ROLES)
+WORKER_COUNT = ANVIL_ACCOUNTS - FIRST_WORKER_INDEX
+
+# Sample apps: name -> local Docker image built by ops/apps/build.
+SAMPLE_APPS = {
+    "echo": "workerpool-apps/echo:1",
+    "crash": "workerpool-apps/crash:1",
+    "bigout": "workerpool-apps/bigout:1",
+    "sleep": "workerpool-apps/sleep:1",
+    "nocomputed": "workerpool-apps/nocomputed:1",
+}
+WORKERPOOL_DESCRIPTION = "workerpool devnet pool"
+
+# Deposits in nRLC (native mode: 1 nRLC = 1e9 wei; anvil gives each account 10,000 ETH).
+DEPOSITS = {"scheduler": 1_000 * 10**9, "requester": 5_000 * 10**9, "worker": 100 * 10**9}
+
+DEVNET_KEYS = (
+    "rpc_url",
+    "chain_id",
+    "hub",
+    "app_registry",
+    "dataset_registry",
+    "workerpool_registry",
+    "workerpool",
+    "apps",
+    "accounts",
+)
+
+
+class DevnetError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("WORKERPOOL_TOOLS_DIR") or Path(base) / "workerpool")
+
+
+def derive_key(index: int, mnemonic: str = PUBLIC_TEST_MNEMONIC) -> str:
+    Account.enable_unaudited_hdwallet_features()
+    acct = Account.from_mnemonic(mnemonic, account_path=f"m/44'/60'/0'/0/{index}")
+    return "0x" + bytes(acct.key).hex()
+
+
+def account_entry(index: int) -> dict[str, str]:
+    key = derive_key(index)
+    return {"address": Account.from_key(key).address, "private_key": key}
+
+
+# ---- tools --------------------------------------------------------------------------------
+def _npm(args: list[str], cwd: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DevnetError("npm is not installed (apt-get install nodejs npm)")
+    proc = subprocess.run(
+        [npm, *args, "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise DevnetError(f"npm {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
+
+
+def ensure_tools() -> tuple[Path, Path]:
+    """Install (once) the pinned anvil binary and unpack @iexec/poco; return their paths."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    package_json = root / "package.json"
+    if not package_json.exists():  # npm walks up to a parent's package.json otherwise
+        package_json.write_text(json.dumps({"name": "workerpool-tools", "private": True}))
+    anvil = root / "node_modules" / ANVIL_PACKAGE / "bin" / "anvil"
+    if not anvil.exists():
+        log.info("installing %s@%s", ANVIL_PACKAGE, ANVIL_VERSION)
+        _npm(["install", f"{ANVIL_PACKAGE}@{ANVIL_VERSION}"], root)
+    poco_dir = root / f"poco-{POCO_VERSION}"
+    if not (poco_dir / "package" / "artifacts").is_dir():
+        log.info("fetching %s@%s", POCO_PACKAGE, POCO_VERSION)
+        _npm(["pack", f"{POCO_PACKAGE}@{POCO_VERSION}"], root)
+        tgz = root / f"iexec-poco-{POCO_VERSION}.tgz"
+        tmp = root / f"poco-{POCO_VERSION}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with tarfile.open(tgz) as tar:
+            tar.extractall(tmp, filter="data")
+        shutil.rmtree(poco_dir, ignore_errors=True)
+        tmp.rename(poco_dir)
+        tgz.unlink()
+    return anvil, poco_dir / "package"
+
+
+# ---- the anvil process ----------------------------------------------------------------------
+@dataclass
+class Devnet:
+    """Paths and process control of one devnet directory."""
+
+    directory: Path
+    port: int = 8545
+
+    @property
+    def json_path(self) -> Path:
+        return self.directory / "devnet.json"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.directory / "anvil.pid"
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / "anvil-state.json"
+
+    @property
+    def rpc_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.json_path.exists():
+            return None
+        return cast(dict[str, Any], json.loads(self.json_path.read_text()))
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if cmdline.exists() and b"anvil" not in cmdline.read_bytes():
+            return None  # pid reused by another program
+        return pid
+
+    def answers(self, url: str | None = None) -> bool:
+        try:
+            w3 = Web3(Web3.HTTPProvider(url or self.rpc_url, request_kwargs={"timeout": 2}))
+            return bool(w3.is_connected())
+        except Exception:
+            return False
+
+    def start_anvil(self, anvil: Path) -> None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                raise DevnetError(
+                    f"port {self.port} on 127.0.0.1 is taken by another program; "
+                    "stop it or choose --port"
+                )
+        args = [
+            str(anvil),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--accounts",
+            str(ANVIL_ACCOUNTS),
+            "--mnemonic",
+            PUBLIC_TEST_MNEMONIC,
+            "--dump-state",
+            str(self.state_path),
+            "--state-interval",
+            "5",
+        ]
+        if self.state_path.exists() and self.state_path.stat().st_size > 0:
+            args += ["--load-state", str(self.state_path)]
+        logfile = open(self.directory / "anvil.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            args,
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the CLI that started it
+        )
+        logfile.close()
+        self.pid_path.write_text(str(proc.pid))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise DevnetError(
+                    f"anvil exited with code {proc.returncode}; see {self.directory / 'anvil.log'}"
+                )
+            if self.answers():
+                return
+            time.sleep(0.05)
+        raise DevnetError("anvil did not answer within 20 s")
+
+    def stop(self) -> bool:
+        """Stop the anvil this directory started (by pid); True when one was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_path.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self.pid_path.unlink(missing_ok=True)
+        return True
+
+
+# ---- provisioning -------------------------------------------------------------------------
+def _has_code(client: ChainClient, address: str) -> bool:
+    return len(client.rpc("get_code", lambda: client.eth.get_code(address))) > 0
+
+
+def _ensure_workerpool(client: ChainClient, registry_address: str, scheduler: Wallet) -> str:
+    registry = client.contract("WorkerpoolRegistry", registry_address)
+    owner = scheduler.address
+    predicted = registry.functions.predictWorkerpool(owner, WORKERPOOL_DESCRIPTION).call()
+    if not _has_code(client, predicted):
+        scheduler.transact(registry.functions.createWorkerpool(owner, WORKERPOOL_DESCRIPTION))
+    return str(predicted)
+
+
+def _ensure_app(
+    client: ChainClient, registry_address: str, owner: Wallet, name: str, image: str
+) -> str:
+    registry = client.contract("AppRegistry", registry_address)
+    args = (owner.address, name, "DOCKER", image.encode(), b"\x00" * 32, b"")
+    predicted = registry.functions.predictApp(*args).call()
+    if not _has_code(client, predicted):
+        owner.transact(registry.functions.createApp(*args))
+    return str(predicted)
+
+
+def _top_up(wallet: Wallet, target_nrlc: int) -> Receipt | None:
+    have = wallet.client.view_account(wallet.address).stake
+    if have >= target_nrlc // 2:
+        return None
+    return actions.deposit(wallet, target_nrlc - have)
+
+
+def up(directory: Path, port: int = 8545) -> tuple[dict[str, Any], float, bool]:
+    """Bring the devnet up; returns (devnet.json content, seconds taken, whether it deployed)."""
+    started = time.monotonic()
+    directory.mkdir(parents=True, exist_ok=True)
+    devnet = Devnet(directory, port)
+    anvil, poco_package = ensure_tools()
+    existing = devnet.load()
+    if existing is not None:
+        devnet.port = int(existing["rpc_url"].rsplit(":", 1)[1])
+    if devnet.pid() is None:
+        devnet.start_anvil(anvil)
+    elif not devnet.answers():
+        raise DevnetError(
+            f"anvil (pid {devnet.pid()}) runs but does not answer on {devnet.rpc_url}"
+        )
+
+    probe = ChainClient(devnet.rpc_url, "0x" + "00" * 20)
+    deployer = probe.wallet(derive_key(0))
+    deployed = False
+    if existing is None or not _has_code(probe, existing["hub"]):
+        result = Deployer(deployer, Artifacts(poco_package)).deploy()
+        hub, registries = (
+            result.hub,
+            {
+                "app_registry": result.app_registry,
+                "dataset_registry": result.dataset_registry,
+                "workerpool_registry": result.workerpool_registry,
+            },
+        )
+        deployed = True
+        log.info("deployed PoCo: %d transactions, %d gas", result.transactions, result.gas_used)
+    else:
+        hub = existing["hub"]
+        registries = {
+            k: existing[k] for k in ("app_registry", "dataset_registry", "workerpool_registry")
+        }
+
+    client = ChainClient(devnet.rpc_url, hub)
+    accounts: dict[str, Any] = {role: account_entry(i) for i, role in enumerate(ROLES)}
+    accounts["workers"] = [account_entry(FIRST_WORKER_INDEX + i) for i in range(WORKER_COUNT)]
+    scheduler = client.wallet(accounts["scheduler"]["private_key"])
+    app_provider = client.wallet(accounts["app_provider"]["private_key"])
+    workerpool = _ensure_workerpool(client, registries["workerpool_registry"], scheduler)
+    apps = {
+        name: {
+            "address": _ensure_app(client, registries["app_registry"], app_provider, name, image),
+            "image": image,
+        }
+        for name, image in SAMPLE_APPS.items()
+    }
+    _top_up(scheduler, DEPOSITS["scheduler"])
+    _top_up(client.wallet(accounts["requester"]["private_key"]), DEPOSITS["requester"])
+    for worker in accounts["workers"]:
+        _top_up(client.wallet(worker["private_key"]), DEPOSITS["worker"])
+
+    info: dict[str, Any] = {
+        "rpc_url": devnet.rpc_url,
+        "chain_id": client.chain_id,
+        "hub": hub,
+        **registries,
+        "workerpool": workerpool,
+        "apps": apps,
+        "accounts": accounts,
+    }
+    assert tuple(info) == DEVNET_KEYS
+    devnet.json_path.write_text(json.dumps(info, indent=2) + "\n")
+    (directory / "README.txt").write_text(
+        "This directory holds a local devnet made by `workerpool devnet up`.\n"
+        "The private keys in devnet.json are PUBLIC TEST KEYS derived from anvil's default\n"
+        "mnemonic; everyone knows them. Never use them on a real chain.\n"
+    )
+    return info, time.monotonic() - started, deployed
+
+
+def status(directory: Path) -> dict[str, Any]:
+    devnet = Devnet(directory)
+    info = devnet.load()
+    out: dict[str, Any] = {
+        "directory": str(directory),
+        "pid": devnet.pid(),
+        "configured": info is not None,
+    }
+    if info is not None:
+        out["rpc_url"] = info["rpc_url"]
+        out["answers"] = devnet.answers(info["rpc_url"])
+        if out["answers"]:
+            client = ChainClient(info["rpc_url"], info["hub"])
+            out["block"] = client.block_number()
+            out["poco_deployed"] = _has_code(client, info["hub"])
+    return out
+
+
+def env_lines(info: dict[str, Any], worker: int | None = None) -> list[str]:
+    """``export`` lines pointing every service at the devnet (keys are public test keys)."""
+    lines = [
+        "# devnet settings; the keys below are PUBLIC TEST KEYS (anvil's default mnemonic)",
+        f"export IEXEC_PRIVATE_CHAIN_ADDRESS={info['rpc_url']}",
+        f"export IEXEC_CHAIN_ID={info['chain_id']}",
+        f"export IEXEC_HUB_ADDRESS={info['hub']}",
+        f"export POOL_ADDRESS={info['workerpool']}",
+        "export IEXEC_START_BLOCK_NUMBER=0",
+        f"export IEXEC_CORE_WALLET_PRIVATE_KEY={info['accounts']['scheduler']['private_key']}",
+    ]
+    if worker is not None:
+        workers = info["accounts"]["workers"]
+        if not 0 <= worker < len(workers):
+            raise DevnetError(f"worker {worker} does not exist; the devnet has {len(workers)}")
+        lines.append(f"export IEXEC_WORKER_WALLET_PRIVATE_KEY={workers[worker]['private_key']}")
+    return lines
