@@ -19,7 +19,9 @@ import click
 from pool import devnet as devnet_mod
 
 # command name -> "module:attribute" of a click command, imported on first use.
-LAZY_COMMANDS: dict[str, str] = {}
+LAZY_COMMANDS: dict[str, str] = {
+    "scheduler": "scheduler.cli:command",
+}
 
 
 class LazyGroup(click.Group):

@@ -1,0 +1,335 @@
+"""One typed settings object, read from the environment, shared by every service.
+
+Names follow iexec-core / iexec-worker where one exists (``IEXEC_PRIVATE_CHAIN_ADDRESS``,
+``POOL_ADDRESS``, ``MONGO_HOST`` …); our own settings start with ``WORKERPOOL_``. Every setting
+is declared once in :data:`SETTINGS` with its default and its meaning; ``docs/settings.md`` is
+generated from that table (``workerpool settings --markdown``). A missing or malformed value
+stops start-up with a :class:`SettingsError` that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from eth_utils import is_address, to_checksum_address
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+def _str(value: str) -> str:
+    return value
+
+
+def _int(value: str) -> int:
+    return int(value, 0)
+
+
+def _nonneg_int(value: str) -> int:
+    number = int(value, 0)
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
+def _pos_int(value: str) -> int:
+    number = int(value, 0)
+    if number < 1:
+        raise ValueError("must be >= 1")
+    return number
+
+
+def _pos_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be > 0")
+    return number
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _address(value: str) -> str:
+    if not is_address(value):
+        raise ValueError("is not an Ethereum address")
+    return to_checksum_address(value)
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    return tuple(int(part, 0) for part in value.split(",") if part.strip())
+
+
+def _str_list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _url(value: str) -> str:
+    if "://" not in value:
+        raise ValueError("is not a URL (scheme://host:port)")
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Spec:
+    env: str
+    parse: Callable[[str], Any]
+    default: str | None
+    doc: str
+    secret: bool = False
+    group: str = "core"
+
+
+# attribute name -> Spec. ``default=None`` means required where the attribute is used.
+SETTINGS: dict[str, Spec] = {
+    # ---- chain ------------------------------------------------------------------------------
+    "chain_rpc_url": Spec(
+        "IEXEC_PRIVATE_CHAIN_ADDRESS",
+        _url,
+        None,
+        "JSON-RPC URL of the chain node (iexec-core's name).",
+    ),
+    "hub_address": Spec(
+        "IEXEC_HUB_ADDRESS",
+        _address,
+        None,
+        "Address of the PoCo proxy (the iExec hub) on that chain.",
+    ),
+    "pool_address": Spec(
+        "POOL_ADDRESS",
+        _address,
+        None,
+        "Address of the workerpool this scheduler runs; its owner is the scheduler wallet.",
+    ),
+    "chain_id": Spec(
+        "IEXEC_CHAIN_ID",
+        _nonneg_int,
+        "0",
+        "Expected chain id; 0 accepts whatever the node reports. Checked at start-up.",
+    ),
+    "start_block": Spec(
+        "IEXEC_START_BLOCK_NUMBER",
+        _nonneg_int,
+        "0",
+        "First block the listener reads on its very first run (later runs use the cursor).",
+    ),
+    "confirmations": Spec(
+        "WORKERPOOL_CONFIRMATIONS",
+        _nonneg_int,
+        "0",
+        "Blocks to wait before reading a block's deals (head - confirmations).",
+    ),
+    "log_range": Spec(
+        "WORKERPOOL_LOG_RANGE", _pos_int, "2000", "Largest block range of one eth_getLogs query."
+    ),
+    "rpc_timeout": Spec(
+        "WORKERPOOL_RPC_TIMEOUT", _pos_float, "10", "Seconds before one JSON-RPC request times out."
+    ),
+    "rpc_retries": Spec(
+        "WORKERPOOL_RPC_RETRIES",
+        _nonneg_int,
+        "5",
+        "Retries of a JSON-RPC call after a transport error (exponential backoff).",
+    ),
+    "tx_timeout": Spec(
+        "WORKERPOOL_TX_TIMEOUT", _pos_float, "120", "Seconds to wait for a transaction receipt."
+    ),
+    # ---- scheduler wallet ------------------------------------------------------------------
+    "core_wallet_path": Spec(
+        "IEXEC_CORE_WALLET_PATH",
+        _str,
+        "",
+        "Encrypted keystore (JSON) of the scheduler = workerpool owner.",
+        group="scheduler",
+    ),
+    "core_wallet_password": Spec(
+        "IEXEC_CORE_WALLET_PASSWORD",
+        _str,
+        "",
+        "Password of that keystore (or put it in a file: IEXEC_CORE_WALLET_PASSWORD_FILE).",
+        secret=True,
+        group="scheduler",
+    ),
+    "core_wallet_password_file": Spec(
+        "IEXEC_CORE_WALLET_PASSWORD_FILE",
+        _str,
+        "",
+        "File holding the keystore password (Docker secrets).",
+        group="scheduler",
+    ),
+    "core_wallet_private_key": Spec(
+        "IEXEC_CORE_WALLET_PRIVATE_KEY",
+        _str,
+        "",
+        "Raw private key of the scheduler: DEVNET ONLY, refused unless WORKERPOOL_DEVNET=1.",
+        secret=True,
+        group="scheduler",
+    ),
+    "devnet": Spec(
+        "WORKERPOOL_DEVNET",
+        _bool,
+        "false",
+        "Allow raw private keys in the environment (local devnet with public test keys).",
+    ),
+    # ---- scheduler behaviour ------------------------------------------------------------
+    "poll_period": Spec(
+        "WORKERPOOL_POLL_PERIOD",
+        _pos_float,
+        "2",
+        "Seconds between two scheduler ticks (listen, initialize, plan).",
+        group="scheduler",
+    ),
+    "init_batch_size": Spec(
+        "WORKERPOOL_INIT_BATCH_SIZE",
+        _pos_int,
+        "20",
+        "Tasks initialized by one initializeArray transaction.",
+        group="scheduler",
+    ),
+    "categories": Spec(
+        "WORKERPOOL_CATEGORIES",
+        _int_list,
+        "",
+        "Categories the pool serves (comma list of ids); empty serves every category.",
+        group="scheduler",
+    ),
+    "tag_bits": Spec(
+        "WORKERPOOL_TAG_BITS",
+        _str_list,
+        "tee,scone,gramine,gpu",
+        "Tag bits the pool can serve (names: tee, scone, gramine, tdx, gpu). A deal needing "
+        "another bit is skipped.",
+        group="scheduler",
+    ),
+    "reveal_timeout_period": Spec(
+        "REVEAL_TIMEOUT_PERIOD",
+        _pos_int,
+        "120000",
+        "Milliseconds the scheduler waits for reveals after consensus (iexec-core's unit).",
+        group="scheduler",
+    ),
+    # ---- storage and broker -------------------------------------------------------------
+    "mongo_url": Spec(
+        "MONGO_URL",
+        _str,
+        "",
+        "Full MongoDB URL; overrides MONGO_HOST/MONGO_PORT. 'mongomock://' is in-memory "
+        "(one process only: tests and the demo).",
+        group="storage",
+    ),
+    "mongo_host": Spec("MONGO_HOST", _str, "127.0.0.1", "MongoDB host.", group="storage"),
+    "mongo_port": Spec("MONGO_PORT", _pos_int, "27017", "MongoDB port.", group="storage"),
+    "mongo_db": Spec("MONGO_DB", _str, "workerpool", "MongoDB database name.", group="storage"),
+    "redis_url": Spec(
+        "WORKERPOOL_REDIS_URL",
+        _url,
+        "redis://127.0.0.1:6379/0",
+        "Redis URL: the Celery broker and the scheduler's locks.",
+        group="storage",
+    ),
+    # ---- results and API ----------------------------------------------------------------
+    "ipfs_host": Spec(
+        "IEXEC_IPFS_HOST", _str, "127.0.0.1", "IPFS RPC API host (Kubo).", group="results"
+    ),
+    "ipfs_port": Spec("IEXEC_IPFS_PORT", _pos_int, "5001", "IPFS RPC API port.", group="results"),
+    "core_port": Spec(
+        "IEXEC_CORE_PORT",
+        _pos_int,
+        "18090",
+        "Port of the status API (iexec-core's default).",
+        group="api",
+    ),
+    "api_host": Spec(
+        "WORKERPOOL_API_HOST", _str, "127.0.0.1", "Address the status API binds to.", group="api"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed settings; build with :meth:`from_env` (or keyword arguments in tests)."""
+
+    chain_rpc_url: str | None = None
+    hub_address: str | None = None
+    pool_address: str | None = None
+    chain_id: int = 0
+    start_block: int = 0
+    confirmations: int = 0
+    log_range: int = 2000
+    rpc_timeout: float = 10.0
+    rpc_retries: int = 5
+    tx_timeout: float = 120.0
+    core_wallet_path: str = ""
+    core_wallet_password: str = field(default="", repr=False)
+    core_wallet_password_file: str = ""
+    core_wallet_private_key: str = field(default="", repr=False)
+    devnet: bool = False
+    poll_period: float = 2.0
+    init_batch_size: int = 20
+    categories: tuple[int, ...] = ()
+    tag_bits: tuple[str, ...] = ("tee", "scone", "gramine", "gpu")
+    reveal_timeout_period: int = 120_000
+    mongo_url: str = ""
+    mongo_host: str = "127.0.0.1"
+    mongo_port: int = 27017
+    mongo_db: str = "workerpool"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ipfs_host: str = "127.0.0.1"
+    ipfs_port: int = 5001
+    core_port: int = 18090
+    api_host: str = "127.0.0.1"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, spec in SETTINGS.items():
+            raw = env.get(spec.env)
+            if raw is None or raw == "":
+                if spec.default is None:
+                    continue  # required only where used: see require()
+                raw = spec.default
+            try:
+                values[name] = spec.parse(raw)
+            except ValueError as exc:
+                shown = "<hidden>" if spec.secret else repr(raw)
+                raise SettingsError(f"{spec.env}={shown}: {exc}") from exc
+        return cls(**values)
+
+    def require(self, *names: str) -> None:
+        """Fail with the variable names of every required setting that is missing."""
+        missing = [SETTINGS[n].env for n in names if getattr(self, n) in (None, "")]
+        if missing:
+            raise SettingsError(f"missing required setting(s): {', '.join(missing)}")
+
+    def mongo_uri(self) -> str:
+        return self.mongo_url or f"mongodb://{self.mongo_host}:{self.mongo_port}"
+
+    def public(self) -> dict[str, Any]:
+        """Every setting with secrets masked: safe to log or serve."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            spec = SETTINGS.get(f.name)
+            out[f.name] = "***" if spec and spec.secret and value else value
+        return out
+
+
+def markdown_table() -> str:
+    """The settings reference (docs/settings.md is this table)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for spec in SETTINGS.values():
+        default = (
+            "(required)" if spec.default is None else f"`{spec.default}`" if spec.default else ""
+        )
+        lines.append(f"| `{spec.env}` | {default} | {spec.doc} |")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Task and replicate statuses (iexec-core naming) and the transitions allowed between them.
+
+The store checks every status write against these tables atomically (a conditional update on
+the current status), so two processes racing on one task cannot take it through a transition
+that is not listed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+
+class DealStatus(StrEnum):
+    ACCEPTED = "ACCEPTED"  # the pool serves it: its tasks are stored
+    SKIPPED = "SKIPPED"  # stored with a reason (category, tag, deadline), never run
+
+
+class TaskStatus(StrEnum):
+    RECEIVED = "RECEIVED"
+    INITIALIZING = "INITIALIZING"
+    INITIALIZED = "INITIALIZED"
+    RUNNING = "RUNNING"
+    CONSENSUS_REACHED = "CONSENSUS_REACHED"
+    AT_LEAST_ONE_REVEALED = "AT_LEAST_ONE_REVEALED"
+    RESULT_UPLOADING = "RESULT_UPLOADING"
+    RESULT_UPLOADED = "RESULT_UPLOADED"
+    FINALIZING = "FINALIZING"
+    FINALIZED = "FINALIZED"
+    COMPLETED = "COMPLETED"
+    # failure side
+    INITIALIZE_FAILED = "INITIALIZE_FAILED"
+    CONTRIBUTION_TIMEOUT = "CONTRIBUTION_TIMEOUT"
+    REOPENING = "REOPENING"
+    REOPENED = "REOPENED"
+    FINAL_DEADLINE_REACHED = "FINAL_DEADLINE_REACHED"
+    FINALIZE_FAILED = "FINALIZE_FAILED"
+    FAILED = "FAILED"
+
+
+class ReplicateStatus(StrEnum):
+    CREATED = "CREATED"
+    STARTING = "STARTING"
+    APP_DOWNLOADING = "APP_DOWNLOADING"
+    COMPUTING = "COMPUTING"
+    COMPUTED = "COMPUTED"
+    CONTRIBUTING = "CONTRIBUTING"
+    CONTRIBUTED = "CONTRIBUTED"
+    REVEALING = "REVEALING"
+    REVEALED = "REVEALED"
+    RESULT_UPLOADING = "RESULT_UPLOADING"
+    RESULT_UPLOADED = "RESULT_UPLOADED"
+    COMPLETED = "COMPLETED"
+    # failure side
+    APP_DOWNLOAD_FAILED = "APP_DOWNLOAD_FAILED"
+    DATA_DOWNLOAD_FAILED = "DATA_DOWNLOAD_FAILED"
+    COMPUTE_FAILED = "COMPUTE_FAILED"
+    CONTRIBUTE_FAILED = "CONTRIBUTE_FAILED"
+    REVEAL_FAILED = "REVEAL_FAILED"
+    WORKER_LOST = "WORKER_LOST"
+    ABORTED = "ABORTED"
+
+
+T = TaskStatus
+_DEADLINE = {T.FINAL_DEADLINE_REACHED}
+
+TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    T.RECEIVED: frozenset({T.INITIALIZING, T.INITIALIZED, T.INITIALIZE_FAILED, *_DEADLINE}),
+    # INITIALIZING -> RECEIVED: a batch interrupted before it was sent goes back to the pool
+    T.INITIALIZING: frozenset({T.INITIALIZED, T.INITIALIZE_FAILED, T.RECEIVED, *_DEADLINE}),
+    T.INITIALIZED: frozenset({T.RUNNING, T.CONSENSUS_REACHED, T.CONTRIBUTION_TIMEOUT, *_DEADLINE}),
+    T.RUNNING: frozenset({T.CONSENSUS_REACHED, T.CONTRIBUTION_TIMEOUT, *_DEADLINE}),
+    T.CONSENSUS_REACHED: frozenset({T.AT_LEAST_ONE_REVEALED, T.REOPENING, *_DEADLINE}),
+    T.AT_LEAST_ONE_REVEALED: frozenset({T.RESULT_UPLOADING, T.FINALIZING, *_DEADLINE}),
+    # RESULT_UPLOADING -> AT_LEAST_ONE_REVEALED: the uploader failed, ask another winner
+    T.RESULT_UPLOADING: frozenset({T.RESULT_UPLOADED, T.AT_LEAST_ONE_REVEALED, *_DEADLINE}),
+    T.RESULT_UPLOADED: frozenset({T.FINALIZING, *_DEADLINE}),
+    T.FINALIZING: frozenset({T.FINALIZED, T.FINALIZE_FAILED, *_DEADLINE}),
+    T.FINALIZED: frozenset({T.COMPLETED}),
+    T.FINALIZE_FAILED: frozenset({T.FINALIZING, T.FINALIZED, *_DEADLINE}),
+    T.REOPENING: frozenset({T.REOPENED, T.CONSENSUS_REACHED, *_DEADLINE}),
+    T.REOPENED: frozenset({T.RUNNING, T.CONSENSUS_REACHED, *_DEADLINE}),
+    T.CONTRIBUTION_TIMEOUT: frozenset({T.FAILED, *_DEADLINE}),
+    T.INITIALIZE_FAILED: frozenset({T.FAILED}),
+    # the chain is the judge after the final deadline: claimed (FAILED) or finalized in time
+    T.FINAL_DEADLINE_REACHED: frozenset({T.FAILED, T.COMPLETED}),
+    T.COMPLETED: frozenset(),
+    T.FAILED: frozenset(),
+}
+
+R = ReplicateStatus
+_R_ABORT = {R.WORKER_LOST, R.ABORTED}
+REPLICATE_TRANSITIONS: dict[ReplicateStatus, frozenset[ReplicateStatus]] = {
+    R.CREATED: frozenset({R.STARTING, *_R_ABORT}),
+    R.STARTING: frozenset({R.APP_DOWNLOADING, *_R_ABORT}),
+    R.APP_DOWNLOADING: frozenset(
+        {R.COMPUTING, R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, *_R_ABORT}
+    ),
+    R.COMPUTING: frozenset({R.COMPUTED, R.COMPUTE_FAILED, *_R_ABORT}),
+    R.COMPUTED: frozenset({R.CONTRIBUTING, *_R_ABORT}),
+    R.CONTRIBUTING: frozenset({R.CONTRIBUTED, R.CONTRIBUTE_FAILED, *_R_ABORT}),
+    R.CONTRIBUTED: frozenset({R.REVEALING, R.COMPLETED, *_R_ABORT}),
+    R.REVEALING: frozenset({R.REVEALED, R.REVEAL_FAILED, *_R_ABORT}),
+    R.REVEALED: frozenset({R.RESULT_UPLOADING, R.COMPLETED, *_R_ABORT}),
+    R.RESULT_UPLOADING: frozenset({R.RESULT_UPLOADED, R.REVEALED, *_R_ABORT}),
+    R.RESULT_UPLOADED: frozenset({R.COMPLETED}),
+    R.COMPLETED: frozenset(),
+    R.APP_DOWNLOAD_FAILED: frozenset(),
+    R.DATA_DOWNLOAD_FAILED: frozenset(),
+    R.COMPUTE_FAILED: frozenset(),
+    R.CONTRIBUTE_FAILED: frozenset(),
+    R.REVEAL_FAILED: frozenset(),
+    R.WORKER_LOST: frozenset({R.STARTING, R.CONTRIBUTED, R.REVEALED}),  # it came back
+    R.ABORTED: frozenset(),
+}
+
+FINAL_TASK_STATUSES = frozenset(s for s, nxt in TASK_TRANSITIONS.items() if not nxt)
+FINAL_REPLICATE_STATUSES = frozenset(s for s, nxt in REPLICATE_TRANSITIONS.items() if not nxt)
+
+
+def predecessors(table: Mapping[Any, frozenset[Any]], target: object) -> list[str]:
+    """Statuses from which ``target`` may be reached, as stored strings."""
+    return [str(src) for src, nxt in table.items() if target in nxt]
+
+
+class InvalidTransition(ValueError):
+    """A status change the tables above do not allow."""

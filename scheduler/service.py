@@ -1,0 +1,340 @@
+"""The scheduler's tick: listen for deals, initialize their tasks, plan replicate jobs.
+
+One tick runs at a time across every scheduler process (a Redis lock); each step is
+idempotent and reads its work from MongoDB, so a tick that dies half-way is finished by the
+next one and two schedulers on one store duplicate nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+
+from poco import actions
+from poco.chain import ChainClient, Wallet
+from poco.consensus import replicates_needed
+from poco.errors import PocoError, RetryableError, TransactionReverted
+from poco.proofs import task_id
+from poco.tags import TAG_BITS, decode_tag, tag_to_int
+from poco.types import Category, ChainTaskStatus, Deal
+from pool.celery_app import REPLICATE_TASK, queue_for_tag
+from pool.settings import Settings
+from pool.states import DealStatus, TaskStatus
+from pool.store import Store
+
+log = logging.getLogger(__name__)
+
+CONTRIBUTION_DEADLINE_RATIO = 7
+FINAL_DEADLINE_RATIO = 10
+TICK_LOCK = "workerpool:scheduler:tick"
+
+
+@dataclass
+class TickReport:
+    deals_new: int = 0
+    deals_skipped: int = 0
+    tasks_initialized: int = 0
+    init_transactions: int = 0
+    tasks_init_failed: int = 0
+    jobs_enqueued: int = 0
+    head: int | None = None
+    skipped_tick: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        client: ChainClient,
+        wallet: Wallet,
+        celery: Celery,
+        redis: Any = None,
+    ) -> None:
+        settings.require("pool_address")
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.wallet = wallet
+        self.celery = celery
+        self.redis = redis
+        self.pool = str(settings.pool_address)
+        self.cursor_name = f"SchedulerNotice:{self.pool.lower()}"
+        self._categories: dict[int, Category] = {}
+        supported = 0
+        for name in settings.tag_bits:
+            supported |= 1 << TAG_BITS[name]
+        self.supported_tag_bits = supported
+
+    # ---- the tick -----------------------------------------------------------------------
+    def tick(self) -> TickReport:
+        report = TickReport()
+        with self._lock() as held:
+            if not held:
+                report.skipped_tick = True
+                return report
+            for step in (self.listen, self.initialize, self.plan):
+                try:
+                    step(report)
+                except RetryableError as exc:  # the next tick picks up where this one stopped
+                    log.warning("%s: %s (will retry next tick)", step.__name__, exc)
+                    report.errors.append(f"{step.__name__}: {exc}")
+        return report
+
+    @contextmanager
+    def _lock(self) -> Iterator[bool]:
+        if self.redis is None:
+            yield True
+            return
+        token = uuid.uuid4().hex
+        ttl_ms = int(max(60.0, self.settings.poll_period * 30) * 1000)
+        held = bool(self.redis.set(TICK_LOCK, token, nx=True, px=ttl_ms))
+        try:
+            yield held
+        finally:
+            if held and self.redis.get(TICK_LOCK) in (token, token.encode()):
+                self.redis.delete(TICK_LOCK)
+
+    # ---- 1. listen ------------------------------------------------------------------------
+    def listen(self, report: TickReport) -> None:
+        """Read SchedulerNotice logs for our pool from the cursor up to head - confirmations."""
+        cursor = self.store.get_cursor(self.cursor_name)
+        start = self.settings.start_block if cursor is None else cursor + 1
+        head = self.client.block_number() - self.settings.confirmations
+        report.head = head
+        if head < start:
+            return
+        step = self.settings.log_range
+        for lo in range(start, head + 1, step):
+            hi = min(lo + step - 1, head)
+            for entry in self.client.get_logs(
+                "SchedulerNotice", lo, hi, {"workerpool": self.pool}, chunk=step
+            ):
+                dealid = "0x" + bytes(entry["args"]["dealid"]).hex()
+                self.accept_deal(dealid, entry, report)
+            # only after every deal of the range is stored
+            self.store.advance_cursor(self.cursor_name, hi)
+
+    def accept_deal(self, dealid: str, entry: Any, report: TickReport) -> None:
+        if self.store.deal(dealid) is not None:
+            return  # stored by an earlier (maybe interrupted) poll or another scheduler
+        deal = self.client.view_deal(dealid)
+        category = self._category(deal.category)
+        reason = self._skip_reason(deal, category)
+        doc = _deal_doc(deal, category, entry)
+        tasks: list[dict[str, Any]] = []
+        if reason:
+            doc.update(status=str(DealStatus.SKIPPED), skipReason=reason)
+            log.info("deal %s skipped: %s", dealid, reason)
+        else:
+            doc["status"] = str(DealStatus.ACCEPTED)
+            tasks = _task_docs(deal, category, doc["queue"])
+        if self.store.save_deal(doc, tasks):
+            if reason:
+                report.deals_skipped += 1
+            else:
+                report.deals_new += 1
+                log.info("deal %s stored with %d task(s)", dealid, len(tasks))
+
+    def _category(self, category: int) -> Category:
+        if category not in self._categories:
+            self._categories[category] = self.client.view_category(category)
+        return self._categories[category]
+
+    def _skip_reason(self, deal: Deal, category: Category) -> str:
+        if self.settings.categories and deal.category not in self.settings.categories:
+            served = ", ".join(str(c) for c in self.settings.categories)
+            return f"category {deal.category} ({category.name}) is not served (serves {served})"
+        unsupported = tag_to_int(deal.tag) & ~self.supported_tag_bits
+        if unsupported:
+            return f"tag needs {', '.join(decode_tag(unsupported))}, which this pool does not serve"
+        final_deadline = deal.start_time + FINAL_DEADLINE_RATIO * category.work_clock_time_ref
+        now = self.client.block_timestamp()
+        if final_deadline <= now:
+            return f"final deadline {final_deadline} already passed (chain time {now})"
+        return ""
+
+    # ---- 2. initialize ----------------------------------------------------------------------
+    def initialize(self, report: TickReport) -> None:
+        """Initialize pending tasks on chain in batches, earliest deadline first."""
+        leftovers = self.store.tasks_in([TaskStatus.INITIALIZING])
+        for task in leftovers:  # a previous tick died mid-batch: ask the chain
+            self._reconcile_initializing(task)
+        batch_size = self.settings.init_batch_size
+        while True:
+            pending = self.store.tasks_in([TaskStatus.RECEIVED], limit=batch_size)
+            if not pending:
+                return
+            for task in pending:
+                self.store.transition_task(task["chainTaskId"], TaskStatus.INITIALIZING)
+            self._initialize_batch(pending, report)
+
+    def _reconcile_initializing(self, task: dict[str, Any]) -> None:
+        onchain = self.client.view_task(task["chainTaskId"])
+        if onchain.status != ChainTaskStatus.UNSET:
+            self.store.transition_task(
+                task["chainTaskId"], TaskStatus.INITIALIZED, note="found initialized on chain"
+            )
+        else:
+            self.store.transition_task(task["chainTaskId"], TaskStatus.RECEIVED, note="retry")
+
+    def _initialize_batch(self, batch: list[dict[str, Any]], report: TickReport) -> None:
+        try:
+            receipt = actions.initialize_array(
+                self.wallet,
+                [t["chainDealId"] for t in batch],
+                [t["index"] for t in batch],
+            )
+        except TransactionReverted as exc:
+            if len(batch) > 1:  # split to find the bad task(s)
+                half = len(batch) // 2
+                self._initialize_batch(batch[:half], report)
+                self._initialize_batch(batch[half:], report)
+                return
+            self._initialize_failed(batch[0], exc, report)
+            return
+        report.init_transactions += 1
+        for task in batch:
+            self.store.transition_task(
+                task["chainTaskId"], TaskStatus.INITIALIZED, tx_hash=receipt.tx_hash
+            )
+            report.tasks_initialized += 1
+
+    def _initialize_failed(
+        self, task: dict[str, Any], exc: TransactionReverted, report: TickReport
+    ) -> None:
+        taskid = task["chainTaskId"]
+        onchain = self.client.view_task(taskid)
+        if onchain.status != ChainTaskStatus.UNSET:
+            self.store.transition_task(
+                taskid, TaskStatus.INITIALIZED, note="initialized by someone else"
+            )
+            return
+        reason = exc.diagnosis or exc.reason or str(exc)
+        self.store.transition_task(
+            taskid, TaskStatus.INITIALIZE_FAILED, note=reason, extra={"failureReason": reason}
+        )
+        report.tasks_init_failed += 1
+        log.error("task %s cannot be initialized: %s", taskid, reason)
+
+    # ---- 3. plan ------------------------------------------------------------------------------
+    def plan(self, report: TickReport) -> None:
+        """Enqueue the replicate jobs each initialized task needs for its trust."""
+        for task in self.store.tasks_in([TaskStatus.INITIALIZED]):
+            needed = replicates_needed(task["trust"])
+            # record the jobs first: a crash after this loses queued jobs, which recovery
+            # rebuilds from Mongo, but never enqueues twice
+            doc = self.store.transition_task(
+                task["chainTaskId"],
+                TaskStatus.RUNNING,
+                extra={"replicatesNeeded": needed},
+                inc={"jobsQueued": needed},
+            )
+            for _ in range(needed):
+                self.enqueue(doc)
+                report.jobs_enqueued += 1
+
+    def enqueue(self, task: dict[str, Any]) -> None:
+        self.celery.send_task(
+            REPLICATE_TASK,
+            args=[task["chainTaskId"]],
+            kwargs={"deadline": task["contributionDeadline"]},
+            queue=task["queue"],
+        )
+
+
+def _deal_doc(deal: Deal, category: Category, entry: Any) -> dict[str, Any]:
+    return {
+        "chainDealId": deal.dealid,
+        "app": deal.app.pointer,
+        "appOwner": deal.app.owner,
+        "appPrice": deal.app.price,
+        "dataset": deal.dataset.pointer,
+        "datasetPrice": deal.dataset.price,
+        "workerpool": deal.workerpool.pointer,
+        "workerpoolPrice": deal.workerpool.price,
+        "requester": deal.requester,
+        "beneficiary": deal.beneficiary,
+        "callback": deal.callback,
+        "params": deal.params,
+        "tag": deal.tag,
+        "trust": deal.trust,
+        "category": deal.category,
+        "timeref": category.work_clock_time_ref,
+        "startTime": deal.start_time,
+        "botFirst": deal.bot_first,
+        "botSize": deal.bot_size,
+        "workerStake": deal.worker_stake,
+        "queue": queue_for_tag(deal.tag),
+        "blockNumber": int(entry["blockNumber"]),
+        "txHash": "0x" + bytes(entry["transactionHash"]).hex(),
+        "seenAt": time.time(),
+    }
+
+
+def _task_docs(deal: Deal, category: Category, queue: str) -> list[dict[str, Any]]:
+    timeref = category.work_clock_time_ref
+    return [
+        {
+            "chainTaskId": task_id(deal.dealid, idx),
+            "chainDealId": deal.dealid,
+            "index": idx,
+            "status": str(TaskStatus.RECEIVED),
+            "trust": deal.trust,
+            "tag": deal.tag,
+            "queue": queue,
+            "category": deal.category,
+            "timeref": timeref,
+            "contributionDeadline": deal.start_time + CONTRIBUTION_DEADLINE_RATIO * timeref,
+            "finalDeadline": deal.start_time + FINAL_DEADLINE_RATIO * timeref,
+            "jobsQueued": 0,
+        }
+        for idx in range(deal.bot_first, deal.bot_first + deal.bot_size)
+    ]
+
+
+def build(settings: Settings) -> Scheduler:
+    """Wire a scheduler from settings: chain client, scheduler wallet, store, Celery, Redis."""
+    import redis
+
+    from pool.celery_app import make_celery
+    from pool.store import connect
+    from pool.wallets import scheduler_key
+
+    settings.require("chain_rpc_url", "hub_address", "pool_address")
+    client = ChainClient(
+        str(settings.chain_rpc_url),
+        str(settings.hub_address),
+        request_timeout=settings.rpc_timeout,
+        retries=settings.rpc_retries,
+        log_chunk=settings.log_range,
+        receipt_timeout=settings.tx_timeout,
+    )
+    if settings.chain_id and client.chain_id != settings.chain_id:
+        raise PocoError(
+            f"IEXEC_CHAIN_ID={settings.chain_id} but the node at "
+            f"{settings.chain_rpc_url} reports chain {client.chain_id}"
+        )
+    wallet = client.wallet(scheduler_key(settings))
+    owner = client.workerpool_owner(str(settings.pool_address))
+    if owner.lower() != wallet.address.lower():
+        raise PocoError(
+            f"the scheduler wallet {wallet.address} does not own POOL_ADDRESS "
+            f"{settings.pool_address} (its owner is {owner})"
+        )
+    return Scheduler(
+        settings,
+        connect(settings),
+        client,
+        wallet,
+        make_celery(settings),
+        redis.Redis.from_url(settings.redis_url),
+    )

@@ -1,0 +1,108 @@
+"""Fixtures shared by all tests: the real services (Redis, Docker, test app images).
+
+`ops/test` starts the services and sets WORKERPOOL_REQUIRE_SERVICES=1, so an
+integration test whose service is missing fails there (and in CI) instead of being
+skipped; run bare `pytest` on a machine without them and those tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NoReturn
+
+import pytest
+
+if TYPE_CHECKING:
+    import docker
+    import redis
+
+# the devnet fixtures (anvil + PoCo, started by the tests) live in tests/devnet_fixtures.py
+pytest_plugins = ["devnet_fixtures"]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
+
+# name -> tag of the images built by ops/apps/build (no registry involved)
+APP_IMAGES: dict[str, str] = {
+    name: f"workerpool-apps/{name}:1" for name in ("echo", "crash", "bigout", "sleep", "nocomputed")
+}
+
+
+def services_required() -> bool:
+    """True when a missing service must fail the test (ops/test, CI), not skip it."""
+    if os.environ.get("WORKERPOOL_REQUIRE_SERVICES") == "1":
+        return True
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_service(name: str, reason: str) -> NoReturn:
+    """Fail (ops/test, CI) or skip (a bare local run) a test whose service is missing."""
+    message = f"{name} is not available: {reason}"
+    if services_required():
+        pytest.fail(f"{message} (services are required here: run tests with ops/test)")
+    pytest.skip(message)
+
+
+# --- Redis -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a real redis-server (ops/test starts one on 127.0.0.1:6399)."""
+    import redis
+
+    url = os.environ.get("WORKERPOOL_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        require_service("redis", f"{url}: {exc}")
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the test database, flushed before the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+# --- Docker ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """A Docker SDK client on the local engine (ops/test starts dockerd if needed)."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        require_service("docker", str(exc))
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def app_images(docker_client: docker.DockerClient) -> dict[str, str]:
+    """name -> tag of the local test app images, each checked to exist in the engine."""
+    import docker
+
+    missing = []
+    for tag in APP_IMAGES.values():
+        try:
+            docker_client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            missing.append(tag)
+    if missing:
+        require_service(
+            "test app images", f"missing {', '.join(missing)}: run `bash ops/apps/build`"
+        )
+    return dict(APP_IMAGES)
