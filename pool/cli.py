@@ -44,6 +44,34 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+@main.command("settings")
+@click.option("--markdown", is_flag=True, help="Print the settings reference (docs/settings.md).")
+def settings_command(markdown: bool) -> None:
+    """Show the settings read from the environment (secrets masked), or their reference."""
+    from pool.settings import Settings, SettingsError, markdown_table
+
+    if markdown:
+        click.echo(SETTINGS_DOC_HEADER + markdown_table())
+        return
+    try:
+        current = Settings.from_env()
+    except SettingsError as exc:
+        _fail(str(exc))
+        return
+    for name, value in current.public().items():
+        click.echo(f"{name} = {value!r}")
+
+
+SETTINGS_DOC_HEADER = """# Settings
+
+Every service reads its settings from the environment. Names follow iexec-core and
+iexec-worker where one exists; ours start with `WORKERPOOL_`. A missing or malformed value stops
+start-up with a message naming the variable. This page is generated from `pool/settings.py`
+(`workerpool settings --markdown > docs/settings.md`); a test keeps them in sync.
+
+"""
+
+
 @main.group()
 def devnet() -> None:
     """A local chain (anvil) with the real PoCo v6.1.0 contracts, for development and tests."""
@@ -126,6 +154,64 @@ def devnet_env(directory: Path, worker: int | None) -> None:
         _fail(str(exc))
         return
     click.echo("\n".join(lines))
+
+
+@devnet.command("deal")
+@DIR_OPTION
+@click.option("--app", "app_name", default="echo", show_default=True, help="Sample app name.")
+@click.option("--volume", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--trust", default=1, show_default=True, type=click.IntRange(0))
+@click.option("--category", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--tag", default="standard", show_default=True, help="Tag names or bytes32.")
+@click.option("--args", "app_args", default=None, help="iexec_args of the deal params.")
+@click.option("--input-file", "input_files", multiple=True, help="iexec_input_files URL.")
+@click.option("--price", default=0, show_default=True, help="Workerpool price in nRLC.")
+def devnet_deal(
+    directory: Path,
+    app_name: str,
+    volume: int,
+    trust: int,
+    category: int,
+    tag: str,
+    app_args: str | None,
+    input_files: tuple[str, ...],
+    price: int,
+) -> None:
+    """Buy the pool's capacity as the devnet requester: sign and match a deal."""
+    from poco.chain import ChainClient
+    from poco.errors import PocoError
+    from poco.requester import deal_params, match_deal
+    from poco.tags import encode_tag
+
+    info = devnet_mod.Devnet(directory).load()
+    if info is None:
+        _fail(f"no devnet in {directory} (run: workerpool devnet up)")
+        return
+    if app_name not in info["apps"]:
+        _fail(f"unknown app {app_name!r}; devnet apps: {', '.join(info['apps'])}")
+    accounts = info["accounts"]
+    client = ChainClient(info["rpc_url"], info["hub"])
+    try:
+        deal = match_deal(
+            client,
+            app=info["apps"][app_name]["address"],
+            app_owner_key=accounts["app_provider"]["private_key"],
+            workerpool=info["workerpool"],
+            scheduler_key=accounts["scheduler"]["private_key"],
+            requester_key=accounts["requester"]["private_key"],
+            volume=volume,
+            trust=trust,
+            category=category,
+            tag=encode_tag(tag),
+            workerpoolprice=price,
+            params=deal_params(app_args, list(input_files)),
+        )
+    except (PocoError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    click.echo(f"deal {deal.dealid} (block {deal.receipt.block_number}, {volume} task(s))")
+    for taskid in deal.taskids():
+        click.echo(f"  task {taskid}")
 
 
 if __name__ == "__main__":
