@@ -20,9 +20,20 @@ REPLICATE_QUEUES = {
     "tee-gramine": "replicates.tee-gramine",
 }
 
-# Task names (the contract between services).
-TICK_TASK = "scheduler.tick"
-REPLICATE_TASK = "workers.run_replicate"
+# Task names: the contract between services (each side registers only its own).
+TICK_TASK = "scheduler.tick"  # beat -> scheduler: listen, initialize, plan, reconcile
+AUTHORIZE_TASK = "scheduler.authorize"  # worker -> scheduler, answered through the backend
+REPLICATE_UPDATE_TASK = "scheduler.replicate_update"  # worker -> scheduler: status changes
+HEARTBEAT_TASK = "scheduler.worker_heartbeat"  # worker -> scheduler: alive, capabilities
+REPLICATE_TASK = "workers.run_replicate"  # scheduler -> any worker of the queue
+REVEAL_TASK = "workers.reveal"  # scheduler -> one worker (its own queue)
+UPLOAD_TASK = "workers.upload"  # scheduler -> one worker (its own queue)
+
+
+def worker_queue(address: str) -> str:
+    """The queue only one worker node consumes (reveal and upload requests)."""
+    return f"worker.{address.lower()}"
+
 
 TEE, SCONE, GRAMINE, GPU = 1 << 0, 1 << 1, 1 << 2, 1 << 8
 
@@ -40,11 +51,17 @@ def queue_for_tag(tag: str | bytes | int) -> str:
 
 
 def make_celery(settings: Settings, name: str = "workerpool") -> Celery:
-    app = Celery(name, broker=settings.redis_url)
+    # the result backend only carries authorization answers (AUTHORIZE_TASK)
+    app = Celery(name, broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
         task_queues=[Queue(SCHEDULER_QUEUE), *(Queue(q) for q in REPLICATE_QUEUES.values())],
         task_default_queue=SCHEDULER_QUEUE,
+        task_routes={
+            name: {"queue": SCHEDULER_QUEUE}
+            for name in (TICK_TASK, AUTHORIZE_TASK, REPLICATE_UPDATE_TASK, HEARTBEAT_TASK)
+        },
         task_ignore_result=True,
+        result_expires=3600,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

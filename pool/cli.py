@@ -18,9 +18,19 @@ import click
 
 from pool import devnet as devnet_mod
 
+DIR_OPTION = click.option(
+    "--dir",
+    "directory",
+    default=".devnet",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the devnet keeps devnet.json, the chain state and anvil's log.",
+)
+
 # command name -> "module:attribute" of a click command, imported on first use.
 LAZY_COMMANDS: dict[str, str] = {
     "scheduler": "scheduler.cli:command",
+    "worker": "workers.cli:command",
 }
 
 
@@ -72,19 +82,47 @@ start-up with a message naming the variable. This page is generated from `pool/s
 """
 
 
+@main.command("standalone")
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the local result publisher served under /results (default: a temp dir).",
+)
+def standalone_command(results_dir: Path | None) -> None:
+    """Scheduler + status API in one process (embedded mode: MONGO_URL=mongomock://)."""
+    import tempfile
+
+    from pool import standalone
+    from pool.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        _fail(str(exc))
+        return
+    directory = results_dir or Path(
+        settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    standalone.run(settings, directory)
+
+
+@main.command("demo")
+@DIR_OPTION
+@click.option("--api", "api_url", default="http://127.0.0.1:18090", show_default=True)
+@click.option("--volume", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait.")
+def demo_command(directory: Path, api_url: str, volume: int, timeout: float) -> None:
+    """Match a sample deal on the devnet and follow it to COMPLETED (see ops/demo)."""
+    from pool.demo import run_demo
+
+    sys.exit(run_demo(directory, api_url.rstrip("/"), volume, timeout))
+
+
 @main.group()
 def devnet() -> None:
     """A local chain (anvil) with the real PoCo v6.1.0 contracts, for development and tests."""
-
-
-DIR_OPTION = click.option(
-    "--dir",
-    "directory",
-    default=".devnet",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where the devnet keeps devnet.json, the chain state and anvil's log.",
-)
 
 
 def _fail(message: str) -> None:

@@ -217,6 +217,132 @@ SETTINGS: dict[str, Spec] = {
         "Milliseconds the scheduler waits for reveals after consensus (iexec-core's unit).",
         group="scheduler",
     ),
+    "worker_allowlist": Spec(
+        "WORKERPOOL_WORKER_ALLOWLIST",
+        _str_list,
+        "",
+        "Worker addresses allowed to contribute (comma list); empty allows any worker.",
+        group="scheduler",
+    ),
+    # ---- worker node ----------------------------------------------------------------------
+    "worker_wallet_path": Spec(
+        "IEXEC_WORKER_WALLET_PATH",
+        _str,
+        "",
+        "Encrypted keystore of this worker node (iexec-worker's name).",
+        group="worker",
+    ),
+    "worker_wallet_password": Spec(
+        "IEXEC_WORKER_WALLET_PASSWORD",
+        _str,
+        "",
+        "Password of the worker keystore.",
+        secret=True,
+        group="worker",
+    ),
+    "worker_wallet_password_file": Spec(
+        "IEXEC_WORKER_WALLET_PASSWORD_FILE",
+        _str,
+        "",
+        "File holding the worker keystore password.",
+        group="worker",
+    ),
+    "worker_wallet_private_key": Spec(
+        "IEXEC_WORKER_WALLET_PRIVATE_KEY",
+        _str,
+        "",
+        "Raw private key of the worker: DEVNET ONLY (needs WORKERPOOL_DEVNET=1).",
+        secret=True,
+        group="worker",
+    ),
+    "worker_name": Spec(
+        "IEXEC_WORKER_NAME",
+        _str,
+        "",
+        "A name for this node in logs and the status API (default: host name).",
+        group="worker",
+    ),
+    "worker_slots": Spec(
+        "WORKERPOOL_WORKER_SLOTS",
+        _pos_int,
+        "2",
+        "Replicates this node computes at once (Celery concurrency).",
+        group="worker",
+    ),
+    "worker_dir": Spec(
+        "IEXEC_WORKER_BASE_DIR",
+        _str,
+        "",
+        "Where the node keeps task inputs, outputs and results (default: a temp dir).",
+        group="worker",
+    ),
+    "worker_capabilities": Spec(
+        "WORKERPOOL_WORKER_CAPABILITIES",
+        _str_list,
+        "standard",
+        "Replicate queues this node serves: standard, gpu, tee-scone, tee-gramine.",
+        group="worker",
+    ),
+    "app_memory_mb": Spec(
+        "WORKERPOOL_APP_MEMORY_MB",
+        _pos_int,
+        "1024",
+        "Memory limit of one app container (MB).",
+        group="worker",
+    ),
+    "app_cpus": Spec(
+        "WORKERPOOL_APP_CPUS", _pos_float, "1", "CPUs of one app container.", group="worker"
+    ),
+    "app_output_limit_mb": Spec(
+        "WORKERPOOL_APP_OUTPUT_LIMIT_MB",
+        _pos_int,
+        "100",
+        "Largest /iexec_out an app may write (MB); past it the app is stopped.",
+        group="worker",
+    ),
+    "app_input_limit_mb": Spec(
+        "WORKERPOOL_APP_INPUT_LIMIT_MB",
+        _pos_int,
+        "100",
+        "Largest input file or dataset a worker downloads (MB).",
+        group="worker",
+    ),
+    "app_max_runtime": Spec(
+        "WORKERPOOL_APP_MAX_RUNTIME",
+        _nonneg_int,
+        "0",
+        "Cap on an app's wall time in seconds; 0 uses the category's time reference "
+        "(workClockTimeRef), as iExec defines the maximum execution time.",
+        group="worker",
+    ),
+    "app_network": Spec(
+        "WORKERPOOL_APP_NETWORK",
+        _bool,
+        "false",
+        "Give app containers a network (off: network_mode=none).",
+        group="worker",
+    ),
+    "result_storage": Spec(
+        "WORKERPOOL_RESULT_STORAGE",
+        _str,
+        "ipfs",
+        "Where results are published: ipfs (Kubo RPC API) or local (files served by the API).",
+        group="results",
+    ),
+    "local_results_dir": Spec(
+        "WORKERPOOL_LOCAL_RESULTS_DIR",
+        _str,
+        "",
+        "Folder of the local publisher (shared by workers and the API).",
+        group="results",
+    ),
+    "public_url": Spec(
+        "WORKERPOOL_PUBLIC_URL",
+        _str,
+        "",
+        "Base URL under which the API is reachable (local result links use it).",
+        group="results",
+    ),
     # ---- storage and broker -------------------------------------------------------------
     "mongo_url": Spec(
         "MONGO_URL",
@@ -278,6 +404,24 @@ class Settings:
     categories: tuple[int, ...] = ()
     tag_bits: tuple[str, ...] = ("tee", "scone", "gramine", "gpu")
     reveal_timeout_period: int = 120_000
+    worker_allowlist: tuple[str, ...] = ()
+    worker_wallet_path: str = ""
+    worker_wallet_password: str = field(default="", repr=False)
+    worker_wallet_password_file: str = ""
+    worker_wallet_private_key: str = field(default="", repr=False)
+    worker_name: str = ""
+    worker_slots: int = 2
+    worker_dir: str = ""
+    worker_capabilities: tuple[str, ...] = ("standard",)
+    app_memory_mb: int = 1024
+    app_cpus: float = 1.0
+    app_output_limit_mb: int = 100
+    app_input_limit_mb: int = 100
+    app_max_runtime: int = 0
+    app_network: bool = False
+    result_storage: str = "ipfs"
+    local_results_dir: str = ""
+    public_url: str = ""
     mongo_url: str = ""
     mongo_host: str = "127.0.0.1"
     mongo_port: int = 27017

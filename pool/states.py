@@ -126,3 +126,41 @@ def predecessors(table: Mapping[Any, frozenset[Any]], target: object) -> list[st
 
 class InvalidTransition(ValueError):
     """A status change the tables above do not allow."""
+
+
+REPLICATE_FAILURES = frozenset(
+    {
+        R.APP_DOWNLOAD_FAILED,
+        R.DATA_DOWNLOAD_FAILED,
+        R.COMPUTE_FAILED,
+        R.CONTRIBUTE_FAILED,
+        R.REVEAL_FAILED,
+        R.WORKER_LOST,
+        R.ABORTED,
+    }
+)
+
+
+def path_to(
+    table: Mapping[Any, frozenset[Any]],
+    current: Any,
+    target: Any,
+    avoid: frozenset[Any] = REPLICATE_FAILURES,
+) -> list[Any] | None:
+    """Shortest chain of allowed transitions from ``current`` to ``target`` (excluding
+    ``current``), or None when ``target`` cannot be reached. Used to apply status reports that
+    arrive out of order: a worker's COMPUTED may be processed before its COMPUTING."""
+    if current == target:
+        return []
+    frontier: list[list[Any]] = [[current]]
+    seen = {current}
+    while frontier:
+        path = frontier.pop(0)
+        for nxt in sorted(table.get(path[-1], ()), key=str):
+            if nxt in seen or (nxt in avoid and nxt != target):
+                continue
+            if nxt == target:
+                return [*path[1:], nxt]
+            seen.add(nxt)
+            frontier.append([*path, nxt])
+    return None

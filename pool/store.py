@@ -32,6 +32,7 @@ from pool.states import (
     InvalidTransition,
     ReplicateStatus,
     TaskStatus,
+    path_to,
     predecessors,
 )
 
@@ -152,7 +153,101 @@ class Store:
             self.tasks, {"chainTaskId": taskid}, TASK_TRANSITIONS, new, tx_hash, note, extra, inc
         )
 
+    def claim_task(
+        self,
+        taskid: str,
+        expected: Iterable[TaskStatus],
+        new: TaskStatus,
+        *,
+        note: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Strict compare-and-set: move the task to ``new`` only from one of ``expected``.
+
+        Returns None when another thread or process moved it first, so exactly one caller
+        goes on to do the work the new status stands for (send finalize, claim ...).
+        """
+        allowed = set(predecessors(TASK_TRANSITIONS, new))
+        wanted = [str(s) for s in expected if str(s) in allowed]
+        now = utcnow()
+        event: dict[str, Any] = {"status": str(new), "at": now}
+        if note:
+            event["note"] = note
+        doc = self.tasks.find_one_and_update(
+            {"chainTaskId": taskid, "status": {"$in": wanted}},
+            {
+                "$set": {**(extra or {}), "status": str(new), "updatedAt": now},
+                "$push": {"timeline": event},
+            },
+            projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if doc is None else dict(doc)
+
+    def set_task_fields(self, taskid: str, fields: dict[str, Any]) -> None:
+        self.tasks.update_one({"chainTaskId": taskid}, {"$set": fields})
+
     # ---- replicates ---------------------------------------------------------------------
+    def create_replicate(self, taskid: str, worker: str, fields: dict[str, Any]) -> bool:
+        """Insert the (task, worker) replicate; False when that worker already has one."""
+        now = utcnow()
+        doc = {
+            **fields,
+            "chainTaskId": taskid,
+            "worker": worker.lower(),
+            "status": str(ReplicateStatus.CREATED),
+            "createdAt": now,
+            "updatedAt": now,
+            "timeline": [{"status": str(ReplicateStatus.CREATED), "at": now}],
+        }
+        try:
+            self.replicates.insert_one(doc)
+        except DuplicateKeyError:
+            return False
+        return True
+
+    def replicates_of(self, taskid: str) -> list[dict[str, Any]]:
+        return list(self.replicates.find({"chainTaskId": taskid}, {"_id": 0}))
+
+    def advance_replicate(
+        self,
+        taskid: str,
+        worker: str,
+        target: ReplicateStatus,
+        *,
+        tx_hash: str | None = None,
+        note: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Bring a replicate to ``target`` through the allowed statuses in between (reports
+        can be processed out of order). Returns None for a stale report (``target`` is behind
+        the current status) or an unknown replicate."""
+        for _ in range(3):  # a concurrent report may move it while we walk
+            current = self.replicate(taskid, worker)
+            if current is None:
+                return None
+            path = path_to(REPLICATE_TRANSITIONS, ReplicateStatus(current["status"]), target)
+            if path is None:
+                return None
+            if not path:
+                return current
+            try:
+                doc = current
+                for step in path:
+                    last = step == target
+                    doc = self.transition_replicate(
+                        taskid,
+                        worker,
+                        step,
+                        tx_hash=tx_hash if last else None,
+                        note=note if last else "implied by a later report",
+                        extra=extra if last else None,
+                    )
+                return doc
+            except InvalidTransition:
+                continue
+        return None
+
     def replicate(self, taskid: str, worker: str) -> dict[str, Any] | None:
         return self.replicates.find_one(
             {"chainTaskId": taskid, "worker": worker.lower()}, {"_id": 0}

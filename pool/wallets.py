@@ -45,3 +45,20 @@ def scheduler_key(settings: Settings) -> str:
     raise SettingsError(
         "missing required setting(s): IEXEC_CORE_WALLET_PATH (+ IEXEC_CORE_WALLET_PASSWORD)"
     )
+
+
+def worker_key(settings: Settings) -> str:
+    """This worker node's private key, from IEXEC_WORKER_WALLET_* settings."""
+    if settings.worker_wallet_path:
+        password = _password(settings.worker_wallet_password, settings.worker_wallet_password_file)
+        return decrypt_keystore(settings.worker_wallet_path, password, "IEXEC_WORKER_WALLET_PATH")
+    if settings.worker_wallet_private_key:
+        if not settings.devnet:
+            raise SettingsError(
+                "IEXEC_WORKER_WALLET_PRIVATE_KEY is for the devnet only (set WORKERPOOL_DEVNET=1); "
+                "use IEXEC_WORKER_WALLET_PATH and IEXEC_WORKER_WALLET_PASSWORD on a real chain"
+            )
+        return settings.worker_wallet_private_key
+    raise SettingsError(
+        "missing required setting(s): IEXEC_WORKER_WALLET_PATH (+ IEXEC_WORKER_WALLET_PASSWORD)"
+    )

@@ -28,6 +28,7 @@ from pool.celery_app import REPLICATE_TASK, queue_for_tag
 from pool.settings import Settings
 from pool.states import DealStatus, TaskStatus
 from pool.store import Store
+from scheduler.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class TickReport:
     init_transactions: int = 0
     tasks_init_failed: int = 0
     jobs_enqueued: int = 0
+    tasks_claimed: int = 0
     head: int | None = None
     skipped_tick: bool = False
     errors: list[str] = field(default_factory=list)
@@ -73,6 +75,7 @@ class Scheduler:
         for name in settings.tag_bits:
             supported |= 1 << TAG_BITS[name]
         self.supported_tag_bits = supported
+        self.lifecycle = Lifecycle(self)
 
     # ---- the tick -----------------------------------------------------------------------
     def tick(self) -> TickReport:
@@ -81,11 +84,14 @@ class Scheduler:
             if not held:
                 report.skipped_tick = True
                 return report
-            for step in (self.listen, self.initialize, self.plan):
+            for step in (self.listen, self.initialize, self.plan, self.lifecycle.reconcile):
                 try:
                     step(report)
                 except RetryableError as exc:  # the next tick picks up where this one stopped
                     log.warning("%s: %s (will retry next tick)", step.__name__, exc)
+                    report.errors.append(f"{step.__name__}: {exc}")
+                except PocoError as exc:
+                    log.error("%s: %s", step.__name__, exc)
                     report.errors.append(f"{step.__name__}: {exc}")
         return report
 
@@ -229,14 +235,11 @@ class Scheduler:
     def plan(self, report: TickReport) -> None:
         """Enqueue the replicate jobs each initialized task needs for its trust."""
         for task in self.store.tasks_in([TaskStatus.INITIALIZED]):
-            needed = replicates_needed(task["trust"])
+            needed = task["replicatesNeeded"]
             # record the jobs first: a crash after this loses queued jobs, which recovery
             # rebuilds from Mongo, but never enqueues twice
             doc = self.store.transition_task(
-                task["chainTaskId"],
-                TaskStatus.RUNNING,
-                extra={"replicatesNeeded": needed},
-                inc={"jobsQueued": needed},
+                task["chainTaskId"], TaskStatus.RUNNING, inc={"jobsQueued": needed}
             )
             for _ in range(needed):
                 self.enqueue(doc)
@@ -296,6 +299,8 @@ def _task_docs(deal: Deal, category: Category, queue: str) -> list[dict[str, Any
             "contributionDeadline": deal.start_time + CONTRIBUTION_DEADLINE_RATIO * timeref,
             "finalDeadline": deal.start_time + FINAL_DEADLINE_RATIO * timeref,
             "jobsQueued": 0,
+            "replicatesNeeded": replicates_needed(deal.trust),
+            "replicatesGranted": 0,
         }
         for idx in range(deal.bot_first, deal.bot_first + deal.bot_size)
     ]

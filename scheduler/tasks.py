@@ -10,7 +10,15 @@ from typing import Any
 
 from celery import Celery
 
-from pool.celery_app import SCHEDULER_QUEUE, TICK_TASK, make_celery
+from poco.errors import RetryableError
+from pool.celery_app import (
+    AUTHORIZE_TASK,
+    HEARTBEAT_TASK,
+    REPLICATE_UPDATE_TASK,
+    SCHEDULER_QUEUE,
+    TICK_TASK,
+    make_celery,
+)
 from pool.settings import Settings
 from scheduler.service import Scheduler, build
 
@@ -32,8 +40,8 @@ def create_scheduler_app(settings: Settings, scheduler: Scheduler | None = None)
     period = settings.poll_period
 
     @app.task(
+        shared=False,  # bound to this app and its closure only (tests build several apps)
         name=TICK_TASK,
-        queue=SCHEDULER_QUEUE,
         acks_late=False,  # a lost tick is replaced by the next one
         ignore_result=True,
         soft_time_limit=max(60, int(period * 30)),
@@ -44,6 +52,35 @@ def create_scheduler_app(settings: Settings, scheduler: Scheduler | None = None)
         if report.deals_new or report.tasks_initialized or report.jobs_enqueued or report.errors:
             log.info("tick: %s", report)
         return report.__dict__
+
+    @app.task(
+        shared=False,  # bound to this app and its closure only (tests build several apps)
+        name=AUTHORIZE_TASK,
+        ignore_result=False,  # the worker waits for this answer
+        acks_late=False,  # a worker whose request is lost asks again
+        time_limit=60,
+    )
+    def authorize(taskid: str, worker: str, enclave: str) -> dict[str, Any]:
+        return get().lifecycle.authorize(taskid, worker, enclave)
+
+    @app.task(
+        shared=False,  # bound to this app and its closure only (tests build several apps)
+        name=REPLICATE_UPDATE_TASK,
+        acks_late=True,  # a report survives a scheduler restart in Redis
+        reject_on_worker_lost=True,
+        time_limit=300,
+        autoretry_for=(RetryableError,),
+        retry_backoff=True,
+        max_retries=10,
+    )
+    def replicate_update(
+        taskid: str, worker: str, status: str, details: dict[str, Any] | None = None
+    ) -> None:
+        get().lifecycle.on_report(taskid, worker, status, details)
+
+    @app.task(shared=False, name=HEARTBEAT_TASK, acks_late=False, time_limit=30)
+    def heartbeat(worker: str, info: dict[str, Any]) -> None:
+        get().lifecycle.heartbeat(worker, info)
 
     app.conf.beat_schedule = {
         "scheduler-tick": {

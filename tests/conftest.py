@@ -1,4 +1,4 @@
-"""Fixtures shared by all tests: the real services (Redis, Docker, test app images).
+"""Fixtures shared by all tests: the real services (Redis, IPFS, Docker, test app images).
 
 `ops/test` starts the services and sets WORKERPOOL_REQUIRE_SERVICES=1, so an
 integration test whose service is missing fails there (and in CI) instead of being
@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     import redis
 
 # the devnet fixtures (anvil + PoCo, started by the tests) live in tests/devnet_fixtures.py
-pytest_plugins = ["devnet_fixtures"]
+pytest_plugins = ["devnet_fixtures", "pool_fixtures"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
+DEFAULT_IPFS_API = "http://127.0.0.1:5011"
 
 # name -> tag of the images built by ops/apps/build (no registry involved)
 APP_IMAGES: dict[str, str] = {
@@ -71,6 +72,26 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+# --- IPFS --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ipfs_api_url() -> str:
+    """URL of a real IPFS RPC API (ops/test starts js-ipfs, offline, on 127.0.0.1:5011)."""
+    import requests
+
+    url = os.environ.get("WORKERPOOL_TEST_IPFS_API", DEFAULT_IPFS_API).rstrip("/")
+    try:
+        response = requests.post(f"{url}/api/v0/id", timeout=5)
+        response.raise_for_status()
+        body = response.json()
+    except (requests.RequestException, ValueError) as exc:
+        require_service("ipfs", f"{url}/api/v0/id: {exc}")
+    if not isinstance(body, dict) or not body.get("ID"):
+        require_service("ipfs", f"{url}/api/v0/id answered without a peer ID: {body!r:.200}")
+    return url
 
 
 # --- Docker ------------------------------------------------------------------

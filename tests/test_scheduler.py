@@ -219,7 +219,7 @@ def test_a_gap_of_5000_blocks_is_read_in_ranges(
     # own: on a chain holding PoCo's state anvil mines ~7 ms a block, 40 s for 5,000)
     gap = Devnet(tmp_path, port=free_port())
     anvil, _ = ensure_tools()
-    gap.start_anvil(anvil)
+    gap.start_anvil(anvil, prune_history=True)
     try:
         client = ChainClient(gap.rpc_url, "0x" + "00" * 20)
         for _ in range(10):  # anvil_mine slows down superlinearly with the count: 10 x 500

@@ -1,0 +1,188 @@
+"""A running pool for end-to-end tests: the scheduler in this process (so tests can read its
+mongomock store), its Celery consumer on a thread, a ticking loop, and worker nodes as real
+``workerpool worker`` processes that reach it only through Redis and the chain."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mongomock_ng as mongomock
+import pytest
+from celery.contrib.testing.worker import start_worker
+from devnet_fixtures import DevnetHandle
+
+from poco.chain import ChainClient
+from poco.requester import MatchedDeal, match_deal
+from poco.types import ChainTaskStatus
+from pool.celery_app import SCHEDULER_QUEUE
+from pool.settings import Settings
+from pool.store import Store
+from scheduler.service import Scheduler
+from scheduler.tasks import create_scheduler_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunningPool:
+    devnet: DevnetHandle
+    scheduler: Scheduler
+    store: Store
+    env: dict[str, str]
+    tmp: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def start_worker(self, n: int, **extra_env: str) -> subprocess.Popen[bytes]:
+        """Start worker node ``n`` (devnet worker wallet n) as a separate process."""
+        env = {
+            **self.env,
+            "IEXEC_WORKER_WALLET_PRIVATE_KEY": self.devnet.worker_key(n),
+            "IEXEC_WORKER_NAME": f"test-worker-{n}",
+            "IEXEC_WORKER_BASE_DIR": str(self.tmp / f"worker-{n}"),
+            **extra_env,
+        }
+        log = self.tmp / f"worker-{n}.log"
+        self.logs.append(log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pool.cli", "worker", "--loglevel", "INFO"],
+            env=env,
+            cwd=ROOT,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.workers.append(proc)
+        address = self.devnet.accounts["workers"][n]["address"].lower()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.store.workers.find_one({"address": address}):
+                return proc
+            if proc.poll() is not None:
+                raise AssertionError(f"worker {n} exited:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"worker {n} sent no heartbeat:\n{log.read_text()[-3000:]}")
+
+    def match(self, app: str = "echo", **kw: Any) -> MatchedDeal:
+        return match_deal(
+            self.devnet.client,
+            app=self.devnet.app(app),
+            app_owner_key=self.devnet.key("app_provider"),
+            workerpool=self.devnet.info["workerpool"],
+            scheduler_key=self.devnet.key("scheduler"),
+            requester_key=self.devnet.key("requester"),
+            **kw,
+        )
+
+    def wait_tasks(
+        self,
+        taskids: list[str],
+        done: Callable[[dict[str, Any]], bool],
+        timeout: float = 120,
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            docs = [self.store.task(t) or {} for t in taskids]
+            if all(done(d) for d in docs):
+                return docs
+            time.sleep(0.2)
+        states = {t: (self.store.task(t) or {}).get("status") for t in taskids}
+        reps = {
+            t: [(r["worker"][:8], r["status"]) for r in self.store.replicates_of(t)]
+            for t in taskids
+        }
+        tails = "\n".join(p.read_text()[-2000:] for p in self.logs)
+        raise AssertionError(f"tasks not done in {timeout}s: {states}\n{reps}\n{tails}")
+
+    def chain_status(self, taskid: str) -> ChainTaskStatus:
+        return self.devnet.client.view_task(taskid).status
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def running_pool(
+    devnet: DevnetHandle,
+    redis_url: str,
+    redis_client: Any,
+    ipfs_api_url: str,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> Iterator[RunningPool]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("IEXEC_", "WORKERPOOL_"))},
+        "IEXEC_PRIVATE_CHAIN_ADDRESS": devnet.info["rpc_url"],
+        "IEXEC_HUB_ADDRESS": devnet.info["hub"],
+        "POOL_ADDRESS": devnet.info["workerpool"],
+        "WORKERPOOL_DEVNET": "1",
+        "WORKERPOOL_REDIS_URL": redis_url,
+        "IEXEC_IPFS_HOST": ipfs_api_url.split("//")[1].split(":")[0],
+        "IEXEC_IPFS_PORT": ipfs_api_url.rsplit(":", 1)[1],
+        "WORKERPOOL_RESULT_STORAGE": "ipfs",
+        "WORKERPOOL_APP_OUTPUT_LIMIT_MB": "5",
+        "WORKERPOOL_WORKER_SLOTS": "2",
+        "PYTHONPATH": str(ROOT),
+    }
+    settings = Settings.from_env(
+        {**env, "IEXEC_START_BLOCK_NUMBER": str(devnet.client.block_number() + 1)}
+    )
+    store = Store(mongomock.MongoClient()["e2e"])
+    store.ensure_indexes()
+    client = ChainClient(devnet.info["rpc_url"], devnet.info["hub"])
+    import redis
+
+    scheduler = Scheduler(
+        settings,
+        store,
+        client,
+        client.wallet(devnet.key("scheduler")),
+        None,  # type: ignore[arg-type]  # set below: the app the consumer thread runs
+        redis.Redis.from_url(redis_url),
+    )
+    app = create_scheduler_app(settings, scheduler)
+    scheduler.celery = app
+    stop = threading.Event()
+
+    def ticking() -> None:
+        while not stop.is_set():
+            try:
+                scheduler.tick()
+            except Exception as exc:  # keep ticking; the test sees the outcome in the store
+                print(f"tick failed: {exc!r}")
+            stop.wait(0.3)
+
+    ticker = threading.Thread(target=ticking, daemon=True)
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        queues=[SCHEDULER_QUEUE],
+        shutdown_timeout=20,
+    ):
+        ticker.start()
+        pool = RunningPool(devnet, scheduler, store, env, tmp_path)
+        try:
+            yield pool
+        finally:
+            stop.set()
+            ticker.join(timeout=10)
+            pool.stop_workers()

@@ -1,0 +1,182 @@
+"""End to end on the devnet with real redis-server, dockerd and IPFS: a deal matched on chain
+ends COMPLETED with its result published, computed by ``workerpool worker`` processes."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import threading
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from devnet_fixtures import DevnetHandle
+from pool_fixtures import RunningPool
+
+from poco.requester import deal_params
+from poco.types import ChainTaskStatus
+from pool.publishers import parse_result_link
+
+pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]
+
+APP_PRICE = 1_000_000
+POOL_PRICE = 10_000_000
+
+
+def _completed(doc: dict[str, Any]) -> bool:
+    return doc.get("status") == "COMPLETED"
+
+
+def _fetch_ipfs(ipfs_api_url: str, location: str) -> bytes:
+    cid = location.removeprefix("/ipfs/")
+    r = requests.post(
+        f"{ipfs_api_url}/api/v0/cat", params={"arg": cid, "timeout": "5s"}, timeout=10
+    )
+    r.raise_for_status()
+    return r.content
+
+
+def _stakes(devnet: DevnetHandle, *who: str) -> list[int]:
+    return [devnet.client.view_account(a).stake for a in who]
+
+
+def test_trust1_deal_of_volume3_completes_with_published_results_and_rewards(
+    running_pool: RunningPool, ipfs_api_url: str
+) -> None:
+    pool = running_pool
+    devnet = pool.devnet
+    worker = devnet.accounts["workers"][0]["address"]
+    scheduler = devnet.address("scheduler")
+    # Given one worker node and a trust-1 deal of volume 3
+    pool.start_worker(0)
+    before = _stakes(devnet, devnet.address("requester"), devnet.address("app_provider"), worker)
+    sched_before = devnet.client.view_account(scheduler)
+    deal = pool.match(
+        volume=3,
+        trust=1,
+        appprice=APP_PRICE,
+        workerpoolprice=POOL_PRICE,
+        params=deal_params("hello world"),
+    )
+    # When the pool runs, Then every task ends COMPLETED in Mongo and on chain
+    docs = pool.wait_tasks(deal.taskids(), _completed, timeout=120)
+    for taskid, doc in zip(deal.taskids(), docs, strict=True):
+        chain = devnet.client.view_task(taskid)
+        assert chain.status == ChainTaskStatus.COMPLETED
+        # results is the iExec link, and it resolves to a zip with the app's output
+        link = chain.results.decode()
+        assert link.startswith('{ "storage": "ipfs", "location": "/ipfs/')
+        storage, location = parse_result_link(link)
+        assert storage == "ipfs" and doc["resultLink"] == link
+        archive = zipfile.ZipFile(io.BytesIO(_fetch_ipfs(ipfs_api_url, location)))
+        assert "computed.json" in archive.namelist()
+        text = archive.read("result.txt").decode()
+        assert "args: hello world" in text and f"IEXEC_TASK_ID={taskid}" in text
+        timeline = [e["status"] for e in doc["timeline"]]
+        assert timeline[-3:] == ["FINALIZING", "FINALIZED", "COMPLETED"]
+        reps = pool.store.replicates_of(taskid)
+        assert [r["status"] for r in reps] == ["COMPLETED"] and reps[0]["worker"] == worker.lower()
+    # And the escrow moved as POCO.md says: worker 99 % of the price, app owner its price
+    after = _stakes(devnet, devnet.address("requester"), devnet.address("app_provider"), worker)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [
+        -3 * (APP_PRICE + POOL_PRICE),
+        3 * APP_PRICE,
+        3 * POOL_PRICE * 99 // 100,
+    ]
+    sched_after = devnet.client.view_account(scheduler)
+    # the scheduler gets 1 % per task (plus a kitty share when an earlier task was claimed)
+    assert sched_after.stake - sched_before.stake >= 3 * POOL_PRICE // 100
+    assert sched_after.locked == sched_before.locked
+
+
+@pytest.fixture
+def file_server() -> Iterator[str]:
+    files = {"/numbers.txt": b"1 2 3\n", "/words.txt": b"alpha beta\n"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = files.get(self.path)
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_app_sees_input_files_and_args(
+    running_pool: RunningPool, ipfs_api_url: str, file_server: str
+) -> None:
+    pool = running_pool
+    pool.start_worker(1)
+    urls = [f"{file_server}/numbers.txt", f"{file_server}/words.txt"]
+    deal = pool.match(params=deal_params("one 'two three'", urls))
+    (doc,) = pool.wait_tasks(deal.taskids(), _completed, timeout=90)
+    _, location = parse_result_link(doc["resultLink"])
+    text = zipfile.ZipFile(io.BytesIO(_fetch_ipfs(ipfs_api_url, location))).read("result.txt")
+    out = text.decode()
+    assert "args: one two three" in out
+    assert "IEXEC_INPUT_FILES_NUMBER=2" in out
+    assert "1 2 3" in out and "alpha beta" in out
+
+
+def test_crashing_app_is_compute_failed_then_claimed_at_the_final_deadline(
+    chain_snapshot: DevnetHandle, running_pool: RunningPool
+) -> None:
+    pool = running_pool
+    devnet = chain_snapshot
+    pool.start_worker(2)
+    requester = devnet.address("requester")
+    before = devnet.client.view_account(requester)
+    deal = pool.match(app="crash", appprice=APP_PRICE, workerpoolprice=POOL_PRICE)
+    (taskid,) = deal.taskids()
+
+    # Then the replicate is COMPUTE_FAILED with the app's log tail, and nothing is retried
+    def failed(doc: dict[str, Any]) -> bool:
+        reps = pool.store.replicates_of(taskid)
+        return bool(reps) and reps[0]["status"] == "COMPUTE_FAILED"
+
+    pool.wait_tasks([taskid], failed, timeout=60)
+    (rep,) = pool.store.replicates_of(taskid)
+    assert "exited with code 3" in rep["reason"]
+    assert "boom: something went wrong" in rep["logTail"]
+    assert pool.chain_status(taskid) == ChainTaskStatus.ACTIVE
+    # When anvil's clock passes the final deadline, the scheduler claims the task
+    devnet.increase_time(10 * 300 + 5)
+    (doc,) = pool.wait_tasks([taskid], lambda d: d.get("status") == "FAILED", timeout=60)
+    assert pool.chain_status(taskid) == ChainTaskStatus.FAILED
+    assert "claimed" in doc["timeline"][-1]["note"]
+    assert devnet.client.view_account(requester).stake == before.stake  # refunded
+
+
+def test_output_flood_and_timeout_are_stopped_and_the_worker_keeps_serving(
+    running_pool: RunningPool,
+) -> None:
+    pool = running_pool
+    pool.start_worker(3, WORKERPOOL_APP_MAX_RUNTIME="3")
+    flood = pool.match(app="bigout", params=deal_params("50"))  # 50 MB > the 5 MB limit
+    sleeper = pool.match(app="sleep", params=deal_params("3600"))
+    ids = [*flood.taskids(), *sleeper.taskids()]
+
+    def failed(doc: dict[str, Any]) -> bool:
+        reps = pool.store.replicates_of(doc.get("chainTaskId", ""))
+        return bool(reps) and reps[0]["status"] == "COMPUTE_FAILED"
+
+    pool.wait_tasks(ids, failed, timeout=90)
+    (big,) = pool.store.replicates_of(flood.taskids()[0])
+    (slow,) = pool.store.replicates_of(sleeper.taskids()[0])
+    assert "output exceeded the limit" in big["reason"]
+    assert "time limit" in slow["reason"]
+    # And the same worker still computes the next deal
+    ok = pool.match(params=deal_params("still alive"))
+    pool.wait_tasks(ok.taskids(), _completed, timeout=90)
+    names = json.dumps([r["worker"] for r in pool.store.replicates_of(ok.taskids()[0])])
+    assert pool.devnet.accounts["workers"][3]["address"].lower() in names

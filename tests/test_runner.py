@@ -1,0 +1,522 @@
+"""DockerRunner against the real Docker Engine and the local test app images.
+
+Each test checks what a worker relies on: the app sees iExec's env, args and input files;
+every limit (time, output size, memory) stops the app with a clear reason; the container
+is gone afterwards whatever happened, even on KeyboardInterrupt; and an app cannot make
+the worker hash or zip files of the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from docker.errors import ImageNotFound, NotFound
+
+from workers import inputs, results, runner
+from workers.results import ResultError
+from workers.runner import (
+    AppImageError,
+    AppRun,
+    ContainerRunner,
+    DockerRunner,
+    EngineError,
+    FakeRunner,
+    RunOutcome,
+)
+
+pytestmark = pytest.mark.docker
+
+MB = 1024 * 1024
+DEAL_ID = "0x" + "cd" * 32
+# every container of this session carries it, so the session cleans only its own
+SESSION = uuid.uuid4().hex[:12]
+SESSION_LABEL = {"workerpool.test": f"test_runner-{SESSION}"}
+# a tag of its own per session: concurrent sessions on one engine never remove each other's
+SHELL_REPOSITORY, SHELL_TAG = "workerpool-test/runner-shell", SESSION
+
+
+@pytest.fixture(scope="session")
+def docker_runner(docker_client: docker.DockerClient) -> Iterator[DockerRunner]:
+    """A runner on the test engine; whatever this session left is removed at the end."""
+    docker_runner = DockerRunner(docker_client, poll_interval=0.1)
+    yield docker_runner
+    docker_runner.remove_leftovers(SESSION_LABEL)
+
+
+@pytest.fixture(scope="session")
+def shell_image(docker_client: docker.DockerClient, app_images: dict[str, str]) -> Iterator[str]:
+    """An image whose ENTRYPOINT is ``/bin/sh -c``: the app is the first argument.
+
+    Made by committing a container of the busybox echo image with another entrypoint
+    (no registry, no build context); removed at the end of the session.
+    """
+    base = docker_client.containers.create(app_images["echo"], network_mode="none")
+    try:
+        base.commit(
+            repository=SHELL_REPOSITORY,
+            tag=SHELL_TAG,
+            changes=['ENTRYPOINT ["/bin/sh", "-c"]', 'CMD ["true"]'],
+        )
+    finally:
+        base.remove(force=True)
+    image = f"{SHELL_REPOSITORY}:{SHELL_TAG}"
+    yield image
+    with contextlib.suppress(docker.errors.APIError):
+        docker_client.images.remove(image, force=True)
+
+
+def new_task_id() -> str:
+    return "0x" + uuid.uuid4().hex + uuid.uuid4().hex
+
+
+def make_run(tmp_path: Path, image: str, args: list[str], **overrides: Any) -> AppRun:
+    task_id = overrides.pop("task_id", new_task_id())
+    fields: dict[str, Any] = {
+        "task_id": task_id,
+        "deal_id": DEAL_ID,
+        "task_index": 0,
+        "bot_first": 0,
+        "bot_size": 1,
+        "image": image,
+        "args": args,
+        "input_dir": tmp_path / "iexec_in",
+        "output_dir": tmp_path / "iexec_out",
+        "env": inputs.app_env(
+            deal_id=DEAL_ID, task_id=task_id, task_index=0, bot_first=0, bot_size=1
+        ),
+        "timeout": 60.0,
+        "memory_bytes": 64 * MB,
+        "nano_cpus": 1_000_000_000,
+        "output_limit_bytes": 10 * MB,
+        "name": f"wp-test-{task_id[2:20]}",
+        "labels": dict(SESSION_LABEL),
+    }
+    fields.update(overrides)
+    return AppRun(**fields)
+
+
+def assert_gone(client: docker.DockerClient, name: str) -> None:
+    with pytest.raises(NotFound):
+        client.containers.get(name)
+
+
+@pytest.fixture
+def http_files() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A real HTTP server on 127.0.0.1 serving a dict of path -> bytes."""
+    files: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", files
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# --- the happy path ------------------------------------------------------------------
+
+
+def test_echo_app_end_to_end(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    http_files: tuple[str, dict[str, bytes]],
+    tmp_path: Path,
+) -> None:
+    # Given deal params with quoted args and two input files served over HTTP
+    base, files = http_files
+    files.update({"/a.txt": b"alpha\n", "/b.csv": b"1,2,3"})
+    urls = [f"{base}/a.txt", f"{base}/b.csv"]
+    params = inputs.parse_deal_params(
+        json.dumps({"iexec_args": 'hello "big world"', "iexec_input_files": urls})
+    )
+    task_id = new_task_id()
+    in_dir, out_dir = tmp_path / "iexec_in", tmp_path / "iexec_out"
+    names = inputs.download_inputs(params.iexec_input_files, in_dir, max_bytes=MB, timeout=10)
+    env = inputs.app_env(
+        deal_id=DEAL_ID,
+        task_id=task_id,
+        task_index=4,
+        bot_first=3,
+        bot_size=2,
+        input_file_names=names,
+    )
+    run = make_run(
+        tmp_path,
+        app_images["echo"],
+        inputs.split_args(params.iexec_args),
+        task_id=task_id,
+        env=env,
+        task_index=4,
+    )
+    docker_runner.ensure_image(run.image)
+
+    # When the echo app runs
+    outcome = docker_runner.run(run)
+
+    # Then it succeeded and saw the args, the env and the files
+    assert outcome.ok, outcome
+    assert outcome.exit_code == 0 and outcome.error is None
+    assert "echo app: args: hello big world" in outcome.stdout
+    assert outcome.stderr == ""
+    assert "wrote /iexec_out/result.txt" in outcome.log_tail
+    assert (out_dir / "result.txt").read_text().splitlines() == [
+        "args: hello big world",
+        f"IEXEC_TASK_ID={task_id}",
+        f"IEXEC_DEAL_ID={DEAL_ID}",
+        "IEXEC_TASK_INDEX=4",
+        "IEXEC_BOT_SIZE=2",
+        "IEXEC_INPUT_FILES_NUMBER=2",
+        f"IEXEC_INPUT_FILE_NAME_1={names[0]}",
+        "alpha",
+        f"IEXEC_INPUT_FILE_NAME_2={names[1]}",
+        "1,2,3",
+    ]
+    # And the container is gone
+    assert_gone(docker_client, run.name)
+
+    # When the worker's post-compute steps run on its output
+    results.write_logs(out_dir, outcome.stdout, outcome.stderr)
+    computed = results.read_computed(out_dir)
+    digest = results.result_digest(out_dir, computed, has_callback=False)
+    zip_path = results.package(out_dir, tmp_path / "result.zip", max_bytes=MB)
+
+    # Then the digest is the sha256 of result.txt and the zip holds the output and the logs
+    expected = hashlib.sha256((out_dir / "result.txt").read_bytes()).hexdigest()
+    assert digest == "0x" + expected
+    with zipfile.ZipFile(zip_path) as archive:
+        assert sorted(archive.namelist()) == ["computed.json", "result.txt", "stdout.txt"]
+        assert archive.read("stdout.txt").decode() == outcome.stdout
+
+
+def test_container_is_confined_and_can_be_aborted(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    # Given a long app running in a thread
+    run = make_run(
+        tmp_path, app_images["sleep"], ["60"], memory_bytes=48 * MB, nano_cpus=500_000_000
+    )
+    box: dict[str, RunOutcome] = {}
+    thread = threading.Thread(target=lambda: box.update(outcome=docker_runner.run(run)))
+    thread.start()
+    try:
+        attrs = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(NotFound):
+                container = docker_client.containers.get(run.name)
+                if container.status == "running":
+                    attrs = container.attrs
+                    break
+            time.sleep(0.05)
+        assert attrs is not None, "the app container never ran"
+
+        # Then it runs with no network, no capabilities, and the limits asked
+        host = attrs["HostConfig"]
+        assert host["NetworkMode"] == "none"
+        assert host["Privileged"] is False
+        assert host["CapDrop"] == ["ALL"]
+        assert host["SecurityOpt"] == ["no-new-privileges"]
+        assert host["Memory"] == host["MemorySwap"] == 48 * MB
+        assert host["NanoCpus"] == 500_000_000
+        assert host["PidsLimit"] == 512
+        assert host["LogConfig"] == {
+            "Type": "json-file",
+            "Config": {"max-file": "1", "max-size": str(10 * MB)},
+        }
+        assert sorted(host["Binds"]) == sorted(
+            [f"{run.input_dir.resolve()}:/iexec_in:ro", f"{run.output_dir.resolve()}:/iexec_out:rw"]
+        )
+        assert attrs["Config"]["User"] == ""
+        assert attrs["Config"]["Labels"]["workerpool.task"] == run.task_id
+        assert attrs["Config"]["Cmd"] == ["60"]
+
+        # When the task is aborted
+        assert docker_runner.kill(run.name) is True
+    finally:
+        thread.join(timeout=30)
+
+    # Then the run ends at once, reported as aborted, and the container is gone
+    outcome = box["outcome"]
+    assert outcome.aborted and not outcome.ok
+    assert outcome.reason() == "app was stopped on request (task aborted)"
+    assert outcome.duration < 15
+    assert_gone(docker_client, run.name)
+    assert docker_runner.kill(run.name) is False
+
+
+def test_empty_args_keep_the_image_cmd(
+    docker_runner: DockerRunner, shell_image: str, tmp_path: Path
+) -> None:
+    # the shell image's CMD is ["true"]: with no args, `sh -c true` exits 0
+    outcome = docker_runner.run(make_run(tmp_path, shell_image, []))
+    assert outcome.exit_code == 0
+
+
+# --- failures --------------------------------------------------------------------------
+
+
+def test_crash_app_exit_code_and_logs(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    run = make_run(tmp_path, app_images["crash"], [])
+    outcome = docker_runner.run(run)
+
+    assert outcome.exit_code == 3
+    assert not outcome.ok
+    assert outcome.reason() == "app exited with code 3"
+    assert "boom" in outcome.log_tail
+    assert outcome.stderr == "boom: something went wrong\n"
+    assert "boom" not in outcome.stdout
+    assert_gone(docker_client, run.name)
+
+
+def test_output_over_the_limit_stops_the_app(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    # Given a 5 MB output limit and an app writing 200 MB
+    run = make_run(tmp_path, app_images["bigout"], ["200"], output_limit_bytes=5 * MB)
+
+    outcome = docker_runner.run(run)
+
+    assert outcome.output_too_large and not outcome.ok
+    assert outcome.reason() == "app output exceeded the limit of 5 MB and was stopped"
+    assert_gone(docker_client, run.name)
+
+
+def test_app_past_its_time_limit_is_stopped(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    run = make_run(tmp_path, app_images["sleep"], ["60"], timeout=2.0)
+    started = time.monotonic()
+
+    outcome = docker_runner.run(run)
+
+    assert outcome.timed_out and not outcome.ok
+    assert time.monotonic() - started < 8
+    assert 2.0 <= outcome.duration < 8
+    assert outcome.reason() == "app ran past its time limit of 2 s and was stopped"
+    assert "sleeping 60s" in outcome.log_tail
+    assert_gone(docker_client, run.name)
+
+
+def test_app_over_its_memory_limit_is_oom_killed(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    shell_image: str,
+    tmp_path: Path,
+) -> None:
+    # dd allocates its block size: 300 MB under a 32 MB limit (swap included)
+    run = make_run(
+        tmp_path,
+        shell_image,
+        ["exec dd if=/dev/zero of=/dev/null bs=300M count=1"],
+        memory_bytes=32 * MB,
+    )
+
+    outcome = docker_runner.run(run)
+
+    assert outcome.oom_killed and not outcome.ok
+    assert outcome.exit_code == 137
+    assert outcome.reason() == "app killed: out of memory (limit 32 MB)"
+    assert_gone(docker_client, run.name)
+
+
+def test_missing_image_is_an_app_image_error(
+    docker_client: docker.DockerClient, docker_runner: DockerRunner, tmp_path: Path
+) -> None:
+    image = f"workerpool-apps/missing-{uuid.uuid4().hex[:8]}:1"
+    with pytest.raises(AppImageError, match="could not be pulled"):
+        docker_runner.ensure_image(image)
+    run = make_run(tmp_path, image, [])
+    with pytest.raises(AppImageError, match="not on this worker"):
+        docker_runner.run(run)
+    assert_gone(docker_client, run.name)
+    with pytest.raises(ImageNotFound):
+        docker_client.images.get(image)
+
+
+def test_app_without_computed_json_fails_post_compute(
+    docker_runner: DockerRunner, app_images: dict[str, str], tmp_path: Path
+) -> None:
+    run = make_run(tmp_path, app_images["nocomputed"], [])
+    assert docker_runner.run(run).ok
+    with pytest.raises(ResultError, match="computed.json"):
+        results.read_computed(run.output_dir)
+
+
+# --- cleanup ---------------------------------------------------------------------------
+
+
+def test_remove_leftovers_removes_only_the_matching_containers(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+) -> None:
+    # Given containers left by a crashed worker (one running) and one of another worker
+    worker = f"0x{uuid.uuid4().hex[:16]}"
+    mine = {**SESSION_LABEL, "workerpool.worker": worker}
+    other = {**SESSION_LABEL, "workerpool.worker": worker + "ff"}
+    left = [
+        docker_client.containers.create(
+            app_images["sleep"], ["60"], labels={**mine, "workerpool.task": new_task_id()}
+        )
+        for _ in range(2)
+    ]
+    left[0].start()
+    kept = docker_client.containers.create(app_images["sleep"], ["60"], labels=other)
+    try:
+        # When the worker starts again
+        removed = docker_runner.remove_leftovers({"workerpool.worker": worker})
+
+        # Then its containers are gone and the other worker's is not
+        assert removed == 2
+        for container in left:
+            assert_gone(docker_client, container.id)
+        docker_client.containers.get(kept.id)
+    finally:
+        kept.remove(force=True)
+    with pytest.raises(ValueError):
+        docker_runner.remove_leftovers({})
+
+
+def test_a_container_left_with_the_same_name_is_replaced(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    run = make_run(tmp_path, app_images["echo"], ["again"])
+    stale = docker_client.containers.create(
+        app_images["sleep"], name=run.name, labels=SESSION_LABEL
+    )
+
+    outcome = docker_runner.run(run)
+
+    assert outcome.ok, outcome
+    assert_gone(docker_client, stale.id)
+    assert_gone(docker_client, run.name)
+
+
+def test_keyboard_interrupt_in_the_watchdog_still_removes_the_container(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a watchdog whose output-size check is interrupted (Ctrl-C) while the app runs
+    run = make_run(tmp_path, app_images["sleep"], ["60"])
+    seen: list[str] = []
+
+    def interrupted(path: Path) -> int:
+        seen.append(docker_client.containers.get(run.name).status)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "dir_size", interrupted)
+
+    # When it runs, the interrupt propagates
+    with pytest.raises(KeyboardInterrupt):
+        docker_runner.run(run)
+
+    # Then the container existed (it was running) and is gone all the same
+    assert seen == ["running"]
+    assert_gone(docker_client, run.name)
+
+
+# --- an app trying to escape /iexec_out -----------------------------------------------------
+
+
+def test_app_symlinks_to_the_host_are_neither_hashed_nor_zipped(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    shell_image: str,
+    tmp_path: Path,
+) -> None:
+    # Given an app that links /etc/passwd into its output and points computed.json
+    # outside /iexec_out
+    script = (
+        "ln -s /etc/passwd /iexec_out/passwd && echo ok > /iexec_out/result.txt && "
+        'printf \'{"deterministic-output-path":"/iexec_out/../etc/passwd"}\' '
+        "> /iexec_out/computed.json"
+    )
+    run = make_run(tmp_path, shell_image, [script])
+    outcome = docker_runner.run(run)
+    assert outcome.ok, outcome
+    out = run.output_dir
+    assert (out / "passwd").is_symlink()
+
+    # Then the digest refuses the path, and the symlinked path too
+    computed = results.read_computed(out)
+    with pytest.raises(ResultError, match="escapes /iexec_out"):
+        results.result_digest(out, computed, has_callback=False)
+    with pytest.raises(ResultError, match="escapes /iexec_out"):
+        results.result_digest(
+            out,
+            results.ComputedFile(deterministic_output_path="/iexec_out/passwd"),
+            has_callback=False,
+        )
+    # And the zip stores the link as an empty entry, not the host's /etc/passwd
+    zip_path = results.package(out, tmp_path / "result.zip", max_bytes=MB)
+    with zipfile.ZipFile(zip_path) as archive:
+        assert archive.read("passwd") == b""
+        assert archive.read("result.txt") == b"ok\n"
+    assert_gone(docker_client, run.name)
+
+
+# --- no engine ------------------------------------------------------------------------------
+
+
+def test_an_engine_that_does_not_answer_is_a_retryable_engine_error(tmp_path: Path) -> None:
+    client = docker.DockerClient(base_url=f"unix://{tmp_path}/no-docker.sock", version="1.41")
+    docker_runner = DockerRunner(client)
+    with pytest.raises(EngineError) as caught:
+        docker_runner.ensure_image("workerpool-apps/echo:1")
+    assert caught.value.retryable
+    with pytest.raises(EngineError):
+        docker_runner.run(make_run(tmp_path, "workerpool-apps/echo:1", []))
+
+
+def test_both_runners_are_container_runners() -> None:
+    assert isinstance(DockerRunner(), ContainerRunner)
+    assert isinstance(FakeRunner(), ContainerRunner)

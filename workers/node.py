@@ -1,0 +1,340 @@
+"""A worker node: take a replicate job, get the scheduler's authorization, run the app,
+contribute; later reveal and upload when the scheduler asks.
+
+The node reads everything it needs about a task from the chain (the job message carries only
+the task id and its deadline) and reports each status change to the scheduler as a message
+(``scheduler.replicate_update``); it never touches MongoDB, so nodes need only Redis and the
+chain to join a pool. What it must remember between contribute and reveal/upload (the result
+digest and the zipped output) stays in its work directory, keyed by task id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from poco import actions
+from poco.chain import ChainClient, Wallet
+from poco.errors import PocoError, TransactionReverted
+from poco.orders import ZERO_ADDRESS
+from poco.types import ChainTaskStatus
+from pool.celery_app import AUTHORIZE_TASK, HEARTBEAT_TASK, REPLICATE_UPDATE_TASK, SCHEDULER_QUEUE
+from pool.publishers import ResultPublisher, result_link
+from pool.settings import Settings
+from pool.states import ReplicateStatus
+from workers import inputs as inputs_mod
+from workers import results as results_mod
+from workers.runner import AppImageError, AppRun, ContainerRunner, RunnerError
+
+log = logging.getLogger(__name__)
+
+R = ReplicateStatus
+VERSION = "0.1.0"
+MB = 1024 * 1024
+
+
+class JobRefused(Exception):
+    """The scheduler refused the authorization; ``requeue`` says whether to put the job back."""
+
+    def __init__(self, reason: str, requeue: bool) -> None:
+        super().__init__(reason)
+        self.requeue = requeue
+
+
+@dataclass
+class JobOutcome:
+    taskid: str
+    status: str  # the last replicate status reached, or DROPPED
+    reason: str = ""
+
+
+class WorkerNode:
+    def __init__(
+        self,
+        settings: Settings,
+        client: ChainClient,
+        wallet: Wallet,
+        celery: Celery,
+        runner: ContainerRunner,
+        publisher: ResultPublisher,
+        workdir: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.wallet = wallet
+        self.address = wallet.address
+        self.celery = celery
+        self.runner = runner
+        self.publisher = publisher
+        self.name = settings.worker_name or socket.gethostname()
+        base = workdir or Path(settings.worker_dir or tempfile.mkdtemp(prefix="workerpool-worker-"))
+        self.workdir = base / self.address.lower()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.busy = 0
+        self._busy_lock = threading.Lock()
+        self.authorization_timeout = 30.0
+
+    # ---- messages to the scheduler ----------------------------------------------------------
+    def report(self, taskid: str, status: ReplicateStatus, **details: Any) -> None:
+        self.celery.send_task(
+            REPLICATE_UPDATE_TASK,
+            args=[taskid, self.address, str(status), details],
+            queue=SCHEDULER_QUEUE,
+        )
+
+    def heartbeat(self) -> None:
+        self.celery.send_task(
+            HEARTBEAT_TASK,
+            args=[self.address, self.info()],
+            queue=SCHEDULER_QUEUE,
+            expires=60,
+        )
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "capabilities": list(self.settings.worker_capabilities),
+            "slots": self.settings.worker_slots,
+            "busySlots": self.busy,
+            "version": VERSION,
+            "cpus": os.cpu_count(),
+            "memoryMb": _memory_mb(),
+        }
+
+    def authorize(self, taskid: str) -> str:
+        result = self.celery.send_task(
+            AUTHORIZE_TASK, args=[taskid, self.address, ZERO_ADDRESS], queue=SCHEDULER_QUEUE
+        )
+        try:
+            answer: dict[str, Any] = result.get(
+                timeout=self.authorization_timeout, disable_sync_subtasks=False
+            )
+        finally:
+            result.forget()
+        if not answer.get("granted"):
+            raise JobRefused(str(answer.get("reason", "refused")), bool(answer.get("requeue")))
+        return str(answer["signature"])
+
+    # ---- the replicate job ------------------------------------------------------------------
+    def run_replicate(self, taskid: str, deadline: int | None = None) -> JobOutcome:
+        """Compute and contribute one replicate of ``taskid``. Raises JobRefused(requeue=True)
+        when the job should go back to the queue for another worker."""
+        task = self.client.view_task(taskid)
+        now = self.client.block_timestamp()
+        if task.status != ChainTaskStatus.ACTIVE:
+            return JobOutcome(taskid, "DROPPED", f"task is {task.status.name} on chain")
+        if task.contribution_deadline <= now:
+            return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
+        try:
+            authorization = self.authorize(taskid)
+        except JobRefused as exc:
+            if exc.requeue:
+                raise
+            return JobOutcome(taskid, "DROPPED", str(exc))
+        with self._busy_lock:
+            self.busy += 1
+        try:
+            return self._compute_and_contribute(
+                taskid, task.dealid, task.idx, task.timeref, authorization
+            )
+        finally:
+            with self._busy_lock:
+                self.busy -= 1
+
+    def _compute_and_contribute(
+        self, taskid: str, dealid: str, index: int, timeref: int, authorization: str
+    ) -> JobOutcome:
+        self.report(taskid, R.STARTING)
+        deal = self.client.view_deal(dealid)
+        task_dir = self.workdir / taskid
+        shutil.rmtree(task_dir, ignore_errors=True)
+        in_dir, out_dir = task_dir / "iexec_in", task_dir / "iexec_out"
+        in_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True)
+
+        self.report(taskid, R.APP_DOWNLOADING)
+        try:
+            image = self.client.app_multiaddr(deal.app.pointer).decode()
+            self.runner.ensure_image(image)
+        except (AppImageError, UnicodeDecodeError) as exc:
+            return self._fail(taskid, R.APP_DOWNLOAD_FAILED, f"app image: {exc}")
+        try:
+            params = inputs_mod.parse_deal_params(deal.params)
+            args = inputs_mod.split_args(params.iexec_args)
+        except inputs_mod.ArgsError as exc:
+            return self._fail(taskid, R.COMPUTE_FAILED, f"bad iexec_args: {exc}")
+        try:
+            names = inputs_mod.download_inputs(
+                params.iexec_input_files,
+                in_dir,
+                max_bytes=self.settings.app_input_limit_mb * MB,
+                timeout=60,
+            )
+            has_dataset = int(deal.dataset.pointer, 16) != 0
+            if has_dataset:
+                multiaddr, checksum = self._dataset_location(deal.dataset.pointer)
+                inputs_mod.download_dataset(
+                    multiaddr,
+                    checksum,
+                    in_dir,
+                    deal.dataset.pointer,
+                    max_bytes=self.settings.app_input_limit_mb * MB,
+                    timeout=60,
+                )
+        except inputs_mod.DataDownloadError as exc:
+            return self._fail(taskid, R.DATA_DOWNLOAD_FAILED, str(exc))
+        env = inputs_mod.app_env(
+            deal_id=dealid,
+            task_id=taskid,
+            task_index=index,
+            bot_first=deal.bot_first,
+            bot_size=deal.bot_size,
+            input_file_names=names,
+            dataset_address=deal.dataset.pointer if has_dataset else None,
+        )
+
+        self.report(taskid, R.COMPUTING)
+        run = AppRun(
+            task_id=taskid,
+            deal_id=dealid,
+            task_index=index,
+            bot_first=deal.bot_first,
+            bot_size=deal.bot_size,
+            image=image,
+            args=args,
+            input_dir=in_dir,
+            output_dir=out_dir,
+            env=env,
+            timeout=float(
+                min(timeref, self.settings.app_max_runtime)
+                if self.settings.app_max_runtime
+                else timeref
+            ),
+            memory_bytes=self.settings.app_memory_mb * MB,
+            nano_cpus=int(self.settings.app_cpus * 1e9),
+            output_limit_bytes=self.settings.app_output_limit_mb * MB,
+            network=self.settings.app_network,
+            name=f"wp-{self.address[2:10].lower()}-{taskid[2:18]}",
+            labels={"workerpool.worker": self.address.lower()},
+        )
+        try:
+            outcome = self.runner.run(run)
+        except RunnerError as exc:
+            return self._fail(taskid, R.COMPUTE_FAILED, f"container: {exc}")
+        if not outcome.ok:
+            return self._fail(
+                taskid,
+                R.COMPUTE_FAILED,
+                outcome.reason(),
+                logTail=outcome.log_tail,
+                exitCode=outcome.exit_code,
+            )
+        try:
+            results_mod.write_logs(out_dir, outcome.stdout, outcome.stderr)
+            computed = results_mod.read_computed(out_dir)
+            has_callback = int(deal.callback, 16) != 0
+            digest = results_mod.result_digest(out_dir, computed, has_callback)
+            zip_path = results_mod.package(
+                out_dir,
+                task_dir / "result.zip",
+                max_bytes=self.settings.app_output_limit_mb * MB,
+            )
+        except results_mod.ResultError as exc:
+            return self._fail(taskid, R.COMPUTE_FAILED, str(exc), logTail=outcome.log_tail)
+        state = {
+            "digest": digest,
+            "zip": str(zip_path),
+            "callbackData": computed.callback_data or "",
+            "callback": deal.callback if has_callback else "",
+        }
+        (task_dir / "state.json").write_text(json.dumps(state))
+        self.report(taskid, R.COMPUTED, resultDigest=digest, duration=outcome.duration)
+
+        self.report(taskid, R.CONTRIBUTING)
+        try:
+            receipt = actions.contribute(self.wallet, taskid, digest, authorization)
+        except TransactionReverted as exc:
+            return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+        self.report(taskid, R.CONTRIBUTED, txHash=receipt.tx_hash)
+        return JobOutcome(taskid, str(R.CONTRIBUTED))
+
+    def _dataset_location(self, dataset: str) -> tuple[str, str]:
+        contract = self.client.contract("Dataset", dataset)
+        multiaddr = self.client.rpc(
+            "Dataset.m_datasetMultiaddr",
+            lambda: bytes(contract.functions.m_datasetMultiaddr().call()),
+        )
+        checksum = self.client.rpc(
+            "Dataset.m_datasetChecksum",
+            lambda: bytes(contract.functions.m_datasetChecksum().call()),
+        )
+        return multiaddr.decode(), "0x" + checksum.hex()
+
+    def _fail(
+        self, taskid: str, status: ReplicateStatus, reason: str, **details: Any
+    ) -> JobOutcome:
+        log.warning("task %s: %s: %s", taskid, status, reason)
+        self.report(taskid, status, reason=reason[:2000], **details)
+        return JobOutcome(taskid, str(status), reason)
+
+    # ---- reveal and upload, asked by the scheduler --------------------------------------------
+    def _state(self, taskid: str) -> dict[str, Any]:
+        path = self.workdir / taskid / "state.json"
+        try:
+            state: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise PocoError(f"no local result for task {taskid}: {exc}") from exc
+        return state
+
+    def reveal(self, taskid: str) -> JobOutcome:
+        try:
+            state = self._state(taskid)
+        except PocoError as exc:
+            return self._fail(taskid, R.REVEAL_FAILED, str(exc))
+        self.report(taskid, R.REVEALING)
+        try:
+            receipt = actions.reveal(self.wallet, taskid, state["digest"])
+        except TransactionReverted as exc:
+            return self._fail(taskid, R.REVEAL_FAILED, str(exc))
+        self.report(taskid, R.REVEALED, txHash=receipt.tx_hash)
+        return JobOutcome(taskid, str(R.REVEALED))
+
+    def upload(self, taskid: str) -> JobOutcome:
+        state = self._state(taskid)
+        self.report(taskid, R.RESULT_UPLOADING)
+        if state.get("callback"):
+            link = result_link("ethereum", state["callback"])
+        else:
+            data = Path(state["zip"]).read_bytes()
+            location = self.publisher.publish(taskid, data)
+            link = result_link(self.publisher.storage, location)
+        self.report(
+            taskid, R.RESULT_UPLOADED, resultLink=link, callbackData=state.get("callbackData", "")
+        )
+        return JobOutcome(taskid, str(R.RESULT_UPLOADED))
+
+    def heartbeat_forever(self, period: float, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.heartbeat()
+            except Exception as exc:  # Redis down: keep trying, the node keeps working
+                log.warning("heartbeat failed: %s", exc)
+            stop.wait(period)
+
+
+def _memory_mb() -> int:
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+    return int(pages // MB)

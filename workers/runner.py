@@ -1,0 +1,708 @@
+"""Run one iExec app container, the way iexec-worker's compute stage does, but bounded.
+
+The worker hands an :class:`AppRun` (image, args, env, host folders, limits) to a
+:class:`ContainerRunner` and gets a :class:`RunOutcome` back. The real runner,
+:class:`DockerRunner`, talks to the Docker Engine through the Docker SDK; the fake,
+:class:`FakeRunner`, lets the replicate flow be unit-tested without Docker.
+
+What :class:`DockerRunner` guarantees, and why:
+
+- **No network** by default (``network_mode="none"``): an app must not reach the worker's
+  host, its wallet's RPC node or anything else; results must depend only on the inputs.
+- **Least privilege**: never privileged, every capability dropped, ``no-new-privileges``.
+  The user is left to the image (apps may expect root *inside* the container), which is
+  safe because root without capabilities cannot escape it.
+- **Bounded**: memory (swap included), CPU, pids, log size, wall time and the size of
+  ``/iexec_out`` are limited. A watchdog polls the container every ``poll_interval``
+  seconds and kills it when the wall time or the output size goes over its limit.
+  The output check is a poll, so an app can overshoot by what it writes in one interval;
+  the size is checked once more after the app exits, so an app that is too quick for the
+  poll is still flagged.
+- **Always removed**: the container is force-removed in a ``finally``, whatever happens
+  (app failure, engine error, ``KeyboardInterrupt``, ``SystemExit``). A container left by
+  a worker that crashed is removed by name before the next run of the same task, and
+  :meth:`DockerRunner.remove_leftovers` removes them all by label at start-up.
+
+The caller owns the host folders: after a run flagged ``output_too_large`` the output
+folder still holds what the app wrote, and it is up to the caller to delete it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import requests
+
+if TYPE_CHECKING:
+    import docker
+    from docker.models.containers import Container
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+IEXEC_IN = "/iexec_in"
+IEXEC_OUT = "/iexec_out"
+TASK_LABEL = "workerpool.task"
+DEFAULT_PIDS_LIMIT = 512
+DEFAULT_LOG_LIMIT_BYTES = 10 * MB
+LOG_TAIL_BYTES = 4096
+# stdout / stderr kept for stdout.txt / stderr.txt and status reports: iexec-core tails
+# the logs it stores to 100,000 characters, so more would be dropped upstream anyway.
+DEFAULT_MAX_LOG_BYTES = 100_000
+# lines asked from the engine; the byte bound above is applied after
+_LOG_TAIL_LINES = 20_000
+_KILL_WAIT_SECONDS = 30.0
+_REMOVE_ATTEMPTS = 3
+# Docker's own rule for container names
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
+# Docker refuses a memory limit under 6 MB
+_MIN_MEMORY_BYTES = 6 * MB
+
+
+class RunnerError(Exception):
+    """The container could not be run at all (not: the app failed; that is a :class:`RunOutcome`).
+
+    ``retryable`` tells the caller whether the same run may succeed later on this worker.
+    """
+
+    retryable = False
+
+
+class AppImageError(RunnerError):
+    """The app image is not on this worker and cannot be pulled: the replicate becomes
+    APP_DOWNLOAD_FAILED. Not retryable: pulling the same reference again fails the same way."""
+
+
+class EngineError(RunnerError):
+    """The Docker Engine did not answer (socket gone, daemon restarting): nothing about the
+    app is known, so the step may be retried once the engine is back."""
+
+    retryable = True
+
+
+def _fmt_bytes(count: int) -> str:
+    """A byte count in the unit people configure limits in (MB = 2**20 bytes)."""
+    if count >= MB and count % MB == 0:
+        return f"{count // MB} MB"
+    if count >= MB:
+        return f"{count / MB:.1f} MB"
+    return f"{count} bytes"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:g} s"
+
+
+@dataclass
+class AppRun:
+    """Everything needed to run one task's app container, decided by the worker beforehand.
+
+    ``input_dir`` is mounted read-only at ``/iexec_in`` and ``output_dir`` read-write at
+    ``/iexec_out`` (both host paths, created if missing). ``env`` is the app environment
+    (see :func:`workers.inputs.app_env`). ``args`` is the already split ``iexec_args``;
+    an empty list keeps the image's own CMD. ``timeout`` is wall time in seconds;
+    ``nano_cpus`` 0 means no CPU limit. ``name`` defaults to ``wp-<task_id[:18]>``.
+    """
+
+    task_id: str
+    deal_id: str
+    task_index: int
+    bot_first: int
+    bot_size: int
+    image: str
+    args: list[str]
+    input_dir: Path
+    output_dir: Path
+    env: dict[str, str]
+    timeout: float
+    memory_bytes: int
+    nano_cpus: int
+    output_limit_bytes: int
+    pids_limit: int = DEFAULT_PIDS_LIMIT
+    log_limit_bytes: int = DEFAULT_LOG_LIMIT_BYTES
+    network: bool = False
+    name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_dir = Path(self.input_dir)
+        self.output_dir = Path(self.output_dir)
+        if not self.name:
+            self.name = f"wp-{self.task_id[:18]}"
+        # Refused here rather than by the engine, so the message says which field is wrong.
+        if not _NAME_RE.match(self.name):
+            raise ValueError(f"invalid container name {self.name!r} (allowed: [a-zA-Z0-9_.-])")
+        if not self.image:
+            raise ValueError("AppRun.image is empty")
+        if self.timeout <= 0:
+            raise ValueError(f"AppRun.timeout must be > 0 seconds, got {self.timeout}")
+        if self.memory_bytes < _MIN_MEMORY_BYTES:
+            raise ValueError(f"AppRun.memory_bytes must be >= 6 MB, got {self.memory_bytes}")
+        if self.nano_cpus < 0:
+            raise ValueError(f"AppRun.nano_cpus must be >= 0, got {self.nano_cpus}")
+        if self.output_limit_bytes <= 0:
+            raise ValueError("AppRun.output_limit_bytes must be > 0")
+        if self.pids_limit <= 0:
+            raise ValueError("AppRun.pids_limit must be > 0")
+        if self.log_limit_bytes < 1024:
+            raise ValueError("AppRun.log_limit_bytes must be >= 1024")
+
+    @property
+    def container_labels(self) -> dict[str, str]:
+        """The labels set on the container: ``run.labels`` plus the task label, which
+        :meth:`ContainerRunner.remove_leftovers` and operators rely on, so it always wins."""
+        return {**self.labels, TASK_LABEL: self.task_id}
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one app run. ``ok`` only when the app exited 0 within every limit.
+
+    ``stdout``/``stderr`` are the (bounded) logs the worker writes to ``stdout.txt`` /
+    ``stderr.txt``; ``log_tail`` is the end of both streams interleaved, for status reports.
+    The ``*_limit`` fields only serve :meth:`reason`. ``aborted`` is set when the run was
+    stopped through :meth:`ContainerRunner.kill` (task aborted by the scheduler).
+    ``error`` is set when the container could not run or its end could not be observed.
+    """
+
+    exit_code: int | None
+    timed_out: bool = False
+    oom_killed: bool = False
+    output_too_large: bool = False
+    log_tail: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    duration: float = 0.0
+    error: str | None = None
+    aborted: bool = False
+    time_limit: float | None = None
+    memory_limit: int | None = None
+    output_limit: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.exit_code == 0
+            and not self.timed_out
+            and not self.oom_killed
+            and not self.output_too_large
+            and not self.aborted
+            and self.error is None
+        )
+
+    def reason(self) -> str:
+        """One human line saying why the run failed (or that it succeeded).
+
+        The order matters: a killed container also has a non-zero exit code (137), and the
+        flag that made us kill it is the real reason.
+        """
+        if self.aborted:
+            return "app was stopped on request (task aborted)"
+        if self.timed_out:
+            limit = f" of {_fmt_seconds(self.time_limit)}" if self.time_limit else ""
+            return f"app ran past its time limit{limit} and was stopped"
+        if self.output_too_large:
+            limit = f" of {_fmt_bytes(self.output_limit)}" if self.output_limit else ""
+            return f"app output exceeded the limit{limit} and was stopped"
+        if self.oom_killed:
+            limit = f" (limit {_fmt_bytes(self.memory_limit)})" if self.memory_limit else ""
+            return f"app killed: out of memory{limit}"
+        if self.error is not None:
+            return f"app container could not run: {self.error}"
+        if self.exit_code is None:
+            return "app exit code unknown"
+        if self.exit_code != 0:
+            return f"app exited with code {self.exit_code}"
+        return "app exited with code 0"
+
+
+@runtime_checkable
+class ContainerRunner(Protocol):
+    """What the worker needs from a container engine (real: :class:`DockerRunner`)."""
+
+    def ensure_image(self, image: str) -> None:
+        """Make ``image`` available locally, or raise :class:`AppImageError`."""
+        ...
+
+    def run(self, run: AppRun) -> RunOutcome:
+        """Run the app to its end (or its limits) and remove its container."""
+        ...
+
+    def remove_leftovers(self, label_selector: dict[str, str]) -> int:
+        """Remove the containers matching every label (left by a crashed worker)."""
+        ...
+
+    def kill(self, name: str) -> bool:
+        """Stop the named app container now (task aborted); True if one was found."""
+        ...
+
+
+def dir_size(path: Path) -> int:
+    """Total size in bytes of the regular files under ``path``, symlinks not followed.
+
+    The app may be writing while we count: files that vanish are skipped.
+    """
+    total = 0
+    stack = [str(path)]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = list(os.scandir(current))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                stack.append(entry.path)
+            elif stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
+
+
+def _tail_text(data: bytes, limit: int) -> str:
+    """The last ``limit`` bytes of a log, decoded (a character cut at the start is replaced)."""
+    if len(data) > limit:
+        data = data[-limit:]
+    return data.decode("utf-8", errors="replace")
+
+
+class DockerRunner:
+    """:class:`ContainerRunner` on a Docker Engine, through the Docker SDK.
+
+    ``client`` defaults to ``docker.from_env()``, created on first use (nothing connects
+    at construction). ``poll_interval`` is the watchdog period; ``max_log_bytes`` bounds
+    the stdout and stderr kept from a run.
+    """
+
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        *,
+        poll_interval: float = 0.2,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+    ) -> None:
+        self._client = client
+        self.poll_interval = poll_interval
+        self.max_log_bytes = max_log_bytes
+        self._lock = threading.Lock()
+        self._active: set[str] = set()
+        self._abort: set[str] = set()
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            import docker
+
+            try:
+                self._client = docker.from_env(timeout=60)
+            except docker.errors.DockerException as exc:
+                raise EngineError(f"cannot connect to the Docker Engine: {exc}") from exc
+        return self._client
+
+    # --- images ---------------------------------------------------------------
+
+    def ensure_image(self, image: str) -> None:
+        """Use the local image if present, else pull it once; :class:`AppImageError` if neither.
+
+        A failed pull is not retried here: the registry said no, or is unreachable, and
+        the scheduler decides whether another worker should try.
+        """
+        import docker.errors
+
+        if not image or image != image.strip():
+            raise AppImageError(f"invalid app image reference {image!r}")
+        try:
+            self.client.images.get(image)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        except requests.exceptions.ConnectionError as exc:
+            raise EngineError(
+                f"Docker Engine unreachable while looking for {image}: {exc}"
+            ) from exc
+        except docker.errors.APIError as exc:
+            raise AppImageError(
+                f"app image {image} cannot be inspected: {exc.explanation}"
+            ) from exc
+        log.info("app image %s is not present locally: pulling it", image)
+        try:
+            self.client.images.pull(image)
+        except requests.exceptions.ConnectionError as exc:
+            raise EngineError(f"Docker Engine unreachable while pulling {image}: {exc}") from exc
+        except docker.errors.APIError as exc:
+            raise AppImageError(
+                f"app image {image} is not on this worker and could not be pulled: "
+                f"{exc.explanation or exc}"
+            ) from exc
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise AppImageError(
+                f"app image {image} is not on this worker and could not be pulled: {exc}"
+            ) from exc
+        log.info("app image %s pulled", image)
+
+    # --- running --------------------------------------------------------------
+
+    def run(self, run: AppRun) -> RunOutcome:
+        """Run ``run`` to its end or its limits; the container is removed in every case.
+
+        Raises :class:`AppImageError` when the image is missing (call :meth:`ensure_image`
+        first) and :class:`EngineError` when the engine stops answering. Any other problem
+        of the container is reported in :attr:`RunOutcome.error`.
+        """
+        run.input_dir.mkdir(parents=True, exist_ok=True)
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if run.name in self._active:
+                raise RunnerError(f"a container named {run.name} is already running here")
+            self._active.add(run.name)
+            self._abort.discard(run.name)
+        import docker.errors
+
+        container: Container | None = None
+        try:
+            try:
+                self._remove_stale(run.name)
+                container = self._create(run)
+                return self._start_and_watch(container, run)
+            except docker.errors.APIError as exc:  # before RequestException: it is one
+                log.warning("%s: Docker Engine error: %s", run.name, exc)
+                return RunOutcome(
+                    exit_code=None,
+                    error=f"Docker Engine error: {exc.explanation or exc}",
+                    time_limit=run.timeout,
+                    memory_limit=run.memory_bytes,
+                    output_limit=run.output_limit_bytes,
+                )
+            except requests.exceptions.RequestException as exc:
+                raise EngineError(f"Docker Engine unreachable during {run.name}: {exc}") from exc
+        finally:
+            with self._lock:
+                self._active.discard(run.name)
+                self._abort.discard(run.name)
+            self._remove(container, run.name)
+
+    def _create(self, run: AppRun) -> Container:
+        import docker.errors
+        from docker.types import LogConfig
+
+        log_config = LogConfig(
+            type=LogConfig.types.JSON,
+            config={"max-size": str(run.log_limit_bytes), "max-file": "1"},
+        )
+        kwargs: dict[str, Any] = {
+            "name": run.name,
+            "command": list(run.args) or None,  # None keeps the image CMD
+            "environment": dict(run.env),
+            "labels": run.container_labels,
+            "volumes": {
+                str(run.input_dir.resolve()): {"bind": IEXEC_IN, "mode": "ro"},
+                str(run.output_dir.resolve()): {"bind": IEXEC_OUT, "mode": "rw"},
+            },
+            "privileged": False,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "mem_limit": run.memory_bytes,
+            "memswap_limit": run.memory_bytes,  # same value: no swap on top of the limit
+            "pids_limit": run.pids_limit,
+            "log_config": log_config,
+            "detach": True,
+            "tty": False,  # keeps stdout and stderr apart
+        }
+        if run.nano_cpus:
+            kwargs["nano_cpus"] = run.nano_cpus
+        if not run.network:
+            kwargs["network_mode"] = "none"
+        try:
+            return self.client.containers.create(run.image, **kwargs)
+        except docker.errors.ImageNotFound as exc:
+            raise AppImageError(f"app image {run.image} is not on this worker") from exc
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                # lost a race with another creator of the same name: clean and try once more
+                log.warning("container name %s taken at create time: removing it", run.name)
+                self._remove_stale(run.name)
+                return self.client.containers.create(run.image, **kwargs)
+            raise
+
+    def _start_and_watch(self, container: Container, run: AppRun) -> RunOutcome:
+        import docker.errors
+
+        limits: dict[str, Any] = {
+            "time_limit": run.timeout,
+            "memory_limit": run.memory_bytes,
+            "output_limit": run.output_limit_bytes,
+        }
+        started = time.monotonic()
+        try:
+            container.start()
+        except docker.errors.APIError as exc:
+            # e.g. the entrypoint does not exist in the image: an app problem, not ours
+            log.warning("%s: container did not start: %s", run.name, exc)
+            return RunOutcome(
+                exit_code=None,
+                error=f"container did not start: {exc.explanation or exc}",
+                duration=time.monotonic() - started,
+                **limits,
+            )
+        log.info("%s: started %s (task %s)", run.name, run.image, run.task_id)
+
+        timed_out = output_too_large = aborted = False
+        error: str | None = None
+        killed_at: float | None = None
+        next_size_check = started
+        while True:
+            try:
+                container.reload()
+            except docker.errors.NotFound:
+                error = "the container disappeared while running (removed by someone else?)"
+                break
+            state = container.attrs.get("State", {})
+            if state.get("Status") in ("exited", "dead"):
+                break
+            now = time.monotonic()
+            if killed_at is None:
+                with self._lock:
+                    abort_asked = run.name in self._abort
+                if abort_asked:
+                    aborted = True
+                elif now - started > run.timeout:
+                    timed_out = True
+                elif now >= next_size_check:
+                    before = time.monotonic()
+                    size = dir_size(run.output_dir)
+                    # a huge tree is slow to walk: walk it less often rather than saturate IO
+                    next_size_check = time.monotonic() + 4 * (time.monotonic() - before)
+                    output_too_large = size > run.output_limit_bytes
+                if aborted or timed_out or output_too_large:
+                    log.warning(
+                        "%s: killing the app container (aborted=%s, timed_out=%s, "
+                        "output_too_large=%s)",
+                        run.name,
+                        aborted,
+                        timed_out,
+                        output_too_large,
+                    )
+                    self._kill_container(container)
+                    killed_at = time.monotonic()
+            elif now - killed_at > _KILL_WAIT_SECONDS:
+                error = f"the container did not stop {_KILL_WAIT_SECONDS:g} s after SIGKILL"
+                break
+            time.sleep(self.poll_interval)
+        duration = time.monotonic() - started
+        with self._lock:  # kill() may have stopped it between two polls
+            aborted = aborted or run.name in self._abort
+
+        exit_code: int | None = None
+        oom_killed = False
+        stdout = stderr = log_tail = ""
+        with contextlib.suppress(docker.errors.NotFound):
+            container.reload()
+            state = container.attrs.get("State", {})
+            if state.get("Status") in ("exited", "dead"):
+                exit_code = int(state.get("ExitCode", -1))
+            oom_killed = bool(state.get("OOMKilled", False))
+            stdout, stderr, log_tail = self._logs(container)
+        if not output_too_large and dir_size(run.output_dir) > run.output_limit_bytes:
+            output_too_large = True
+        outcome = RunOutcome(
+            exit_code=exit_code,
+            timed_out=timed_out,
+            oom_killed=oom_killed,
+            output_too_large=output_too_large,
+            log_tail=log_tail,
+            stdout=stdout,
+            stderr=stderr,
+            duration=duration,
+            error=error,
+            aborted=aborted,
+            **limits,
+        )
+        log.info(
+            "%s: finished in %.2f s: %s",
+            run.name,
+            duration,
+            "ok" if outcome.ok else outcome.reason(),
+        )
+        return outcome
+
+    def _logs(self, container: Container) -> tuple[str, str, str]:
+        """stdout, stderr and the combined tail, each bounded: logs never blow our memory."""
+        import docker.errors
+
+        try:
+            out = container.logs(stdout=True, stderr=False, tail=_LOG_TAIL_LINES)
+            err = container.logs(stdout=False, stderr=True, tail=_LOG_TAIL_LINES)
+            both = container.logs(stdout=True, stderr=True, tail=200)
+        except docker.errors.APIError as exc:
+            log.warning("could not read the logs of %s: %s", container.name, exc)
+            return "", "", ""
+        limit = self.max_log_bytes
+        return _tail_text(out, limit), _tail_text(err, limit), _tail_text(both, LOG_TAIL_BYTES)
+
+    @staticmethod
+    def _kill_container(container: Container) -> None:
+        import docker.errors
+
+        try:
+            container.kill()
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: it already stopped by itself
+                raise
+
+    def _remove_stale(self, name: str) -> None:
+        """Remove a container of that name left by a worker that crashed mid-run."""
+        import docker.errors
+
+        try:
+            stale = self.client.containers.get(name)
+        except docker.errors.NotFound:
+            return
+        log.warning("removing leftover container %s (%s) before reusing its name", name, stale.id)
+        with contextlib.suppress(docker.errors.NotFound):
+            stale.remove(force=True)
+
+    def _remove(self, container: Container | None, name: str) -> None:
+        """Force-remove the run's container; never raises (it runs in a ``finally``).
+
+        With no container object (creation failed or was interrupted) it removes by name,
+        since the engine may have created it anyway.
+        """
+        import docker.errors
+
+        for attempt in range(1, _REMOVE_ATTEMPTS + 1):
+            try:
+                target = container if container is not None else self.client.containers.get(name)
+                target.remove(force=True)
+                return
+            except docker.errors.NotFound:
+                return
+            except Exception as exc:
+                if attempt == _REMOVE_ATTEMPTS:
+                    log.error("could not remove container %s: %s", name, exc)
+                    return
+                time.sleep(0.2 * attempt)
+
+    # --- maintenance ----------------------------------------------------------
+
+    def remove_leftovers(self, label_selector: dict[str, str]) -> int:
+        """Force-remove the containers carrying every ``label=value`` of ``label_selector``.
+
+        Meant for start-up, after a crash. Containers run by this runner right now are
+        kept. An empty selector is refused: it would match every container on the host.
+        """
+        if not label_selector:
+            raise ValueError("remove_leftovers needs at least one label (would match everything)")
+        import docker.errors
+
+        filters = {"label": [f"{key}={value}" for key, value in label_selector.items()]}
+        try:
+            found = self.client.containers.list(all=True, filters=filters)
+        except requests.exceptions.ConnectionError as exc:
+            raise EngineError(f"Docker Engine unreachable: {exc}") from exc
+        removed = 0
+        for container in found:
+            with self._lock:
+                if container.name in self._active:
+                    continue
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                continue
+            log.warning("removed leftover container %s (%s)", container.name, container.labels)
+            removed += 1
+        return removed
+
+    def kill(self, name: str) -> bool:
+        """Stop the named container now. One run by this runner is reported ``aborted`` and
+        removed by its :meth:`run`; one owned by nobody here is removed at once."""
+        import docker.errors
+
+        try:
+            container = self.client.containers.get(name)
+        except docker.errors.NotFound:
+            return False
+        with self._lock:
+            owned = name in self._active
+            if owned:
+                self._abort.add(name)
+        if owned:
+            self._kill_container(container)
+        else:
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
+        return True
+
+
+# --- fake ----------------------------------------------------------------------
+
+Behaviour = Callable[[AppRun], RunOutcome]
+
+
+def default_fake_behaviour(run: AppRun) -> RunOutcome:
+    """A well-behaved app: ``result.txt`` (deterministic for the same args and task) and a
+    ``computed.json`` pointing at it, exit 0."""
+    out = run.output_dir
+    (out / "result.txt").write_text(f"fake result: task {run.task_id} args {' '.join(run.args)}\n")
+    (out / "computed.json").write_text(
+        json.dumps({"deterministic-output-path": f"{IEXEC_OUT}/result.txt"})
+    )
+    return RunOutcome(exit_code=0, stdout="fake app: done\n", log_tail="fake app: done\n")
+
+
+class FakeRunner:
+    """:class:`ContainerRunner` without Docker, for unit tests of the replicate flow.
+
+    ``behaviour(run)`` plays the app: it may write into ``run.output_dir`` and returns the
+    outcome. Images in ``missing_images`` raise :class:`AppImageError`. Every call is recorded.
+    """
+
+    def __init__(
+        self, behaviour: Behaviour | None = None, *, missing_images: tuple[str, ...] = ()
+    ) -> None:
+        self.behaviour: Behaviour = behaviour or default_fake_behaviour
+        self.missing_images = set(missing_images)
+        self.runs: list[AppRun] = []
+        self.images: list[str] = []
+        self.killed: list[str] = []
+        self.leftover_selectors: list[dict[str, str]] = []
+
+    def ensure_image(self, image: str) -> None:
+        self.images.append(image)
+        if image in self.missing_images:
+            raise AppImageError(f"app image {image} is not on this worker and could not be pulled")
+
+    def run(self, run: AppRun) -> RunOutcome:
+        self.runs.append(run)
+        if run.image in self.missing_images:
+            raise AppImageError(f"app image {run.image} is not on this worker")
+        run.input_dir.mkdir(parents=True, exist_ok=True)
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        outcome = self.behaviour(run)
+        if not outcome.duration:
+            outcome = replace(outcome, duration=time.monotonic() - started)
+        return outcome
+
+    def remove_leftovers(self, label_selector: dict[str, str]) -> int:
+        self.leftover_selectors.append(dict(label_selector))
+        return 0
+
+    def kill(self, name: str) -> bool:
+        self.killed.append(name)
+        return False
