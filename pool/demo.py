@@ -7,7 +7,9 @@ it, then prints for each task its on-chain status, its result link and where to 
 
 from __future__ import annotations
 
+import io
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from poco.chain import ChainClient
 from poco.requester import deal_params, match_deal
 from poco.types import ChainTaskStatus
 from pool.devnet import Devnet
+from pool.publishers import parse_result_link
 
 FINAL = {"COMPLETED", "FAILED"}
 
@@ -71,10 +74,27 @@ def run_demo(devnet_dir: Path, api_url: str, volume: int = 3, timeout: float = 3
         click.echo(f"  on chain : {chain.status.name} ({took} after matchOrders)")
         click.echo(f"  result   : {link}")
         click.echo(f"  API      : {api_url}/api/v1/tasks/{taskid}")
+        preview = _result_preview(link)
+        if preview:
+            click.echo(f"  output   : {preview}")
     total = time.monotonic() - started
     click.echo(f"\npool status: {api_url}/api/v1/pool   deal: {api_url}/api/v1/deals/{deal.dealid}")
     click.echo(f"demo deal {'COMPLETED' if ok else 'NOT COMPLETED'} in {total:.1f}s")
     return 0 if ok else 1
+
+
+def _result_preview(link: str) -> str:
+    """First line of the app's result.txt, read back through the link (local storage)."""
+    try:
+        storage, location = parse_result_link(link)
+        if storage != "local":
+            return ""
+        r = requests.get(location, timeout=5)
+        r.raise_for_status()
+        text = zipfile.ZipFile(io.BytesIO(r.content)).read("result.txt").decode()
+    except (ValueError, KeyError, requests.RequestException, zipfile.BadZipFile):
+        return ""
+    return text.splitlines()[0] if text else ""
 
 
 def _api_status(api_url: str, taskid: str) -> str | None:
