@@ -36,3 +36,39 @@ def replicates_needed(trust: int, weights: Iterable[int] | None = None) -> int:
         count += 1
         if consensus_reached(group, 1 + group, trust):
             return count
+
+
+def simulate(contributions: list[tuple[str, int]]) -> tuple[dict[str, int], int]:
+    """Replay PoCo's bookkeeping over (resultHash, weight) in contribution order.
+
+    Returns the group weight of each result and the running total, as the contract holds them.
+    """
+    groups: dict[str, int] = {}
+    total = 1
+    for result, weight in contributions:
+        group = groups.get(result, 0)
+        delta = max(group, 1) * weight - group
+        groups[result] = group + delta
+        total += delta
+    return groups, total
+
+
+def more_replicates_needed(contributions: list[tuple[str, int]], trust: int) -> int:
+    """Fewest further fresh contributions, all agreeing on one result, that reach consensus.
+
+    Tries every result already contributed and a brand-new one, and keeps the cheapest: the
+    scheduler plans that many more replicates when contributions disagree.
+    """
+    trust = max(trust, 1)
+    groups, total = simulate(contributions)
+    best: int | None = None
+    for start in [*groups.values(), 0]:
+        group, tot, count = start, total, 0
+        while not consensus_reached(group, tot, trust):
+            delta = max(group, 1) * FRESH_WEIGHT - group
+            group, tot, count = group + delta, tot + delta, count + 1
+            if count > 64:
+                break
+        if best is None or count < best:
+            best = count
+    return best or 0

@@ -26,8 +26,13 @@ AUTHORIZE_TASK = "scheduler.authorize"  # worker -> scheduler, answered through 
 REPLICATE_UPDATE_TASK = "scheduler.replicate_update"  # worker -> scheduler: status changes
 HEARTBEAT_TASK = "scheduler.worker_heartbeat"  # worker -> scheduler: alive, capabilities
 REPLICATE_TASK = "workers.run_replicate"  # scheduler -> any worker of the queue
+CONTRIBUTE_TASK = "workers.contribute"  # a node's compute process -> its control process
 REVEAL_TASK = "workers.reveal"  # scheduler -> one worker (its own queue)
 UPLOAD_TASK = "workers.upload"  # scheduler -> one worker (its own queue)
+
+
+# Redis key prefix: a node writes the wall-clock time of each heartbeat under it
+SEEN_PREFIX = "workerpool:node-seen:"
 
 
 def worker_queue(address: str) -> str:

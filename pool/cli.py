@@ -31,6 +31,10 @@ DIR_OPTION = click.option(
 LAZY_COMMANDS: dict[str, str] = {
     "scheduler": "scheduler.cli:command",
     "worker": "workers.cli:command",
+    "order": "pool.order_cli:order",
+    "orderbook": "pool.order_cli:orderbook",
+    "api": "api.cli:command",
+    "status": "pool.status_cli:command",
 }
 
 
@@ -180,14 +184,19 @@ def devnet_status(directory: Path, as_json: bool) -> None:
 @devnet.command("env")
 @DIR_OPTION
 @click.option("--worker", type=int, default=None, help="Add worker N's wallet (0-based).")
-def devnet_env(directory: Path, worker: int | None) -> None:
+@click.option(
+    "--mnemonic",
+    is_flag=True,
+    help="Add the worker mnemonic settings instead: scaled nodes lease distinct indexes.",
+)
+def devnet_env(directory: Path, worker: int | None, mnemonic: bool) -> None:
     """Print `export` lines pointing the services at the devnet: eval "$(workerpool devnet env)"."""
     info = devnet_mod.Devnet(directory).load()
     if info is None:
         _fail(f"no devnet in {directory} (run: workerpool devnet up)")
         return
     try:
-        lines = devnet_mod.env_lines(info, worker)
+        lines = devnet_mod.env_lines(info, worker, mnemonic)
     except devnet_mod.DevnetError as exc:
         _fail(str(exc))
         return

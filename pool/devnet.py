@@ -381,7 +381,7 @@ def status(directory: Path) -> dict[str, Any]:
     return out
 
 
-def env_lines(info: dict[str, Any], worker: int | None = None) -> list[str]:
+def env_lines(info: dict[str, Any], worker: int | None = None, mnemonic: bool = False) -> list[str]:
     """``export`` lines pointing every service at the devnet (keys are public test keys)."""
     lines = [
         "# devnet settings; the keys below are PUBLIC TEST KEYS (anvil's default mnemonic)",
@@ -398,4 +398,10 @@ def env_lines(info: dict[str, Any], worker: int | None = None) -> list[str]:
         if not 0 <= worker < len(workers):
             raise DevnetError(f"worker {worker} does not exist; the devnet has {len(workers)}")
         lines.append(f"export IEXEC_WORKER_WALLET_PRIVATE_KEY={workers[worker]['private_key']}")
+    if mnemonic:
+        lines += [
+            f"export IEXEC_WORKER_MNEMONIC='{PUBLIC_TEST_MNEMONIC}'",
+            f"export WORKERPOOL_WORKER_INDEX_FIRST={FIRST_WORKER_INDEX}",
+            f"export WORKERPOOL_WORKER_INDEX_COUNT={WORKER_COUNT}",
+        ]
     return lines

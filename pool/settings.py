@@ -224,6 +224,43 @@ SETTINGS: dict[str, Spec] = {
         "Worker addresses allowed to contribute (comma list); empty allows any worker.",
         group="scheduler",
     ),
+    "max_replicates": Spec(
+        "WORKERPOOL_MAX_REPLICATES",
+        _pos_int,
+        "8",
+        "Most replicates planned for one task, failed ones included (BOINC's max_total_results).",
+        group="scheduler",
+    ),
+    "max_erroneous": Spec(
+        "WORKERPOOL_MAX_ERRONEOUS",
+        _nonneg_int,
+        "3",
+        "Most contributions disagreeing with the best result before a task gets no more "
+        "replicates (BOINC's max_error_results); it is then claimed at its final deadline.",
+        group="scheduler",
+    ),
+    "worker_lost_timeout": Spec(
+        "WORKER_LOST_TIMEOUT",
+        _pos_float,
+        "30",
+        "Seconds without a heartbeat after which a worker is LOST and its in-flight "
+        "replicates are planned on others.",
+        group="scheduler",
+    ),
+    "worker_max_failures": Spec(
+        "WORKERPOOL_WORKER_MAX_FAILURES",
+        _pos_int,
+        "3",
+        "Consecutive failed replicates after which a worker is paused.",
+        group="scheduler",
+    ),
+    "worker_pause": Spec(
+        "WORKERPOOL_WORKER_PAUSE",
+        _pos_float,
+        "300",
+        "Seconds a failing worker is paused (gets no authorization).",
+        group="scheduler",
+    ),
     # ---- worker node ----------------------------------------------------------------------
     "worker_wallet_path": Spec(
         "IEXEC_WORKER_WALLET_PATH",
@@ -253,6 +290,50 @@ SETTINGS: dict[str, Spec] = {
         "",
         "Raw private key of the worker: DEVNET ONLY (needs WORKERPOOL_DEVNET=1).",
         secret=True,
+        group="worker",
+    ),
+    "worker_mnemonic": Spec(
+        "IEXEC_WORKER_MNEMONIC",
+        _str,
+        "",
+        "A mnemonic shared by scaled worker nodes: each node leases a free index in Redis and "
+        "uses the key at m/44'/60'/0'/0/<index>.",
+        secret=True,
+        group="worker",
+    ),
+    "worker_mnemonic_file": Spec(
+        "IEXEC_WORKER_MNEMONIC_FILE",
+        _str,
+        "",
+        "File holding that mnemonic (Docker secrets).",
+        group="worker",
+    ),
+    "worker_index_first": Spec(
+        "WORKERPOOL_WORKER_INDEX_FIRST",
+        _nonneg_int,
+        "0",
+        "First derivation index a node may lease.",
+        group="worker",
+    ),
+    "worker_index_count": Spec(
+        "WORKERPOOL_WORKER_INDEX_COUNT",
+        _pos_int,
+        "100",
+        "How many indexes (from the first) nodes may lease.",
+        group="worker",
+    ),
+    "heartbeat_period": Spec(
+        "WORKERPOOL_HEARTBEAT_PERIOD",
+        _pos_float,
+        "5",
+        "Seconds between two heartbeats of a worker node (also renews its index lease).",
+        group="worker",
+    ),
+    "fault_inject": Spec(
+        "WORKERPOOL_FAULT_INJECT",
+        _str,
+        "",
+        "TESTING ONLY: 'wrong-digest' makes this node contribute a wrong result (a liar).",
         group="worker",
     ),
     "worker_name": Spec(
@@ -377,6 +458,133 @@ SETTINGS: dict[str, Spec] = {
     "api_host": Spec(
         "WORKERPOOL_API_HOST", _str, "127.0.0.1", "Address the status API binds to.", group="api"
     ),
+    "api_token": Spec(
+        "WORKERPOOL_API_TOKEN",
+        _str,
+        "",
+        "Bearer token of the API's mutating routes (Authorization: Bearer <token>); empty "
+        "keeps the API read-only.",
+        secret=True,
+        group="api",
+    ),
+    "api_max_lag": Spec(
+        "WORKERPOOL_API_MAX_LAG",
+        _nonneg_int,
+        "20",
+        "Blocks the chain listener may be behind (head - confirmations) before /healthz fails.",
+        group="api",
+    ),
+    "api_threads": Spec(
+        "WORKERPOOL_API_THREADS",
+        _pos_int,
+        "8",
+        "Threads of `workerpool api` (waitress): requests served at once.",
+        group="api",
+    ),
+    # ---- workerpool orders and the orderbook (pool/orders.py) -----------------------------
+    "order_price": Spec(
+        "WORKERPOOL_ORDER_PRICE",
+        _nonneg_int,
+        "0",
+        "Price of one task in nRLC in the pool's workerpool orders (`order init`, replenish).",
+        group="orders",
+    ),
+    "order_volume": Spec(
+        "WORKERPOOL_ORDER_VOLUME",
+        _pos_int,
+        "1",
+        "Volume (tasks) of the order `workerpool order init` writes.",
+        group="orders",
+    ),
+    "order_tag": Spec(
+        "WORKERPOOL_ORDER_TAG",
+        _str,
+        "standard",
+        "Tag of the pool's orders: standard, tee,scone or tee,gramine (names or bytes32).",
+        group="orders",
+    ),
+    "order_category": Spec(
+        "WORKERPOOL_ORDER_CATEGORY",
+        _nonneg_int,
+        "0",
+        "Category of the pool's orders (must exist on chain; 0 is XS on the devnet).",
+        group="orders",
+    ),
+    "order_trust": Spec(
+        "WORKERPOOL_ORDER_TRUST",
+        _nonneg_int,
+        "0",
+        "Trust of the pool's orders (TEE orders need 1).",
+        group="orders",
+    ),
+    "order_apprestrict": Spec(
+        "WORKERPOOL_ORDER_APPRESTRICT",
+        _address,
+        "0x0000000000000000000000000000000000000000",
+        "Only this app may use the pool's orders (the zero address: any app).",
+        group="orders",
+    ),
+    "order_datasetrestrict": Spec(
+        "WORKERPOOL_ORDER_DATASETRESTRICT",
+        _address,
+        "0x0000000000000000000000000000000000000000",
+        "Only this dataset may use the pool's orders (the zero address: any dataset).",
+        group="orders",
+    ),
+    "order_requesterrestrict": Spec(
+        "WORKERPOOL_ORDER_REQUESTERRESTRICT",
+        _address,
+        "0x0000000000000000000000000000000000000000",
+        "Only this requester may buy the pool's orders (the zero address: anyone).",
+        group="orders",
+    ),
+    "orderbook_url": Spec(
+        "WORKERPOOL_ORDERBOOK_URL",
+        _str,
+        "",
+        "Orderbook the `order` commands talk to (market API shape); empty: the pool's own API "
+        "(WORKERPOOL_PUBLIC_URL, else http://WORKERPOOL_API_HOST:IEXEC_CORE_PORT).",
+        group="orders",
+    ),
+    "orderbook_max_open": Spec(
+        "WORKERPOOL_ORDERBOOK_MAX_OPEN",
+        _pos_int,
+        "50",
+        "Most open orders one signer may have published in the pool's orderbook (iExec "
+        "market rule).",
+        group="orders",
+    ),
+    "orderbook_challenge_ttl": Spec(
+        "WORKERPOOL_ORDERBOOK_CHALLENGE_TTL",
+        _pos_int,
+        "300",
+        "Seconds a login challenge of the orderbook stays valid (it is also good only once).",
+        group="orders",
+    ),
+    "orderbook_sync_interval": Spec(
+        "WORKERPOOL_ORDERBOOK_SYNC_INTERVAL",
+        _pos_float,
+        "5",
+        "Seconds between two syncs of order statuses with the chain (run by the orderbook's "
+        "reads and by the replenish policy).",
+        group="orders",
+    ),
+    "replenish_orders": Spec(
+        "WORKERPOOL_REPLENISH_ORDERS",
+        _nonneg_int,
+        "0",
+        "Orders the scheduler keeps published at WORKERPOOL_ORDER_PRICE, their volume matched "
+        "to the fleet's free capacity; 0 turns the replenish policy off.",
+        group="orders",
+    ),
+    "replenish_cancel": Spec(
+        "WORKERPOOL_REPLENISH_CANCEL",
+        _bool,
+        "false",
+        "When the fleet has no capacity left for a replenished order, also close it on chain "
+        "(a transaction) instead of only unpublishing it.",
+        group="orders",
+    ),
 }
 
 
@@ -405,6 +613,17 @@ class Settings:
     tag_bits: tuple[str, ...] = ("tee", "scone", "gramine", "gpu")
     reveal_timeout_period: int = 120_000
     worker_allowlist: tuple[str, ...] = ()
+    max_replicates: int = 8
+    max_erroneous: int = 3
+    worker_lost_timeout: float = 30.0
+    worker_max_failures: int = 3
+    worker_pause: float = 300.0
+    worker_mnemonic: str = field(default="", repr=False)
+    worker_mnemonic_file: str = ""
+    worker_index_first: int = 0
+    worker_index_count: int = 100
+    heartbeat_period: float = 5.0
+    fault_inject: str = ""
     worker_wallet_path: str = ""
     worker_wallet_password: str = field(default="", repr=False)
     worker_wallet_password_file: str = ""
@@ -431,6 +650,23 @@ class Settings:
     ipfs_port: int = 5001
     core_port: int = 18090
     api_host: str = "127.0.0.1"
+    api_token: str = field(default="", repr=False)
+    api_max_lag: int = 20
+    api_threads: int = 8
+    order_price: int = 0
+    order_volume: int = 1
+    order_tag: str = "standard"
+    order_category: int = 0
+    order_trust: int = 0
+    order_apprestrict: str = "0x0000000000000000000000000000000000000000"
+    order_datasetrestrict: str = "0x0000000000000000000000000000000000000000"
+    order_requesterrestrict: str = "0x0000000000000000000000000000000000000000"
+    orderbook_url: str = ""
+    orderbook_max_open: int = 50
+    orderbook_challenge_ttl: int = 300
+    orderbook_sync_interval: float = 5.0
+    replenish_orders: int = 0
+    replenish_cancel: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -10,15 +10,24 @@ so concurrent threads or schedulers never send it twice.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from poco import actions
+from poco.consensus import more_replicates_needed, simulate
 from poco.errors import PocoError, TransactionReverted
 from poco.orders import ZERO_ADDRESS
 from poco.proofs import sign_authorization
-from poco.types import ChainTaskStatus
-from pool.celery_app import REVEAL_TASK, UPLOAD_TASK, worker_queue
+from poco.types import ChainTaskStatus, ContributionStatus
+from pool.celery_app import (
+    REPLICATE_QUEUES,
+    REVEAL_TASK,
+    SEEN_PREFIX,
+    UPLOAD_TASK,
+    worker_queue,
+)
 from pool.states import FINAL_TASK_STATUSES, ReplicateStatus, TaskStatus
 from pool.store import utcnow
 
@@ -44,6 +53,19 @@ DEAD_REPLICATES = {
         R.ABORTED,
     )
 }
+# task statuses between consensus and finalize: winners may still have to reveal
+REVEAL_PHASE = {
+    str(s)
+    for s in (T.CONSENSUS_REACHED, T.AT_LEAST_ONE_REVEALED, T.RESULT_UPLOADING, T.RESULT_UPLOADED)
+}
+# replicates under way (their worker may still contribute)
+IN_FLIGHT = {
+    str(s)
+    for s in (R.CREATED, R.STARTING, R.APP_DOWNLOADING, R.COMPUTING, R.COMPUTED, R.CONTRIBUTING)
+}
+# failures that come from the app or its inputs: re-running elsewhere proves nothing
+APP_FAULTS = {str(s) for s in (R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)}
+QUEUE_CAPABILITY = {queue: name for name, queue in REPLICATE_QUEUES.items()}
 # a worker asks for authorization before computing: keep at least this much time
 MIN_TIME_LEFT_RATIO = 1.0  # x the category time reference
 
@@ -70,6 +92,12 @@ class Lifecycle:
         allow = {a.lower() for a in self.s.settings.worker_allowlist}
         if allow and worker.lower() not in allow:
             return _refuse(f"worker {worker} is not in WORKERPOOL_WORKER_ALLOWLIST", True)
+        record = self.store.workers.find_one({"address": worker.lower()}) or {}
+        paused = record.get("pausedUntil")
+        if paused is not None and paused > utcnow():
+            return _refuse(
+                f"worker {worker} is paused until {paused} after repeated failures", True
+            )
         now = self.client.block_timestamp()
         time_left = task["contributionDeadline"] - now
         if time_left < task["timeref"] * MIN_TIME_LEFT_RATIO:
@@ -97,6 +125,8 @@ class Lifecycle:
                 {"chainTaskId": taskid}, {"$inc": {"replicatesGranted": -1}}
             )
             return _refuse(f"worker {worker} already has a replicate of this task", True)
+        if task.get("waitingReason"):
+            self.store.set_task_fields(taskid, {"waitingReason": ""})
         signature = sign_authorization(self.s.wallet.account.key, worker, taskid, enclave)
         log.info("authorized %s on task %s", worker, taskid)
         return {
@@ -125,9 +155,21 @@ class Lifecycle:
             log.info("stale or unknown report %s from %s on %s", status, worker, taskid)
             return
         if target == R.CONTRIBUTED:
-            self.check_consensus(taskid)
+            self._worker_succeeded(worker)
+            task = self.store.task(taskid) or {}
+            if task.get("status") in REVEAL_PHASE:
+                self.request_reveals(taskid)  # consensus came with another contribution
+            elif not self.check_consensus(taskid):
+                self.replan(taskid)
         elif target == R.REVEALED:
-            self.after_reveal(taskid)
+            task = self.store.task(taskid) or {}
+            if (
+                task.get("status") == str(T.RESULT_UPLOADING)
+                and task.get("uploader") == worker.lower()
+            ):
+                self.upload_failed(taskid, worker.lower(), details.get("reason", "failed"))
+            else:
+                self.after_reveal(taskid)
         elif target == R.RESULT_UPLOADED:
             self.after_upload(taskid, details)
         elif target == R.RESULT_UPLOADING:
@@ -139,6 +181,9 @@ class Lifecycle:
 
     def heartbeat(self, worker: str, info: dict[str, Any]) -> None:
         fields = {k: v for k, v in info.items() if k in _HEARTBEAT_FIELDS}
+        previous = self.store.workers.find_one({"address": worker.lower()}, {"status": 1})
+        if previous is not None and previous.get("status") == "LOST":
+            log.info("worker %s is back", worker)
         self.store.workers.update_one(
             {"address": worker.lower()},
             {
@@ -165,34 +210,61 @@ class Lifecycle:
         )
         if task is None:
             return False
-        for rep in self.store.replicates_of(taskid):
-            if rep["status"] != str(R.CONTRIBUTED):
-                continue
-            contribution = self.client.view_contribution(taskid, rep["worker"])
-            if contribution.result_hash == chain.consensus_value:
-                self._send(REVEAL_TASK, rep["worker"], taskid)
         log.info("task %s reached consensus", taskid)
+        self.request_reveals(taskid)
         return True
+
+    def request_reveals(self, taskid: str) -> int:
+        """Ask every winner that has not been asked yet to reveal. Reads the winners from the
+        chain, so a contribution whose report is late or lost is still asked for."""
+        chain = self.client.view_task(taskid)
+        if chain.status != ChainTaskStatus.REVEALING:
+            return 0
+        asked = 0
+        for worker in chain.contributors:
+            contribution = self.client.view_contribution(taskid, worker)
+            if (
+                contribution.status != ContributionStatus.CONTRIBUTED
+                or contribution.result_hash != chain.consensus_value
+            ):
+                continue
+            rep = self.store.replicate(taskid, worker)
+            if rep is None:
+                continue
+            if rep["status"] in IN_FLIGHT or rep["status"] == str(R.WORKER_LOST):
+                self.store.advance_replicate(
+                    taskid, worker, R.CONTRIBUTED, note="contribution seen on chain"
+                )
+            claimed = self.store.replicates.update_one(
+                {"chainTaskId": taskid, "worker": worker.lower(), "revealRequested": {"$ne": True}},
+                {"$set": {"revealRequested": True}},
+            )
+            if claimed.modified_count:
+                self._send(REVEAL_TASK, worker, taskid)
+                asked += 1
+        return asked
 
     def after_reveal(self, taskid: str) -> None:
         self.store.claim_task(taskid, [T.CONSENSUS_REACHED], T.AT_LEAST_ONE_REVEALED)
         self.request_upload(taskid)
 
     def request_upload(self, taskid: str, exclude: set[str] | None = None) -> bool:
+        task = self.store.task(taskid) or {}
+        exclude = {*(exclude or set()), *task.get("uploadFailed", [])}
         revealed = [
             r["worker"]
             for r in self.store.replicates_of(taskid)
-            if r["status"] == str(R.REVEALED) and r["worker"] not in (exclude or set())
+            if r["status"] == str(R.REVEALED) and r["worker"] not in exclude
         ]
         if not revealed:
             return False
-        task = self.store.claim_task(
+        claimed = self.store.claim_task(
             taskid,
             [T.AT_LEAST_ONE_REVEALED],
             T.RESULT_UPLOADING,
             extra={"uploader": revealed[0], "uploadRequestedAt": utcnow()},
         )
-        if task is None:
+        if claimed is None:
             return False
         self._send(UPLOAD_TASK, revealed[0], taskid)
         return True
@@ -214,6 +286,9 @@ class Lifecycle:
         task = self.store.task(taskid)
         if task is None or task["status"] not in (str(T.RESULT_UPLOADED), str(T.FINALIZE_FAILED)):
             return False
+        due = task.get("finalizeRetryAt")
+        if task["status"] == str(T.FINALIZE_FAILED) and due is not None and due > utcnow():
+            return False  # backing off
         chain = self.client.view_task(taskid)
         now = self.client.block_timestamp()
         if chain.status == ChainTaskStatus.COMPLETED:
@@ -241,18 +316,32 @@ class Lifecycle:
             if self.client.view_task(taskid).status == ChainTaskStatus.COMPLETED:
                 self._complete(taskid, note="finalized by another scheduler")
                 return True
-            self.store.transition_task(
-                taskid, T.FINALIZE_FAILED, note=str(exc), extra={"failureReason": str(exc)}
-            )
+            self._finalize_failed(claimed, str(exc))
             log.error("finalize %s failed: %s", taskid, exc)
             return False
         except PocoError as exc:  # transport: the tick retries from FINALIZE_FAILED
-            self.store.transition_task(taskid, T.FINALIZE_FAILED, note=str(exc))
+            self._finalize_failed(claimed, str(exc))
             return False
         self.store.transition_task(taskid, T.FINALIZED, tx_hash=receipt.tx_hash)
+        self._record_contributions(taskid)
         self._complete(taskid)
         log.info("task %s finalized (%s)", taskid, receipt.tx_hash)
         return True
+
+    def _finalize_failed(self, task: dict[str, Any], reason: str) -> None:
+        """Record the failure and when to retry: 2, 4, 8 … seconds, at most 5 minutes."""
+        attempts = int(task.get("finalizeAttempts", 0)) + 1
+        delay = min(2**attempts, 300)
+        self.store.transition_task(
+            task["chainTaskId"],
+            T.FINALIZE_FAILED,
+            note=reason,
+            extra={
+                "failureReason": reason,
+                "finalizeAttempts": attempts,
+                "finalizeRetryAt": utcnow() + dt.timedelta(seconds=delay),
+            },
+        )
 
     def _complete(self, taskid: str, note: str | None = None) -> None:
         task = self.store.task(taskid)
@@ -269,48 +358,335 @@ class Lifecycle:
             if rep["status"] in (str(R.REVEALED), str(R.RESULT_UPLOADED), str(R.CONTRIBUTED)):
                 self.store.advance_replicate(taskid, rep["worker"], R.COMPLETED)
 
+    # ---- the fleet: re-planning, reliability, lost and paused workers ---------------------
+    def replan(self, taskid: str) -> int:
+        """Plan more replicates when the ones granted cannot reach consensus: contributions
+        that disagree, or replicates lost with their worker. Bounded BOINC-style by
+        WORKERPOOL_MAX_REPLICATES and WORKERPOOL_MAX_ERRONEOUS. Returns the jobs added."""
+        task = self.store.task(taskid)
+        if task is None or task["status"] not in {str(s) for s in CONTRIBUTING}:
+            return 0
+        reps = self.store.replicates_of(taskid)
+        if any(r["status"] in IN_FLIGHT for r in reps):
+            return 0  # wait for the replicates under way
+        if any(r["status"] in APP_FAULTS for r in reps):
+            return 0  # the app fails by itself: running it elsewhere proves nothing
+        if task.get("replicatesNeeded", 0) > task.get("replicatesGranted", 0):
+            return 0  # jobs are still waiting in the queue for a worker
+        chain = self.client.view_task(taskid)
+        if chain.status != ChainTaskStatus.ACTIVE:
+            return 0
+        contributions = []
+        for worker in chain.contributors:
+            c = self.client.view_contribution(taskid, worker)
+            if c.status != ContributionStatus.REJECTED:  # rejected by a reopen: out of the count
+                contributions.append((c.result_hash, 2**c.weight))
+        more = more_replicates_needed(contributions, task["trust"])
+        if more == 0:
+            return 0
+        groups, _ = simulate(contributions)
+        erroneous = len(contributions) - max(
+            (sum(1 for h, _ in contributions if h == best) for best in groups), default=0
+        )
+        settings = self.s.settings
+        limit = ""
+        if len(reps) + more > settings.max_replicates:
+            limit = f"{len(reps) + more} replicates would exceed WORKERPOOL_MAX_REPLICATES"
+        elif erroneous > settings.max_erroneous:
+            limit = f"{erroneous} disagreeing contributions exceed WORKERPOOL_MAX_ERRONEOUS"
+        if limit:
+            if task.get("planningStopped") != limit:
+                self.store.set_task_fields(taskid, {"planningStopped": limit})
+                log.error("task %s: no more replicates: %s", taskid, limit)
+            return 0
+        doc = self.store.tasks.find_one_and_update(
+            {"chainTaskId": taskid, "replicatesNeeded": task["replicatesNeeded"]},
+            {
+                "$inc": {"replicatesNeeded": more, "jobsQueued": more},
+                "$push": {
+                    "timeline": {
+                        "status": task["status"],
+                        "at": utcnow(),
+                        "note": f"planned {more} more replicate(s)",
+                    }
+                },
+            },
+            projection={"_id": 0},
+        )
+        if doc is None:
+            return 0  # another thread re-planned first
+        for _ in range(more):
+            self.s.enqueue(doc)
+        log.info(
+            "task %s: planned %d more replicate(s) (%d contributions so far)",
+            taskid,
+            more,
+            len(contributions),
+        )
+        return more
+
+    def _record_contributions(self, taskid: str) -> None:
+        """After finalize: who was proved, who was rejected (stake seized, score cut)."""
+        chain = self.client.view_task(taskid)
+        for worker in chain.contributors:
+            c = self.client.view_contribution(taskid, worker)
+            proved = c.status == ContributionStatus.PROVED
+            self.store.workers.update_one(
+                {"address": worker.lower()},
+                {"$inc": {"accepted" if proved else "rejected": 1}},
+            )
+            verdict = "PROVED" if proved else "REJECTED"
+            self.store.replicates.update_one(
+                {"chainTaskId": taskid, "worker": worker.lower()},
+                {"$set": {"contribution": verdict}},
+            )
+            if not proved:
+                self.store.advance_replicate(
+                    taskid,
+                    worker,
+                    R.ABORTED,
+                    note="contribution rejected: it lost the consensus, its stake was seized",
+                )
+
+    def _worker_succeeded(self, worker: str) -> None:
+        self.store.workers.update_one(
+            {"address": worker.lower()}, {"$set": {"consecutiveFailures": 0}}
+        )
+
+    def _worker_failed(self, worker: str) -> None:
+        doc = self.store.workers.find_one_and_update(
+            {"address": worker.lower()},
+            {"$inc": {"consecutiveFailures": 1, "failures": 1}},
+            return_document=True,
+        )
+        settings = self.s.settings
+        if doc is not None and doc.get("consecutiveFailures", 0) >= settings.worker_max_failures:
+            until = utcnow() + dt.timedelta(seconds=settings.worker_pause)
+            self.store.workers.update_one(
+                {"address": worker.lower()},
+                {"$set": {"pausedUntil": until, "consecutiveFailures": 0}},
+            )
+            log.warning(
+                "worker %s paused until %s after %d failures",
+                worker,
+                until,
+                settings.worker_max_failures,
+            )
+
+    def detect_lost_workers(self) -> int:
+        """Workers silent for WORKER_LOST_TIMEOUT are LOST; their unfinished replicates are
+        WORKER_LOST and planned on others."""
+        timeout = self.s.settings.worker_lost_timeout
+        cutoff = utcnow() - dt.timedelta(seconds=timeout)
+        lost = 0
+        for record in self.store.workers.find({"status": "ALIVE"}):
+            if not self._silent(record, cutoff, timeout):
+                continue
+            done = self.store.workers.update_one(
+                {"address": record["address"], "status": "ALIVE"},
+                {"$set": {"status": "LOST", "lostAt": utcnow()}},
+            )
+            if not done.modified_count:
+                continue
+            lost += 1
+            log.warning(
+                "worker %s is lost (last heartbeat %s)", record["address"], record["lastSeen"]
+            )
+            for rep in self.store.replicates.find(
+                {"worker": record["address"], "status": {"$in": sorted(IN_FLIGHT)}}
+            ):
+                self.store.transition_replicate(
+                    rep["chainTaskId"],
+                    rep["worker"],
+                    R.WORKER_LOST,
+                    note="no heartbeat for WORKER_LOST_TIMEOUT",
+                )
+                self.replan(rep["chainTaskId"])
+        return lost
+
+    def _silent(self, record: dict[str, Any], cutoff: dt.datetime, timeout: float) -> bool:
+        """Silent for longer than the timeout? Nodes write their heartbeat time straight into
+        Redis; the Mongo ``lastSeen`` (set by heartbeat messages) is the fallback."""
+        if self.s.redis is not None:
+            seen = self.s.redis.get(f"{SEEN_PREFIX}{record['address']}")
+            if seen is not None:
+                return time.time() - float(seen) > timeout
+        return bool(record.get("lastSeen") and record["lastSeen"] < cutoff)
+
+    def explain_waiting(self, task: dict[str, Any]) -> None:
+        """A task nobody took: say so when no live worker serves its queue."""
+        capability = QUEUE_CAPABILITY.get(task["queue"], task["queue"])
+        serving = self.store.workers.count_documents(
+            {"status": "ALIVE", "capabilities": capability}
+        )
+        reason = "" if serving else f"waiting: no live worker serves {task['queue']}"
+        if task.get("waitingReason", "") != reason:
+            self.store.set_task_fields(task["chainTaskId"], {"waitingReason": reason})
+
     # ---- the slow path: reconcile with the chain every tick -------------------------------
     def reconcile(self, report: TickReport) -> None:
         now = self.client.block_timestamp()
         self.claim_expired(now, report)
+        self.contribution_timeouts(now)
+        self.reveal_timeouts(now)
+        self.upload_timeouts()
+        self.detect_lost_workers()
         for task in self.store.tasks_in(CONTRIBUTING):
             reps = self.store.replicates_of(task["chainTaskId"])
-            if any(r["status"] == str(R.CONTRIBUTED) for r in reps):
-                self.check_consensus(task["chainTaskId"])
+            if not reps:
+                self.explain_waiting(task)
+            elif any(r["status"] == str(R.CONTRIBUTED) for r in reps):
+                if not self.check_consensus(task["chainTaskId"]):
+                    self.replan(task["chainTaskId"])
+            else:
+                self.replan(task["chainTaskId"])
+        for task in self.store.tasks_in([TaskStatus(x) for x in REVEAL_PHASE]):
+            self.request_reveals(task["chainTaskId"])
         for task in self.store.tasks_in([T.AT_LEAST_ONE_REVEALED]):
             self.request_upload(task["chainTaskId"])
         for task in self.store.tasks_in([T.RESULT_UPLOADED, T.FINALIZE_FAILED]):
             self.finalize(task["chainTaskId"])
 
     def claim_expired(self, now: int, report: TickReport) -> None:
-        """Tasks past their final deadline end on chain: claimed (FAILED) or already final."""
+        """Tasks past their final deadline end on chain: claimed (FAILED, requester refunded,
+        batched with claimArray) or found final there."""
         live = [s for s in TaskStatus if s not in FINAL_TASK_STATUSES]
+        claimable: list[str] = []
         for task in self.store.tasks_in(live, finalDeadline={"$lte": now}):
             taskid = task["chainTaskId"]
             self.store.claim_task(taskid, [TaskStatus(task["status"])], T.FINAL_DEADLINE_REACHED)
+            self._abort_replicates(taskid, "the task reached its final deadline")
             chain = self.client.view_task(taskid)
             if chain.status == ChainTaskStatus.COMPLETED:
                 self.store.transition_task(taskid, T.COMPLETED, note="completed on chain")
-                continue
-            if chain.status in (ChainTaskStatus.ACTIVE, ChainTaskStatus.REVEALING):
-                try:
-                    receipt = actions.claim(self.wallet, taskid)
-                except PocoError as exc:
-                    log.error("claim %s failed: %s", taskid, exc)
-                    report.errors.append(f"claim {taskid}: {exc}")
-                    continue
-                self.store.transition_task(
-                    taskid,
-                    T.FAILED,
-                    tx_hash=receipt.tx_hash,
-                    note="final deadline reached: claimed, requester refunded",
-                )
+            elif chain.status in (ChainTaskStatus.ACTIVE, ChainTaskStatus.REVEALING):
+                claimable.append(taskid)
             else:  # FAILED (claimed by someone) or UNSET (never initialized)
                 self.store.transition_task(
                     taskid, T.FAILED, note=f"final deadline reached (chain: {chain.status.name})"
                 )
+                report.tasks_claimed += 1
+        size = self.s.settings.init_batch_size
+        for start in range(0, len(claimable), size):
+            self._claim_batch(claimable[start : start + size], report)
+
+    def _claim_batch(self, batch: list[str], report: TickReport) -> None:
+        try:
+            if len(batch) == 1:
+                receipt = actions.claim(self.wallet, batch[0])
+            else:
+                receipt = actions.claim_array(self.wallet, batch)
+        except TransactionReverted as exc:
+            if len(batch) > 1:  # one bad task: claim them one by one
+                for taskid in batch:
+                    self._claim_batch([taskid], report)
+                return
+            if self.client.view_task(batch[0]).status == ChainTaskStatus.FAILED:
+                self.store.transition_task(batch[0], T.FAILED, note="claimed by someone else")
+                return
+            log.error("claim %s failed: %s", batch[0], exc)
+            report.errors.append(f"claim {batch[0]}: {exc}")
+            return
+        except PocoError as exc:  # transport: the next tick tries again
+            report.errors.append(f"claim {len(batch)} task(s): {exc}")
+            return
+        for taskid in batch:
+            self.store.transition_task(
+                taskid,
+                T.FAILED,
+                tx_hash=receipt.tx_hash,
+                note="final deadline reached: claimed, requester refunded",
+            )
             report.tasks_claimed += 1
-            log.warning("task %s failed: final deadline reached", taskid)
+            log.warning("task %s failed: final deadline reached, claimed", taskid)
+
+    def _abort_replicates(self, taskid: str, why: str) -> None:
+        for rep in self.store.replicates_of(taskid):
+            if rep["status"] in IN_FLIGHT:
+                self.store.advance_replicate(taskid, rep["worker"], R.ABORTED, note=why)
+
+    # ---- detectors --------------------------------------------------------------------
+    def contribution_timeouts(self, now: int) -> None:
+        """Past the contribution deadline without consensus: CONTRIBUTION_TIMEOUT. Nothing
+        can happen on chain any more until the final deadline, when the task is claimed."""
+        for task in self.store.tasks_in(CONTRIBUTING, contributionDeadline={"$lte": now}):
+            taskid = task["chainTaskId"]
+            if self.check_consensus(taskid):
+                continue
+            if self.store.claim_task(
+                taskid,
+                CONTRIBUTING,
+                T.CONTRIBUTION_TIMEOUT,
+                note="contribution deadline passed without consensus",
+            ):
+                self._abort_replicates(taskid, "contribution deadline passed")
+                log.warning("task %s: contribution deadline passed without consensus", taskid)
+
+    def reveal_timeouts(self, now: int) -> None:
+        """Winners slow to reveal: ask again after REVEAL_TIMEOUT_PERIOD; when the reveal
+        deadline passed and nobody revealed, reopen the task and plan new replicates."""
+        period = self.s.settings.reveal_timeout_period / 1000
+        for task in self.store.tasks_in([T.CONSENSUS_REACHED]):
+            taskid = task["chainTaskId"]
+            chain = self.client.view_task(taskid)
+            if chain.status != ChainTaskStatus.REVEALING:
+                continue
+            if chain.reveal_counter == 0 and chain.reveal_deadline <= now:
+                self.reopen(taskid)
+                continue
+            asked = task.get("revealAskedAt") or task.get("updatedAt")
+            if asked is not None and (utcnow() - asked).total_seconds() > period:
+                self.store.replicates.update_many(
+                    {"chainTaskId": taskid, "status": str(R.CONTRIBUTED)},
+                    {"$set": {"revealRequested": False}},
+                )
+                self.store.set_task_fields(taskid, {"revealAskedAt": utcnow()})
+                if self.request_reveals(taskid):
+                    log.warning("task %s: winners asked again to reveal", taskid)
+
+    def reopen(self, taskid: str) -> bool:
+        if self.store.claim_task(taskid, [T.CONSENSUS_REACHED], T.REOPENING) is None:
+            return False
+        try:
+            receipt = actions.reopen(self.wallet, taskid)
+        except PocoError as exc:
+            log.error("reopen %s failed: %s", taskid, exc)
+            self.store.transition_task(taskid, T.CONSENSUS_REACHED, note=f"reopen failed: {exc}")
+            return False
+        for rep in self.store.replicates_of(taskid):
+            if rep["status"] in (str(R.CONTRIBUTED), str(R.REVEALING)):
+                self.store.advance_replicate(
+                    taskid,
+                    rep["worker"],
+                    R.ABORTED,
+                    note="did not reveal before the reveal deadline: task reopened",
+                )
+        self.store.transition_task(taskid, T.REOPENED, tx_hash=receipt.tx_hash)
+        log.warning("task %s reopened: no winner revealed in time", taskid)
+        self.replan(taskid)
+        return True
+
+    def upload_timeouts(self) -> None:
+        """An uploader silent for REVEAL_TIMEOUT_PERIOD: ask another revealed worker."""
+        period = self.s.settings.reveal_timeout_period / 1000
+        for task in self.store.tasks_in([T.RESULT_UPLOADING]):
+            asked = task.get("uploadRequestedAt")
+            if asked is not None and (utcnow() - asked).total_seconds() > period:
+                self.upload_failed(task["chainTaskId"], task.get("uploader", ""), "timed out")
+
+    def upload_failed(self, taskid: str, uploader: str, why: str) -> None:
+        task = self.store.claim_task(
+            taskid,
+            [T.RESULT_UPLOADING],
+            T.AT_LEAST_ONE_REVEALED,
+            note=f"upload by {uploader} failed: {why}",
+        )
+        if task is None:
+            return
+        failed = {*task.get("uploadFailed", []), uploader}
+        self.store.set_task_fields(taskid, {"uploadFailed": sorted(failed)})
+        if not self.request_upload(taskid, exclude=failed):
+            log.error("task %s: no other revealed worker can upload the result", taskid)
 
     def _send(self, name: str, worker: str, taskid: str) -> None:
         self.s.celery.send_task(name, args=[taskid], queue=worker_queue(worker))

@@ -29,6 +29,7 @@ from pool.settings import Settings
 from pool.states import DealStatus, TaskStatus
 from pool.store import Store
 from scheduler.lifecycle import Lifecycle
+from scheduler.replenish import Replenisher
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Scheduler:
             supported |= 1 << TAG_BITS[name]
         self.supported_tag_bits = supported
         self.lifecycle = Lifecycle(self)
+        self.replenisher = Replenisher.from_scheduler(self)
 
     # ---- the tick -----------------------------------------------------------------------
     def tick(self) -> TickReport:
@@ -84,7 +86,14 @@ class Scheduler:
             if not held:
                 report.skipped_tick = True
                 return report
-            for step in (self.listen, self.initialize, self.plan, self.lifecycle.reconcile):
+            steps = (
+                self.listen,
+                self.initialize,
+                self.plan,
+                self.lifecycle.reconcile,
+                self.replenisher.replenish,
+            )
+            for step in steps:
                 try:
                     step(report)
                 except RetryableError as exc:  # the next tick picks up where this one stopped

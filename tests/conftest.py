@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import redis
 
 # the devnet fixtures (anvil + PoCo, started by the tests) live in tests/devnet_fixtures.py
-pytest_plugins = ["devnet_fixtures", "pool_fixtures"]
+pytest_plugins = ["devnet_fixtures", "pool_fixtures", "scheduler_fixtures"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
 DEFAULT_IPFS_API = "http://127.0.0.1:5011"

@@ -4,6 +4,7 @@ mongomock store), its Celery consumer on a thread, a ticking loop, and worker no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from poco.chain import ChainClient
 from poco.requester import MatchedDeal, match_deal
 from poco.types import ChainTaskStatus
 from pool.celery_app import SCHEDULER_QUEUE
+from pool.devnet import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC, WORKER_COUNT
 from pool.settings import Settings
 from pool.store import Store
 from scheduler.service import Scheduler
@@ -42,11 +44,23 @@ class RunningPool:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
-    def start_worker(self, n: int, **extra_env: str) -> subprocess.Popen[bytes]:
-        """Start worker node ``n`` (devnet worker wallet n) as a separate process."""
+    def start_worker(
+        self, n: int, *, mnemonic: bool = False, **extra_env: str
+    ) -> subprocess.Popen[bytes]:
+        """Start worker node ``n`` as a separate process: devnet worker wallet n, or (with
+        ``mnemonic``) whatever index it leases from the devnet mnemonic."""
+        identity = (
+            {
+                "IEXEC_WORKER_MNEMONIC": PUBLIC_TEST_MNEMONIC,
+                "WORKERPOOL_WORKER_INDEX_FIRST": str(FIRST_WORKER_INDEX),
+                "WORKERPOOL_WORKER_INDEX_COUNT": str(WORKER_COUNT),
+            }
+            if mnemonic
+            else {"IEXEC_WORKER_WALLET_PRIVATE_KEY": self.devnet.worker_key(n)}
+        )
         env = {
             **self.env,
-            "IEXEC_WORKER_WALLET_PRIVATE_KEY": self.devnet.worker_key(n),
+            **identity,
             "IEXEC_WORKER_NAME": f"test-worker-{n}",
             "IEXEC_WORKER_BASE_DIR": str(self.tmp / f"worker-{n}"),
             **extra_env,
@@ -62,10 +76,10 @@ class RunningPool:
             start_new_session=True,
         )
         self.workers.append(proc)
-        address = self.devnet.accounts["workers"][n]["address"].lower()
+        query = {"name": f"test-worker-{n}"} if mnemonic else {"address": self.worker_address(n)}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if self.store.workers.find_one({"address": address}):
+            if self.store.workers.find_one({**query, "status": "ALIVE"}):
                 return proc
             if proc.poll() is not None:
                 raise AssertionError(f"worker {n} exited:\n{log.read_text()[-3000:]}")
@@ -106,15 +120,25 @@ class RunningPool:
     def chain_status(self, taskid: str) -> ChainTaskStatus:
         return self.devnet.client.view_task(taskid).status
 
+    def worker_address(self, n: int) -> str:
+        return str(self.devnet.accounts["workers"][n]["address"]).lower()
+
+    def kill_worker(self, proc: subprocess.Popen[bytes]) -> None:
+        """kill -9 the node (its compute and control processes)."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
     def stop_workers(self) -> None:
         for proc in self.workers:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.workers:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 
@@ -139,6 +163,8 @@ def running_pool(
         "WORKERPOOL_RESULT_STORAGE": "ipfs",
         "WORKERPOOL_APP_OUTPUT_LIMIT_MB": "5",
         "WORKERPOOL_WORKER_SLOTS": "2",
+        "WORKERPOOL_HEARTBEAT_PERIOD": "1",
+        "WORKER_LOST_TIMEOUT": "5",
         "PYTHONPATH": str(ROOT),
     }
     settings = Settings.from_env(

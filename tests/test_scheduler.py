@@ -29,45 +29,6 @@ pytestmark = pytest.mark.devnet
 STANDARD = REPLICATE_QUEUES["standard"]
 
 
-@pytest.fixture
-def store() -> Store:
-    s = Store(mongomock.MongoClient()["workerpool-test"])
-    s.ensure_indexes()
-    return s
-
-
-@pytest.fixture
-def make_scheduler(
-    devnet: DevnetHandle, store: Store, redis_url: str, redis_client: Any
-) -> Callable[..., Scheduler]:
-    """Build schedulers on the devnet that start reading at the current head (so deals of
-    other tests are not seen), sharing ``store`` unless another is given."""
-    head = devnet.client.block_number()
-
-    def make(target_store: Store | None = None, **overrides: Any) -> Scheduler:
-        settings = Settings(
-            chain_rpc_url=devnet.info["rpc_url"],
-            hub_address=devnet.info["hub"],
-            pool_address=devnet.info["workerpool"],
-            start_block=head + 1,
-            redis_url=redis_url,
-            **overrides,
-        )
-        client = ChainClient(
-            settings.chain_rpc_url or "", settings.hub_address or "", log_chunk=settings.log_range
-        )
-        return Scheduler(
-            settings,
-            target_store or store,
-            client,
-            client.wallet(devnet.key("scheduler")),
-            make_celery(settings),
-            redis_client,
-        )
-
-    return make
-
-
 def _match(devnet: DevnetHandle, **kw: Any) -> Any:
     return match_deal(
         devnet.client,

@@ -17,6 +17,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +29,28 @@ from poco.chain import ChainClient, Wallet
 from poco.errors import PocoError, TransactionReverted
 from poco.orders import ZERO_ADDRESS
 from poco.types import ChainTaskStatus
-from pool.celery_app import AUTHORIZE_TASK, HEARTBEAT_TASK, REPLICATE_UPDATE_TASK, SCHEDULER_QUEUE
+from pool.celery_app import (
+    AUTHORIZE_TASK,
+    CONTRIBUTE_TASK,
+    HEARTBEAT_TASK,
+    REPLICATE_UPDATE_TASK,
+    SCHEDULER_QUEUE,
+    SEEN_PREFIX,
+    worker_queue,
+)
 from pool.publishers import ResultPublisher, result_link
 from pool.settings import Settings
 from pool.states import ReplicateStatus
 from workers import inputs as inputs_mod
 from workers import results as results_mod
+from workers.identity import IndexLease, LeaseLost
 from workers.runner import AppImageError, AppRun, ContainerRunner, RunnerError
 
 log = logging.getLogger(__name__)
 
 R = ReplicateStatus
 VERSION = "0.1.0"
+WORKER_LABEL = "workerpool.worker"
 MB = 1024 * 1024
 
 
@@ -81,6 +92,8 @@ class WorkerNode:
         self.workdir = base / self.address.lower()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.busy = 0
+        self.redis: Any = None  # set by the CLI: liveness key and index lease renewal
+        self.lease: IndexLease | None = None
         self._busy_lock = threading.Lock()
         self.authorization_timeout = 30.0
 
@@ -144,14 +157,12 @@ class WorkerNode:
         with self._busy_lock:
             self.busy += 1
         try:
-            return self._compute_and_contribute(
-                taskid, task.dealid, task.idx, task.timeref, authorization
-            )
+            return self._compute(taskid, task.dealid, task.idx, task.timeref, authorization)
         finally:
             with self._busy_lock:
                 self.busy -= 1
 
-    def _compute_and_contribute(
+    def _compute(
         self, taskid: str, dealid: str, index: int, timeref: int, authorization: str
     ) -> JobOutcome:
         self.report(taskid, R.STARTING)
@@ -225,7 +236,7 @@ class WorkerNode:
             output_limit_bytes=self.settings.app_output_limit_mb * MB,
             network=self.settings.app_network,
             name=f"wp-{self.address[2:10].lower()}-{taskid[2:18]}",
-            labels={"workerpool.worker": self.address.lower()},
+            labels={WORKER_LABEL: self.address.lower()},
         )
         try:
             outcome = self.runner.run(run)
@@ -256,13 +267,29 @@ class WorkerNode:
             "zip": str(zip_path),
             "callbackData": computed.callback_data or "",
             "callback": deal.callback if has_callback else "",
+            "authorization": authorization,
         }
-        (task_dir / "state.json").write_text(json.dumps(state))
+        _write_json(task_dir / "state.json", state)
         self.report(taskid, R.COMPUTED, resultDigest=digest, duration=outcome.duration)
+        # the compute slot ends here: contributing is the control process's job
+        self.celery.send_task(CONTRIBUTE_TASK, args=[taskid], queue=worker_queue(self.address))
+        return JobOutcome(taskid, str(R.COMPUTED))
 
+    def contribute(self, taskid: str) -> JobOutcome:
+        """Contribute a computed result (control process: never waits behind a computation)."""
+        try:
+            state = self._state(taskid)
+        except PocoError as exc:
+            return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+        digest = state["digest"]
+        if self.settings.fault_inject == "wrong-digest":
+            digest = "0x" + bytes(b ^ 0xFF for b in bytes.fromhex(digest[2:])).hex()
+            log.warning("FAULT INJECTION: contributing a wrong digest for %s", taskid)
+            state["digest"] = digest
+            _write_json(self.workdir / taskid / "state.json", state)
         self.report(taskid, R.CONTRIBUTING)
         try:
-            receipt = actions.contribute(self.wallet, taskid, digest, authorization)
+            receipt = actions.contribute(self.wallet, taskid, digest, state["authorization"])
         except TransactionReverted as exc:
             return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
         self.report(taskid, R.CONTRIBUTED, txHash=receipt.tx_hash)
@@ -324,12 +351,59 @@ class WorkerNode:
         return JobOutcome(taskid, str(R.RESULT_UPLOADED))
 
     def heartbeat_forever(self, period: float, stop: threading.Event) -> None:
+        """Heartbeat, renew the identity lease and the liveness key, clean up after dead
+        peers; runs on a thread of the compute process until ``stop``."""
+        beats = 0
         while not stop.is_set():
             try:
+                if self.lease is not None:
+                    self.lease.renew()  # LeaseLost propagates: the node must stop
+                if self.redis is not None:
+                    # liveness straight into Redis: the scheduler judges LOST on this, not on
+                    # heartbeat messages that may wait behind other work in its queue
+                    self.redis.set(alive_key(self.address), self.name, px=int(period * 3000))
+                    self.redis.set(seen_key(self.address), repr(time.time()), ex=86400)
                 self.heartbeat()
-            except Exception as exc:  # Redis down: keep trying, the node keeps working
+                if beats % 6 == 0:
+                    self.remove_orphans()
+            except LeaseLost:
+                raise
+            except Exception as exc:  # Redis or Docker down: keep trying, keep working
                 log.warning("heartbeat failed: %s", exc)
+            beats += 1
             stop.wait(period)
+
+    def remove_orphans(self) -> int:
+        """Remove app containers whose node is gone (killed with -9, host crash): ours from a
+        previous life, and those of peers on this Docker host whose liveness key expired."""
+        if self.redis is None:
+            return 0
+        removed = 0
+        label_values = getattr(self.runner, "label_values", None)
+        workers = label_values(WORKER_LABEL) if label_values else set()
+        for worker in workers:
+            # ours: the runner keeps the containers it runs now; a peer's: only if it is dead
+            if worker != self.address.lower() and self.redis.exists(alive_key(worker)):
+                continue
+            removed += self.runner.remove_leftovers({WORKER_LABEL: worker})
+        if removed:
+            log.warning("removed %d orphan app container(s)", removed)
+        return removed
+
+
+def alive_key(address: str) -> str:
+    return f"workerpool:node-alive:{address.lower()}"
+
+
+def seen_key(address: str) -> str:
+    """Wall-clock time of the node's last heartbeat (the scheduler reads it, see pool)."""
+    return f"{SEEN_PREFIX}{address.lower()}"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # never a half-written state after a crash
 
 
 def _memory_mb() -> int:

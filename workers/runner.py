@@ -628,6 +628,14 @@ class DockerRunner:
             removed += 1
         return removed
 
+    def label_values(self, label: str) -> set[str]:
+        """Distinct values of ``label`` among the engine's containers (running or not)."""
+        try:
+            found = self.client.containers.list(all=True, filters={"label": [label]})
+        except requests.exceptions.ConnectionError as exc:
+            raise EngineError(f"Docker Engine unreachable: {exc}") from exc
+        return {c.labels.get(label, "") for c in found} - {""}
+
     def kill(self, name: str) -> bool:
         """Stop the named container now. One run by this runner is reported ``aborted`` and
         removed by its :meth:`run`; one owned by nobody here is removed at once."""

@@ -1,8 +1,17 @@
-"""Celery wiring of a worker node: the replicate job and the reveal/upload requests."""
+"""Celery wiring of a worker node: two Celery workers per node.
+
+* the **compute** worker consumes the replicate queues of the node's capabilities with one
+  thread per slot: a slot is held from pulling the image until COMPUTED, nothing more;
+* the **control** worker (a child process) consumes the node's own queue: contribute, and
+  the reveal and upload requests of the scheduler. It never waits behind a computation, and
+  being the only sender of the node's transactions it owns the nonce sequence.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -14,6 +23,7 @@ from celery.signals import worker_ready, worker_shutdown
 from poco.chain import ChainClient
 from poco.errors import RetryableError
 from pool.celery_app import (
+    CONTRIBUTE_TASK,
     REPLICATE_QUEUES,
     REPLICATE_TASK,
     REVEAL_TASK,
@@ -23,16 +33,17 @@ from pool.celery_app import (
 )
 from pool.publishers import PublishError
 from pool.settings import Settings, SettingsError
+from pool.states import ReplicateStatus
+from workers.identity import LeaseLost
 from workers.node import JobRefused, WorkerNode
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_PERIOD = 10.0
 REQUEUE_DELAY = 3.0  # seconds before a job refused to this worker is offered again
 MAX_REQUEUES = 50
 
 
-def worker_queues(settings: Settings, address: str) -> list[str]:
+def compute_queues(settings: Settings) -> list[str]:
     queues = []
     for capability in settings.worker_capabilities:
         if capability not in REPLICATE_QUEUES:
@@ -41,17 +52,17 @@ def worker_queues(settings: Settings, address: str) -> list[str]:
                 f"known: {', '.join(REPLICATE_QUEUES)}"
             )
         queues.append(REPLICATE_QUEUES[capability])
-    return [*queues, worker_queue(address)]
+    return queues
 
 
-def create_worker_app(settings: Settings, node: WorkerNode) -> Celery:
+def create_compute_app(settings: Settings, node: WorkerNode) -> Celery:
     app = make_celery(settings, "workerpool-worker")
 
     @app.task(
-        shared=False,  # bound to this app and its closure only (tests build several apps)
+        shared=False,
         name=REPLICATE_TASK,
         bind=True,
-        acks_late=True,  # a node killed mid-job leaves the job in Redis for another node
+        acks_late=True,  # a node killed mid-job leaves the job in Redis
         reject_on_worker_lost=True,
         max_retries=MAX_REQUEUES,
     )
@@ -66,8 +77,44 @@ def create_worker_app(settings: Settings, node: WorkerNode) -> Celery:
         log.info("replicate %s: %s %s", taskid, outcome.status, outcome.reason)
         return outcome.__dict__
 
+    stop = threading.Event()
+
+    def beat() -> None:
+        try:
+            node.heartbeat_forever(settings.heartbeat_period, stop)
+        except LeaseLost as exc:
+            log.critical("%s: stopping this node so that two nodes never share an identity", exc)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @worker_ready.connect(weak=False)
+    def start_heartbeat(sender: Any = None, **_: Any) -> None:
+        if sender is not None and sender.app is not app:
+            return
+        threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+
+    @worker_shutdown.connect(weak=False)
+    def stop_heartbeat(**_: Any) -> None:
+        stop.set()
+
+    return app
+
+
+def create_control_app(settings: Settings, node: WorkerNode) -> Celery:
+    app = make_celery(settings, "workerpool-worker-control")
+
     @app.task(
-        shared=False,  # bound to this app and its closure only (tests build several apps)
+        shared=False,
+        name=CONTRIBUTE_TASK,
+        acks_late=True,
+        autoretry_for=(RetryableError,),
+        retry_backoff=True,
+        max_retries=10,
+    )
+    def contribute(taskid: str) -> dict[str, Any]:
+        return node.contribute(taskid).__dict__
+
+    @app.task(
+        shared=False,
         name=REVEAL_TASK,
         acks_late=True,
         autoretry_for=(RetryableError,),
@@ -82,28 +129,17 @@ def create_worker_app(settings: Settings, node: WorkerNode) -> Celery:
         try:
             return node.upload(taskid).__dict__
         except PublishError as exc:
-            if exc.retryable:
+            if exc.retryable and self.request.retries < self.max_retries:
                 raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
-            raise
-
-    stop = threading.Event()
-
-    @worker_ready.connect(weak=False)
-    def start_heartbeat(**_: Any) -> None:
-        threading.Thread(
-            target=node.heartbeat_forever, args=(HEARTBEAT_PERIOD, stop), daemon=True
-        ).start()
-
-    @worker_shutdown.connect(weak=False)
-    def stop_heartbeat(**_: Any) -> None:
-        stop.set()
+            # give up: back to REVEALED, so that the scheduler asks another winner
+            node.report(taskid, ReplicateStatus.REVEALED, reason=f"upload failed: {exc}")
+            return {"taskid": taskid, "status": "REVEALED", "reason": str(exc)}
 
     return app
 
 
-def build_node(settings: Settings) -> WorkerNode:
+def build_node(settings: Settings, private_key: str) -> WorkerNode:
     from pool.publishers import make_publisher
-    from pool.wallets import worker_key
     from workers.runner import DockerRunner
 
     settings.require("chain_rpc_url", "hub_address")
@@ -114,7 +150,7 @@ def build_node(settings: Settings) -> WorkerNode:
         retries=settings.rpc_retries,
         receipt_timeout=settings.tx_timeout,
     )
-    wallet = client.wallet(worker_key(settings))
+    wallet = client.wallet(private_key)
     local_dir = Path(
         settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"
     )
@@ -124,5 +160,13 @@ def build_node(settings: Settings) -> WorkerNode:
         local_dir=local_dir,
         base_url=settings.public_url or f"http://{settings.api_host}:{settings.core_port}",
     )
-    node = WorkerNode(settings, client, wallet, make_celery(settings), DockerRunner(), publisher)
-    return node
+    return WorkerNode(settings, client, wallet, make_celery(settings), DockerRunner(), publisher)
+
+
+__all__ = [
+    "build_node",
+    "compute_queues",
+    "create_compute_app",
+    "create_control_app",
+    "worker_queue",
+]

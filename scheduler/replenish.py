@@ -1,0 +1,232 @@
+"""The replenish policy: keep the pool's capacity on sale, no more and no less.
+
+With ``WORKERPOOL_REPLENISH_ORDERS=N`` (N ≥ 1) each scheduler tick:
+
+1. syncs order statuses with the chain (:meth:`pool.orders.Orderbook.sync`, throttled);
+2. measures **capacity**: the free slots of ALIVE workers heard from within
+   ``WORKER_LOST_TIMEOUT`` that serve the order's queue (``slots - busySlots`` from their
+   heartbeats), minus the replicates already sold and waiting for a slot (tasks not yet
+   planned, jobs queued but not yet granted), divided by the replicates one task of the
+   order's trust needs;
+3. compares it with what is **offered**: the remaining volume of the open orders this policy
+   published (orders published by hand are never touched);
+4. when the fleet cannot serve an order any more (capacity below what the others offer), it
+   withdraws it, newest first: unpublished, or closed on chain with
+   ``WORKERPOOL_REPLENISH_CANCEL=true`` (an unpublished order stays valid on chain);
+5. when capacity exceeds the offer and fewer than N orders are open, it signs and publishes
+   new ones at ``WORKERPOOL_ORDER_PRICE`` (with the other ``WORKERPOOL_ORDER_*`` terms) whose
+   volumes share the difference, capped by what the owner's stake can cover.
+
+Orders go through :class:`~pool.orders.Orderbook` like any publication, so they obey the same
+checks and limits; a refusal is reported, never raised into the tick.
+
+Wiring (``scheduler/service.py``)::
+
+    from scheduler.replenish import Replenisher
+    self.replenisher = Replenisher.from_scheduler(self)      # in Scheduler.__init__
+    steps = (..., self.lifecycle.reconcile, self.replenisher.replenish)   # in tick()
+
+``replenish(report)`` does nothing when the policy is off, appends refusals to
+``report.errors`` and returns a :class:`ReplenishResult`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from poco import actions
+from poco.chain import ChainClient, Wallet
+from poco.consensus import replicates_needed
+from poco.errors import PocoError
+from poco.orders import WorkerpoolOrder, random_salt
+from pool.celery_app import queue_for_tag
+from pool.orders import (
+    UNPUBLISH_ORDERHASH,
+    Orderbook,
+    OrderbookError,
+    OrderStatus,
+    OrderStore,
+    required_stake,
+    template_from_settings,
+    utcnow,
+)
+from pool.settings import Settings, SettingsError
+from pool.states import TaskStatus
+from pool.store import Store
+
+log = logging.getLogger(__name__)
+
+SOURCE = "replenish"
+NOT_PLANNED = (TaskStatus.RECEIVED, TaskStatus.INITIALIZING, TaskStatus.INITIALIZED)
+PLANNED = (TaskStatus.RUNNING, TaskStatus.REOPENED)
+
+
+@dataclass
+class ReplenishResult:
+    enabled: bool = True
+    free_slots: int = 0
+    backlog: int = 0
+    capacity: int = 0  # tasks of the order's trust the fleet can start now
+    offered: int = 0  # remaining volume of the policy's open orders, after this step
+    published: list[str] = field(default_factory=list)
+    withdrawn: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Replenisher:
+    """Keeps ``WORKERPOOL_REPLENISH_ORDERS`` orders published, sized to free capacity."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        client: ChainClient,
+        wallet: Wallet,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.wallet = wallet
+        self.orders = OrderStore(store.db)
+        self.book = Orderbook(settings, self.orders, client)
+        self._indexed = False
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> Replenisher:
+        return cls(scheduler.settings, scheduler.store, scheduler.client, scheduler.wallet)
+
+    # ---- capacity ----------------------------------------------------------------------------
+    def free_slots(self, capability: str) -> int:
+        """Idle slots of live workers that serve ``capability`` (their last heartbeat)."""
+        lost_after = float(getattr(self.settings, "worker_lost_timeout", 30.0))
+        fresh = utcnow() - dt.timedelta(seconds=lost_after)  # naive UTC, as the store keeps it
+        free = 0
+        for worker in self.store.workers.find(
+            {"status": "ALIVE"},
+            {"_id": 0, "slots": 1, "busySlots": 1, "capabilities": 1, "lastSeen": 1},
+        ):
+            seen = worker.get("lastSeen")
+            if seen is None or seen < fresh:
+                continue
+            if capability not in (worker.get("capabilities") or ["standard"]):
+                continue
+            free += max(0, int(worker.get("slots") or 0) - int(worker.get("busySlots") or 0))
+        return free
+
+    def backlog(self, queue: str) -> int:
+        """Replicates sold on ``queue`` that no worker has taken yet."""
+        waiting = 0
+        for task in self.store.tasks.find(
+            {"queue": queue, "status": {"$in": [str(s) for s in NOT_PLANNED]}},
+            {"_id": 0, "replicatesNeeded": 1},
+        ):
+            waiting += int(task.get("replicatesNeeded") or 1)
+        for task in self.store.tasks.find(
+            {"queue": queue, "status": {"$in": [str(s) for s in PLANNED]}},
+            {"_id": 0, "jobsQueued": 1, "replicatesGranted": 1},
+        ):
+            waiting += max(
+                0, int(task.get("jobsQueued") or 0) - int(task.get("replicatesGranted") or 0)
+            )
+        return waiting
+
+    # ---- the step ----------------------------------------------------------------------------
+    def replenish(self, report: Any = None) -> ReplenishResult:
+        """One step of the policy (see the module docstring)."""
+        if self.settings.replenish_orders < 1:
+            return ReplenishResult(enabled=False)
+        if not self._indexed:
+            self.orders.ensure_indexes()
+            self._indexed = True
+        result = ReplenishResult()
+        try:
+            self._step(result)
+        except (OrderbookError, PocoError, SettingsError) as exc:
+            result.errors.append(str(exc))
+        for error in result.errors:
+            log.warning("replenish: %s", error)
+            if report is not None and hasattr(report, "errors"):
+                report.errors.append(f"replenish: {error}")
+        if result.published or result.withdrawn:
+            log.info(
+                "replenish: capacity %d task(s), published %s, withdrew %s, offering %d",
+                result.capacity,
+                result.published,
+                result.withdrawn,
+                result.offered,
+            )
+        return result
+
+    def _step(self, result: ReplenishResult) -> None:
+        self.book.sync()
+        template = template_from_settings(self.settings)
+        queue = queue_for_tag(template.tag)
+        per_task = replicates_needed(template.trust)
+        result.free_slots = self.free_slots(queue.removeprefix("replicates."))
+        result.backlog = self.backlog(queue)
+        result.capacity = max(0, result.free_slots - result.backlog) // per_task
+        mine = self.orders.open_orders(workerpool=template.workerpool, source=SOURCE)
+        offered = sum(int(d["remaining"]) for d in mine)
+
+        # withdraw what the fleet can no longer serve, newest first, keeping an order as long
+        # as the older ones do not already cover the capacity
+        while mine and offered - int(mine[-1]["remaining"]) >= result.capacity:
+            doc = mine.pop()
+            self._withdraw(doc)
+            result.withdrawn.append(doc["orderHash"])
+            offered -= int(doc["remaining"])
+
+        wanted = min(result.capacity - offered, self._stake_room(template.workerpoolprice))
+        missing = self.settings.replenish_orders - len(mine)
+        if wanted > 0 and missing > 0:
+            count = min(missing, wanted)
+            for i in range(count):
+                volume = wanted // count + (1 if i < wanted % count else 0)
+                order = replace(template, volume=volume, salt=random_salt(), sign="0x")
+                signed = order.signed(self.wallet.account.key, self.client.domain())
+                try:
+                    published = self.book.publish(
+                        signed.to_dict(), self.wallet.address, source=SOURCE
+                    )
+                except OrderbookError as exc:
+                    result.errors.append(f"publishing {volume} task(s): {exc.message}")
+                    break
+                result.published.append(published["orderHash"])
+                offered += volume
+        result.offered = offered
+
+    def _stake_room(self, price: int) -> int:
+        """Tasks at ``price`` the owner's free stake can still back, beside its open orders."""
+        per_task = required_stake(price, 1)
+        if per_task == 0:
+            return 1 << 62
+        owner = self.wallet.address
+        stake = self.client.view_account(owner).stake
+        committed = sum(
+            required_stake(int(d["order"]["workerpoolprice"]), int(d["remaining"]))
+            for d in self.orders.open_orders(signer=owner)
+        )
+        return max(0, (stake - committed) // per_task)
+
+    def _withdraw(self, doc: dict[str, Any]) -> None:
+        order_hash = doc["orderHash"]
+        if self.settings.replenish_cancel:
+            order = WorkerpoolOrder.from_dict(doc["order"])
+            receipt = actions.manage_order(self.wallet, order, actions.CLOSE)
+            self.orders.set_status(
+                order_hash,
+                OrderStatus.CANCELLED,
+                note="closed on chain by the replenish policy: no capacity left",
+                extra={"remaining": 0, "closedTx": receipt.tx_hash},
+            )
+            return
+        self.book.unpublish(UNPUBLISH_ORDERHASH, self.wallet.address, order_hash=order_hash)
+
+
+def replenish(scheduler: Any, report: Any = None) -> ReplenishResult:
+    """One replenish step for ``scheduler`` (builds a :class:`Replenisher` each call: prefer
+    keeping one on the scheduler, see the module docstring)."""
+    return Replenisher.from_scheduler(scheduler).replenish(report)

@@ -1,0 +1,56 @@
+"""Scheduler fixtures: a scheduler on the devnet, a real redis-server and a mongomock store,
+driven tick by tick by the test (no Celery consumer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mongomock_ng as mongomock
+import pytest
+from devnet_fixtures import DevnetHandle
+
+from poco.chain import ChainClient
+from pool.celery_app import make_celery
+from pool.settings import Settings
+from pool.store import Store
+from scheduler.service import Scheduler
+
+
+@pytest.fixture
+def store() -> Store:
+    s = Store(mongomock.MongoClient()["workerpool-test"])
+    s.ensure_indexes()
+    return s
+
+
+@pytest.fixture
+def make_scheduler(
+    devnet: DevnetHandle, store: Store, redis_url: str, redis_client: Any
+) -> Callable[..., Scheduler]:
+    """Build schedulers on the devnet that start reading at the current head (so deals of
+    other tests are not seen), sharing ``store`` unless another is given."""
+    head = devnet.client.block_number()
+
+    def make(target_store: Store | None = None, **overrides: Any) -> Scheduler:
+        settings = Settings(
+            chain_rpc_url=devnet.info["rpc_url"],
+            hub_address=devnet.info["hub"],
+            pool_address=devnet.info["workerpool"],
+            start_block=head + 1,
+            redis_url=redis_url,
+            **overrides,
+        )
+        client = ChainClient(
+            settings.chain_rpc_url or "", settings.hub_address or "", log_chunk=settings.log_range
+        )
+        return Scheduler(
+            settings,
+            target_store or store,
+            client,
+            client.wallet(devnet.key("scheduler")),
+            make_celery(settings),
+            redis_client,
+        )
+
+    return make

@@ -1,0 +1,95 @@
+"""Deadline detectors on the real chain (anvil's clock moved forward): contribution timeout,
+reopen after an unrevealed consensus, claims batched with claimArray."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from devnet_fixtures import DevnetHandle
+
+from poco import actions
+from poco.requester import match_deal
+from poco.types import ChainTaskStatus, ContributionStatus
+from pool.celery_app import REPLICATE_QUEUES, worker_queue
+from pool.store import Store
+from scheduler.service import Scheduler
+
+pytestmark = pytest.mark.devnet
+
+TIMEREF = 300  # category XS
+DIGEST = "0x" + "7e" * 32
+
+
+def _deal(devnet: DevnetHandle, **kw: Any) -> Any:
+    return match_deal(
+        devnet.client,
+        app=devnet.app("echo"),
+        app_owner_key=devnet.key("app_provider"),
+        workerpool=devnet.info["workerpool"],
+        scheduler_key=devnet.key("scheduler"),
+        requester_key=devnet.key("requester"),
+        **kw,
+    )
+
+
+def test_no_contribution_times_out_then_all_tasks_are_claimed_in_one_transaction(
+    chain_snapshot: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler],
+) -> None:
+    devnet = chain_snapshot
+    scheduler = make_scheduler()
+    deal = _deal(devnet, volume=3)
+    scheduler.tick()
+    assert {store.task(t)["status"] for t in deal.taskids()} == {"RUNNING"}  # type: ignore[index]
+    # When the contribution deadline passes with no worker around
+    devnet.increase_time(7 * TIMEREF + 1)
+    scheduler.tick()
+    # Then the tasks are CONTRIBUTION_TIMEOUT, still ACTIVE on chain
+    for taskid in deal.taskids():
+        assert store.task(taskid)["status"] == "CONTRIBUTION_TIMEOUT"  # type: ignore[index]
+        assert devnet.client.view_task(taskid).status == ChainTaskStatus.ACTIVE
+    # And at the final deadline all three are claimed by one claimArray transaction
+    devnet.increase_time(3 * TIMEREF)
+    report = scheduler.tick()
+    assert report.tasks_claimed == 3
+    hashes = set()
+    for taskid in deal.taskids():
+        doc = store.task(taskid)
+        assert doc is not None and doc["status"] == "FAILED"
+        assert devnet.client.view_task(taskid).status == ChainTaskStatus.FAILED
+        hashes.add(doc["timeline"][-1]["txHash"])
+    assert len(hashes) == 1
+
+
+def test_consensus_nobody_reveals_is_reopened_and_replanned(
+    chain_snapshot: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler],
+    redis_client: Any,
+) -> None:
+    devnet = chain_snapshot
+    scheduler = make_scheduler()
+    deal = _deal(devnet)
+    (taskid,) = deal.taskids()
+    scheduler.tick()
+    # Given a worker that is authorized, contributes, and then never reveals
+    worker = devnet.worker_wallet(6)
+    grant = scheduler.lifecycle.authorize(taskid, worker.address)
+    assert grant["granted"]
+    actions.contribute(worker, taskid, DIGEST, grant["signature"])
+    scheduler.lifecycle.on_report(taskid, worker.address, "CONTRIBUTED")
+    assert store.task(taskid)["status"] == "CONSENSUS_REACHED"  # type: ignore[index]
+    assert redis_client.llen(worker_queue(worker.address)) == 1  # the reveal request
+    jobs_before = redis_client.llen(REPLICATE_QUEUES["standard"])
+    # When the reveal deadline passes
+    devnet.increase_time(2 * TIMEREF + 1)
+    scheduler.tick()
+    # Then the task is reopened on chain, the silent winner rejected, a new replicate planned
+    doc = store.task(taskid)
+    assert doc is not None and doc["status"] == "REOPENED"
+    chain = devnet.client.view_task(taskid)
+    assert chain.status == ChainTaskStatus.ACTIVE
+    contribution = devnet.client.view_contribution(taskid, worker.address)
+    assert contribution.status == ContributionStatus.REJECTED
+    assert store.replicate(taskid, worker.address)["status"] == "ABORTED"  # type: ignore[index]
+    assert redis_client.llen(REPLICATE_QUEUES["standard"]) == jobs_before + 1
+    assert doc["replicatesNeeded"] == 2

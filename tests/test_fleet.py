@@ -1,0 +1,192 @@
+"""Several worker nodes: consensus with trust > 1, a liar rejected, a lost worker re-planned,
+a node added mid-deal, identities leased from one mnemonic, capability routing. Devnet, real
+redis-server and dockerd, worker nodes as real processes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import docker
+import pytest
+from pool_fixtures import RunningPool
+
+from poco.requester import deal_params
+from poco.tags import encode_tag
+from poco.types import ChainTaskStatus, ContributionStatus
+from pool.devnet import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC
+from workers.identity import LeaseLost, derive, lease_index
+
+pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]
+
+POOL_PRICE = 10_000_000
+
+
+def _completed(doc: dict[str, Any]) -> bool:
+    return doc.get("status") == "COMPLETED"
+
+
+def test_trust3_deal_completes_with_agreeing_contributions_from_distinct_workers(
+    running_pool: RunningPool,
+) -> None:
+    pool = running_pool
+    for n in range(3):
+        pool.start_worker(n)
+    started = time.monotonic()
+    deal = pool.match(volume=2, trust=3, workerpoolprice=POOL_PRICE)
+    pool.wait_tasks(deal.taskids(), _completed, timeout=120)
+    elapsed = time.monotonic() - started
+    client = pool.devnet.client
+    for taskid in deal.taskids():
+        chain = client.view_task(taskid)
+        assert chain.status == ChainTaskStatus.COMPLETED
+        assert chain.winner_counter >= 2 and chain.reveal_counter == chain.winner_counter
+        contributors = [c.lower() for c in chain.contributors]
+        assert len(contributors) == len(set(contributors)) >= 2  # distinct workers
+        for worker in contributors:
+            assert client.view_contribution(taskid, worker).status == ContributionStatus.PROVED
+        reps = pool.store.replicates_of(taskid)
+        assert len({r["worker"] for r in reps}) == len(reps)  # never two of one task per worker
+        assert sum(r["status"] == "COMPLETED" for r in reps) >= 2
+    print(f"trust-3 deal of volume 2: {elapsed:.1f}s from matchOrders to COMPLETED")
+
+
+def test_a_lying_worker_is_rejected_and_the_task_completes_with_the_honest_result(
+    running_pool: RunningPool,
+) -> None:
+    pool = running_pool
+    client = pool.devnet.client
+    liar = pool.worker_address(4)
+    # Given a liar that takes the first replicate of a trust-3 task
+    pool.start_worker(4, WORKERPOOL_FAULT_INJECT="wrong-digest")
+    stake_before = client.view_account(liar).stake
+    deal = pool.match(trust=3, workerpoolprice=POOL_PRICE)
+    (taskid,) = deal.taskids()
+
+    def liar_contributed(_: dict[str, Any]) -> bool:
+        rep = pool.store.replicate(taskid, liar)
+        return rep is not None and rep["status"] == "CONTRIBUTED"
+
+    pool.wait_tasks([taskid], liar_contributed, timeout=60)
+    # When honest workers join
+    for n in (5, 6, 7):
+        pool.start_worker(n)
+    (doc,) = pool.wait_tasks([taskid], _completed, timeout=120)
+    # Then the task completes with the honest result, and the liar is rejected on chain:
+    # its contribution is not proved, its stake is seized, and its record shows it
+    chain = client.view_task(taskid)
+    honest = [r for r in pool.store.replicates_of(taskid) if r["worker"] != liar]
+    assert chain.result_digest == honest[0]["resultDigest"]
+    assert client.view_contribution(taskid, liar).status != ContributionStatus.PROVED
+    assert client.view_account(liar).stake == stake_before - POOL_PRICE * 30 // 100
+    rep = pool.store.replicate(taskid, liar)
+    assert rep is not None and rep["contribution"] == "REJECTED" and rep["status"] == "ABORTED"
+    record = pool.store.workers.find_one({"address": liar})
+    assert record is not None and record["rejected"] == 1
+    replicates = len(pool.store.replicates_of(taskid))
+    assert replicates >= 3
+    print(f"liar case: {replicates} replicates, {len(chain.contributors)} contributions")
+
+
+def test_a_killed_worker_is_replanned_and_its_orphan_container_removed(
+    running_pool: RunningPool,
+) -> None:
+    pool = running_pool
+    engine = docker.from_env()
+    victim = pool.start_worker(8)
+    deal = pool.match(app="sleep", params=deal_params("4"))
+    (taskid,) = deal.taskids()
+
+    def computing(_: dict[str, Any]) -> bool:
+        rep = pool.store.replicate(taskid, pool.worker_address(8))
+        return rep is not None and rep["status"] == "COMPUTING"
+
+    pool.wait_tasks([taskid], computing, timeout=60)
+    label = {"label": f"workerpool.worker={pool.worker_address(8)}"}
+    deadline = time.monotonic() + 10
+    while not engine.containers.list(filters=label) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.containers.list(filters=label), "the app container should be running"
+    # When the node is killed with -9 while its container runs
+    pool.kill_worker(victim)
+    pool.start_worker(9)
+    # Then its replicate is WORKER_LOST, re-planned, and the task completes before its deadline
+    (doc,) = pool.wait_tasks([taskid], _completed, timeout=120)
+    lost = pool.store.replicate(taskid, pool.worker_address(8))
+    assert lost is not None and lost["status"] == "WORKER_LOST"
+    assert pool.store.replicate(taskid, pool.worker_address(9))["status"] == "COMPLETED"  # type: ignore[index]
+    assert pool.store.workers.find_one({"address": pool.worker_address(8)})["status"] == "LOST"  # type: ignore[index]
+    # And the orphan container is removed by a live node on this Docker host
+    deadline = time.monotonic() + 30
+    while engine.containers.list(all=True, filters=label) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert engine.containers.list(all=True, filters=label) == []
+
+
+def test_a_worker_added_in_the_middle_of_a_deal_takes_part_of_the_work(
+    running_pool: RunningPool,
+) -> None:
+    pool = running_pool
+    for n in (10, 11, 12):
+        pool.start_worker(n, WORKERPOOL_WORKER_SLOTS="1")
+    deal = pool.match(app="sleep", volume=10, params=deal_params("2"))
+    ids = deal.taskids()
+
+    def some_done(_: dict[str, Any]) -> bool:
+        return sum(_completed(pool.store.task(t) or {}) for t in ids) >= 2
+
+    pool.wait_tasks(ids[:1], some_done, timeout=120)
+    pool.start_worker(13, WORKERPOOL_WORKER_SLOTS="1")
+    pool.wait_tasks(ids, _completed, timeout=180)
+    newcomer = pool.worker_address(13)
+    taken = [t for t in ids if pool.store.replicate(t, newcomer) is not None]
+    assert taken, "the fourth worker took no task"
+    assert all(pool.chain_status(t) == ChainTaskStatus.COMPLETED for t in ids)
+
+
+def test_two_nodes_from_one_mnemonic_get_distinct_indexes(running_pool: RunningPool) -> None:
+    pool = running_pool
+    pool.start_worker(20, mnemonic=True)
+    pool.start_worker(21, mnemonic=True)
+    a = pool.store.workers.find_one({"name": "test-worker-20"})
+    b = pool.store.workers.find_one({"name": "test-worker-21"})
+    assert a is not None and b is not None and a["address"] != b["address"]
+    expected = {
+        pool.devnet.client.w3.eth.account.from_key(
+            derive(PUBLIC_TEST_MNEMONIC, FIRST_WORKER_INDEX + i)
+        ).address.lower()
+        for i in range(16)
+    }
+    assert {a["address"], b["address"]} <= expected
+
+
+def test_index_leases_are_exclusive_renewable_and_expire(redis_client: Any) -> None:
+    first = lease_index(redis_client, 4, 3, ttl_ms=500)
+    second = lease_index(redis_client, 4, 3, ttl_ms=500)
+    assert (first.index, second.index) == (4, 5)
+    first.renew()
+    # an impostor holding our index makes renewal fail: the node must stop
+    redis_client.set(first.key, "someone-else")
+    with pytest.raises(LeaseLost):
+        first.renew()
+    # a dead node's lease expires and a restarted node can take its index
+    time.sleep(0.7)
+    third = lease_index(redis_client, 4, 3, ttl_ms=500)
+    assert third.index in (4, 5)
+
+
+def test_a_gpu_deal_waits_visibly_until_a_gpu_worker_joins(running_pool: RunningPool) -> None:
+    pool = running_pool
+    pool.start_worker(14)  # standard only
+    deal = pool.match(tag=encode_tag("gpu"))
+    (taskid,) = deal.taskids()
+    (doc,) = pool.wait_tasks(
+        [taskid], lambda d: d.get("waitingReason", "").startswith("waiting"), timeout=30
+    )
+    assert doc["queue"] == "replicates.gpu"
+    assert doc["waitingReason"] == "waiting: no live worker serves replicates.gpu"
+    assert pool.store.replicates_of(taskid) == []
+    pool.start_worker(15, WORKERPOOL_WORKER_CAPABILITIES="standard,gpu")
+    (doc,) = pool.wait_tasks([taskid], _completed, timeout=90)
+    assert pool.store.replicate(taskid, pool.worker_address(15)) is not None
+    assert doc.get("waitingReason", "") == ""
