@@ -91,6 +91,7 @@ class Scheduler:
                 self.initialize,
                 self.plan,
                 self.lifecycle.reconcile,
+                self.requeue_lost_jobs,
                 self.replenisher.replenish,
             )
             for step in steps:
@@ -261,6 +262,35 @@ class Scheduler:
             kwargs={"deadline": task["contributionDeadline"]},
             queue=task["queue"],
         )
+        self.store.set_task_fields(task["chainTaskId"], {"enqueuedAt": time.time()})
+
+    def requeue_lost_jobs(self, report: TickReport) -> int:
+        """Rebuild replicate jobs that Redis lost (a restart without persistence): a task
+        still owed jobs (needed > granted) whose queue has been empty for a while gets them
+        again. A duplicate is harmless: the authorization refuses what a task does not need."""
+        if self.redis is None:
+            return 0
+        grace = max(30.0, 10 * self.settings.poll_period)
+        now = time.time()
+        empty: dict[str, bool] = {}
+        added = 0
+        for task in self.store.tasks_in([TaskStatus.RUNNING, TaskStatus.REOPENED]):
+            owed = task.get("replicatesNeeded", 0) - task.get("replicatesGranted", 0)
+            if owed <= 0 or now - task.get("enqueuedAt", now) < grace:
+                continue
+            queue = task["queue"]
+            if queue not in empty:
+                empty[queue] = int(self.redis.llen(queue)) == 0
+            if not empty[queue]:
+                continue
+            log.warning(
+                "task %s: %d job(s) missing from %s; queued again", task["chainTaskId"], owed, queue
+            )
+            for _ in range(owed):
+                self.enqueue(task)
+            added += owed
+        report.jobs_enqueued += added
+        return added
 
 
 def _deal_doc(deal: Deal, category: Category, entry: Any) -> dict[str, Any]:

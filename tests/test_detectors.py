@@ -93,3 +93,26 @@ def test_consensus_nobody_reveals_is_reopened_and_replanned(
     assert store.replicate(taskid, worker.address)["status"] == "ABORTED"  # type: ignore[index]
     assert redis_client.llen(REPLICATE_QUEUES["standard"]) == jobs_before + 1
     assert doc["replicatesNeeded"] == 2
+
+
+def test_jobs_lost_with_redis_are_rebuilt_from_mongo(
+    devnet: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler],
+    redis_client: Any,
+) -> None:
+    scheduler = make_scheduler()
+    deal = _deal(devnet, volume=2)
+    scheduler.tick()
+    queue = REPLICATE_QUEUES["standard"]
+    assert redis_client.llen(queue) == 2
+    # Given Redis loses its queues (a restart without persistence)
+    redis_client.flushdb()
+    # When the grace period has passed, Then the next tick queues the owed jobs again
+    scheduler.tick()
+    assert redis_client.llen(queue) == 0  # not before the grace period: jobs may be in flight
+    for taskid in deal.taskids():
+        store.set_task_fields(taskid, {"enqueuedAt": 0})
+    report = scheduler.tick()
+    assert report.jobs_enqueued == 2 and redis_client.llen(queue) == 2
+    # And not again within the grace period (the new jobs are in the queue)
+    again = scheduler.tick()
+    assert again.jobs_enqueued == 0
