@@ -1,87 +1,65 @@
-"""The Flask status API (read-only), built by a factory from settings and a store.
+"""The Flask API of the pool: one blueprint per resource, built by :func:`create_app`.
 
-This first cut serves what the demo and operators need to follow deals: pool summary,
-deals, tasks with their timeline, and the files of the local result publisher.
+``/api/v1``: ``pool``, ``workers``, ``deals``, ``tasks``, ``orders`` and the OpenAPI document;
+``/healthz`` and ``/metrics`` for machines; ``/`` the dashboard; ``/results`` the local
+publisher's files; and the market-compatible orderbook (``api/orderbook.py``).
+
+Why it is built this way:
+
+* ``create_app(settings)`` connects to nothing: the store, Redis and the chain are opened on
+  first use (:mod:`api.context`), so the app can be built before they are up, and
+  ``/healthz`` can then say which one is missing. A store may be passed in (the standalone
+  mode and the tests share an in-memory one with the scheduler).
+* Every error, whoever raises it, is ``{"error": {"status", "code", "message"}}``
+  (:mod:`api.errors`), except the orderbook's, which answers in the iExec market's shape.
+* Read-only unless ``WORKERPOOL_API_TOKEN`` is set; secrets never leave in a body
+  (:mod:`api.security`).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, abort, jsonify, send_from_directory
+from flask import Flask
 
+from api import dashboard, deals, docs, health, metrics, orders, overview, results, tasks, workers
+from api.context import EXTENSION, ApiContext, ChainProbe
+from api.errors import register_error_handlers
+from api.orderbook import orderbook_blueprint
+from api.security import install as install_security
 from pool.settings import Settings
-from pool.states import TaskStatus
 from pool.store import Store
 
-HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
 
+def create_app(
+    settings: Settings,
+    store: Store | None = None,
+    results_dir: Path | None = None,
+    *,
+    redis: Any = None,
+    chain: ChainProbe | None = None,
+) -> Flask:
+    """The API app. ``store``/``redis``/``chain`` default to ones built from ``settings`` on
+    first use; ``results_dir`` is served under ``/results`` (local result publisher)."""
+    app = Flask("api", template_folder="templates", static_folder="static")
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.config["MAX_CONTENT_LENGTH"] = 1 << 20  # bodies are small orders, never uploads
+    context = ApiContext(settings, store, redis, chain)
+    app.extensions[EXTENSION] = context
 
-def create_app(settings: Settings, store: Store, results_dir: Path | None = None) -> Flask:
-    app = Flask("workerpool-api")
-    app.config["JSON_SORT_KEYS"] = False
+    register_error_handlers(app)
+    install_security(app, settings)
 
-    def _doc(doc: dict[str, Any] | None) -> Any:
-        if doc is None:
-            abort(404)
-        return jsonify(_jsonable(doc))
-
-    @app.get("/healthz")
-    def healthz() -> Any:
-        store.db.command("ping")
-        return jsonify({"ok": True})
-
-    @app.get("/api/v1/pool")
-    def pool() -> Any:
-        by_status = {
-            s: store.tasks.count_documents({"status": s}) for s in (str(x) for x in TaskStatus)
-        }
-        return jsonify(
-            {
-                "address": settings.pool_address,
-                "chainRpc": settings.chain_rpc_url,
-                "deals": store.deals.count_documents({}),
-                "tasksByStatus": {k: v for k, v in by_status.items() if v},
-                "workers": store.workers.count_documents({}),
-            }
-        )
-
-    @app.get("/api/v1/deals/<dealid>")
-    def deal(dealid: str) -> Any:
-        if not HEX32.match(dealid):
-            abort(400)
-        doc = store.deal(dealid)
-        if doc is not None:
-            doc["tasks"] = [
-                t["chainTaskId"] for t in store.tasks_in(TaskStatus, chainDealId=dealid)
-            ]
-        return _doc(doc)
-
-    @app.get("/api/v1/tasks/<taskid>")
-    def task(taskid: str) -> Any:
-        if not HEX32.match(taskid):
-            abort(400)
-        doc = store.task(taskid)
-        if doc is not None:
-            doc["replicates"] = store.replicates_of(taskid)
-        return _doc(doc)
-
-    @app.get("/results/<name>")
-    def result_file(name: str) -> Any:
-        if results_dir is None or not re.match(r"^0x[0-9a-f]{64}\.zip$", name):
-            abort(404)
-        return send_from_directory(results_dir, name, mimetype="application/zip")
-
+    app.register_blueprint(overview.bp)
+    app.register_blueprint(workers.bp)
+    app.register_blueprint(deals.bp)
+    app.register_blueprint(tasks.bp)
+    app.register_blueprint(orders.bp)
+    app.register_blueprint(docs.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.create_blueprint(context))
+    app.register_blueprint(dashboard.bp)
+    app.register_blueprint(results.create_blueprint(results_dir))
+    app.register_blueprint(orderbook_blueprint(settings, store))
     return app
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items() if k != "_id"}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "isoformat"):
-        return value.isoformat() + "Z"
-    return value

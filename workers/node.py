@@ -10,6 +10,7 @@ digest and the zipped output) stays in its work directory, keyed by task id.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 R = ReplicateStatus
 VERSION = "0.1.0"
 WORKER_LABEL = "workerpool.worker"
+BROKER_LABEL = "workerpool.broker"
 MB = 1024 * 1024
 
 
@@ -92,6 +94,7 @@ class WorkerNode:
         self.workdir = base / self.address.lower()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.busy = 0
+        self.broker_id = hashlib.sha256(settings.redis_url.encode()).hexdigest()[:16]
         self.redis: Any = None  # set by the CLI: liveness key and index lease renewal
         self.lease: IndexLease | None = None
         self._busy_lock = threading.Lock()
@@ -236,7 +239,7 @@ class WorkerNode:
             output_limit_bytes=self.settings.app_output_limit_mb * MB,
             network=self.settings.app_network,
             name=f"wp-{self.address[2:10].lower()}-{taskid[2:18]}",
-            labels={WORKER_LABEL: self.address.lower()},
+            labels={WORKER_LABEL: self.address.lower(), BROKER_LABEL: self.broker_id},
         )
         try:
             outcome = self.runner.run(run)
@@ -380,12 +383,15 @@ class WorkerNode:
             return 0
         removed = 0
         label_values = getattr(self.runner, "label_values", None)
-        workers = label_values(WORKER_LABEL) if label_values else set()
+        # only containers of nodes sharing our broker: another pool on this Docker host (or a
+        # test run beside this one) may use the same worker address with its own Redis
+        mine = {BROKER_LABEL: self.broker_id}
+        workers = label_values(WORKER_LABEL, mine) if label_values else set()
         for worker in workers:
             # ours: the runner keeps the containers it runs now; a peer's: only if it is dead
             if worker != self.address.lower() and self.redis.exists(alive_key(worker)):
                 continue
-            removed += self.runner.remove_leftovers({WORKER_LABEL: worker})
+            removed += self.runner.remove_leftovers({WORKER_LABEL: worker, **mine})
         if removed:
             log.warning("removed %d orphan app container(s)", removed)
         return removed

@@ -628,10 +628,12 @@ class DockerRunner:
             removed += 1
         return removed
 
-    def label_values(self, label: str) -> set[str]:
-        """Distinct values of ``label`` among the engine's containers (running or not)."""
+    def label_values(self, label: str, where: dict[str, str] | None = None) -> set[str]:
+        """Distinct values of ``label`` among the engine's containers (running or not) that
+        also carry every ``label=value`` of ``where``."""
+        filters = [label, *(f"{k}={v}" for k, v in (where or {}).items())]
         try:
-            found = self.client.containers.list(all=True, filters={"label": [label]})
+            found = self.client.containers.list(all=True, filters={"label": filters})
         except requests.exceptions.ConnectionError as exc:
             raise EngineError(f"Docker Engine unreachable: {exc}") from exc
         return {c.labels.get(label, "") for c in found} - {""}
