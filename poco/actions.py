@@ -27,6 +27,7 @@ from poco.proofs import result_hash, result_seal
 
 SIGN = 0
 CLOSE = 1
+CONTRIBUTE_MIN_GAS = 600_000
 
 
 def _b(hexstr: str) -> bytes:
@@ -117,6 +118,9 @@ def contribute(
         diagnose=lambda: diagnose.contribute(
             client, wallet.address, taskid, authorization, enclave
         ),
+        # the estimate may be made before another contribution lands; ours may then be the
+        # one reaching consensus, which loops over contributors (POCO.md: 311-390k gas)
+        min_gas=CONTRIBUTE_MIN_GAS,
     )
 
 

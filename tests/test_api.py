@@ -131,7 +131,10 @@ def test_pool_summary_reports_identity_chain_workers_queues_and_counts(run: Devn
     assert body["chainId"] == run.devnet.client.chain_id
     assert body["chain"]["reachable"] is True and body["chain"]["error"] is None
     assert abs(body["chain"]["headBlock"] - run.devnet.client.block_number()) <= 2
-    assert body["listener"]["block"] is not None and body["listener"]["lag"] <= 2
+    # the lag is head - listener cursor; a tick (0.3 s here) may trail a few blocks under load
+    listener = body["listener"]
+    assert listener["block"] is not None
+    assert 0 <= listener["lag"] <= 10
     assert body["workers"] == {"alive": 1, "lost": 0, "other": 0, "total": 1}
     assert body["slots"]["total"] == 2 and body["slots"]["used"] + body["slots"]["free"] == 2
     assert set(body["queues"]) == {SCHEDULER_QUEUE, *REPLICATE_QUEUES.values()}

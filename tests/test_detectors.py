@@ -35,7 +35,9 @@ def _deal(devnet: DevnetHandle, **kw: Any) -> Any:
 
 
 def test_no_contribution_times_out_then_all_tasks_are_claimed_in_one_transaction(
-    chain_snapshot: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler],
+    chain_snapshot: DevnetHandle,
+    store: Store,
+    make_scheduler: Callable[..., Scheduler],
 ) -> None:
     devnet = chain_snapshot
     scheduler = make_scheduler()
@@ -63,7 +65,9 @@ def test_no_contribution_times_out_then_all_tasks_are_claimed_in_one_transaction
 
 
 def test_consensus_nobody_reveals_is_reopened_and_replanned(
-    chain_snapshot: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler],
+    chain_snapshot: DevnetHandle,
+    store: Store,
+    make_scheduler: Callable[..., Scheduler],
     redis_client: Any,
 ) -> None:
     devnet = chain_snapshot
@@ -96,7 +100,9 @@ def test_consensus_nobody_reveals_is_reopened_and_replanned(
 
 
 def test_jobs_lost_with_redis_are_rebuilt_from_mongo(
-    devnet: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler],
+    devnet: DevnetHandle,
+    store: Store,
+    make_scheduler: Callable[..., Scheduler],
     redis_client: Any,
 ) -> None:
     scheduler = make_scheduler()

@@ -71,7 +71,7 @@ def test_a_lying_worker_is_rejected_and_the_task_completes_with_the_honest_resul
     # When honest workers join
     for n in (5, 6, 7):
         pool.start_worker(n)
-    (doc,) = pool.wait_tasks([taskid], _completed, timeout=120)
+    pool.wait_tasks([taskid], _completed, timeout=120)
     # Then the task completes with the honest result, and the liar is rejected on chain:
     # its contribution is not proved, its stake is seized, and its record shows it
     chain = client.view_task(taskid)
@@ -111,7 +111,7 @@ def test_a_killed_worker_is_replanned_and_its_orphan_container_removed(
     pool.kill_worker(victim)
     pool.start_worker(9)
     # Then its replicate is WORKER_LOST, re-planned, and the task completes before its deadline
-    (doc,) = pool.wait_tasks([taskid], _completed, timeout=120)
+    pool.wait_tasks([taskid], _completed, timeout=120)
     lost = pool.store.replicate(taskid, pool.worker_address(8))
     assert lost is not None and lost["status"] == "WORKER_LOST"
     assert pool.store.replicate(taskid, pool.worker_address(9))["status"] == "COMPLETED"  # type: ignore[index]

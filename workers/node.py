@@ -245,6 +245,11 @@ class WorkerNode:
             outcome = self.runner.run(run)
         except RunnerError as exc:
             return self._fail(taskid, R.COMPUTE_FAILED, f"container: {exc}")
+        limits_hit = outcome.timed_out or outcome.oom_killed or outcome.output_too_large
+        if outcome.error and outcome.exit_code is None and not limits_hit:
+            # the engine lost track of the container: not the app's fault, so the replicate
+            # is ABORTED (the scheduler plans it again) rather than COMPUTE_FAILED
+            return self._fail(taskid, R.ABORTED, f"container engine failure: {outcome.error}")
         if not outcome.ok:
             return self._fail(
                 taskid,
