@@ -30,35 +30,41 @@ def _password(direct: str, file: str) -> str:
     return direct
 
 
+def _key(
+    path: str, password: str, password_file: str, raw: str, devnet: bool, prefix: str
+) -> str:
+    """A keystore (the production path) or, on a devnet only, a raw key."""
+    if path:
+        return decrypt_keystore(path, _password(password, password_file), f"{prefix}_PATH")
+    if raw:
+        if not devnet:
+            raise SettingsError(
+                f"{prefix}_PRIVATE_KEY is for the devnet only (set WORKERPOOL_DEVNET=1); "
+                f"use {prefix}_PATH and {prefix}_PASSWORD on a real chain"
+            )
+        return raw
+    raise SettingsError(f"missing required setting(s): {prefix}_PATH (+ {prefix}_PASSWORD)")
+
+
 def scheduler_key(settings: Settings) -> str:
     """The scheduler (workerpool owner) private key, from IEXEC_CORE_WALLET_* settings."""
-    if settings.core_wallet_path:
-        password = _password(settings.core_wallet_password, settings.core_wallet_password_file)
-        return decrypt_keystore(settings.core_wallet_path, password, "IEXEC_CORE_WALLET_PATH")
-    if settings.core_wallet_private_key:
-        if not settings.devnet:
-            raise SettingsError(
-                "IEXEC_CORE_WALLET_PRIVATE_KEY is for the devnet only (set WORKERPOOL_DEVNET=1); "
-                "use IEXEC_CORE_WALLET_PATH and IEXEC_CORE_WALLET_PASSWORD on a real chain"
-            )
-        return settings.core_wallet_private_key
-    raise SettingsError(
-        "missing required setting(s): IEXEC_CORE_WALLET_PATH (+ IEXEC_CORE_WALLET_PASSWORD)"
+    return _key(
+        settings.core_wallet_path,
+        settings.core_wallet_password,
+        settings.core_wallet_password_file,
+        settings.core_wallet_private_key,
+        settings.devnet,
+        "IEXEC_CORE_WALLET",
     )
 
 
 def worker_key(settings: Settings) -> str:
     """This worker node's private key, from IEXEC_WORKER_WALLET_* settings."""
-    if settings.worker_wallet_path:
-        password = _password(settings.worker_wallet_password, settings.worker_wallet_password_file)
-        return decrypt_keystore(settings.worker_wallet_path, password, "IEXEC_WORKER_WALLET_PATH")
-    if settings.worker_wallet_private_key:
-        if not settings.devnet:
-            raise SettingsError(
-                "IEXEC_WORKER_WALLET_PRIVATE_KEY is for the devnet only (set WORKERPOOL_DEVNET=1); "
-                "use IEXEC_WORKER_WALLET_PATH and IEXEC_WORKER_WALLET_PASSWORD on a real chain"
-            )
-        return settings.worker_wallet_private_key
-    raise SettingsError(
-        "missing required setting(s): IEXEC_WORKER_WALLET_PATH (+ IEXEC_WORKER_WALLET_PASSWORD)"
+    return _key(
+        settings.worker_wallet_path,
+        settings.worker_wallet_password,
+        settings.worker_wallet_password_file,
+        settings.worker_wallet_private_key,
+        settings.devnet,
+        "IEXEC_WORKER_WALLET",
     )

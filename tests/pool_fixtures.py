@@ -12,12 +12,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mongomock_ng as mongomock
 import pytest
+import redis
 from celery.contrib.testing.worker import start_worker
 from devnet_fixtures import DevnetHandle
 
@@ -142,16 +144,9 @@ class RunningPool:
                 proc.wait()
 
 
-@pytest.fixture
-def running_pool(
-    devnet: DevnetHandle,
-    redis_url: str,
-    redis_client: Any,
-    ipfs_api_url: str,
-    app_images: dict[str, str],
-    tmp_path: Path,
-) -> Iterator[RunningPool]:
-    env = {
+def pool_env(devnet: DevnetHandle, redis_url: str, ipfs_api_url: str) -> dict[str, str]:
+    """The environment of the pool's processes (workers inherit it)."""
+    return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("IEXEC_", "WORKERPOOL_"))},
         "IEXEC_PRIVATE_CHAIN_ADDRESS": devnet.info["rpc_url"],
         "IEXEC_HUB_ADDRESS": devnet.info["hub"],
@@ -167,14 +162,20 @@ def running_pool(
         "WORKER_LOST_TIMEOUT": "5",
         "PYTHONPATH": str(ROOT),
     }
+
+
+@contextmanager
+def pool_running(
+    devnet: DevnetHandle, redis_url: str, ipfs_api_url: str, tmp: Path, db: str = "e2e"
+) -> Iterator[RunningPool]:
+    """Run a pool's scheduler here until the block ends (function or module fixtures)."""
+    env = pool_env(devnet, redis_url, ipfs_api_url)
     settings = Settings.from_env(
         {**env, "IEXEC_START_BLOCK_NUMBER": str(devnet.client.block_number() + 1)}
     )
-    store = Store(mongomock.MongoClient()["e2e"])
+    store = Store(mongomock.MongoClient()[db])
     store.ensure_indexes()
     client = ChainClient(devnet.info["rpc_url"], devnet.info["hub"])
-    import redis
-
     scheduler = Scheduler(
         settings,
         store,
@@ -205,10 +206,23 @@ def running_pool(
         shutdown_timeout=20,
     ):
         ticker.start()
-        pool = RunningPool(devnet, scheduler, store, env, tmp_path)
+        pool = RunningPool(devnet, scheduler, store, env, tmp)
         try:
             yield pool
         finally:
             stop.set()
             ticker.join(timeout=10)
             pool.stop_workers()
+
+
+@pytest.fixture
+def running_pool(
+    devnet: DevnetHandle,
+    redis_url: str,
+    redis_client: Any,
+    ipfs_api_url: str,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> Iterator[RunningPool]:
+    with pool_running(devnet, redis_url, ipfs_api_url, tmp_path) as pool:
+        yield pool
