@@ -11,6 +11,12 @@ Why it looks like this:
 * gas is estimated before a nonce is taken: a call that would revert raises
   :class:`~poco.errors.TransactionReverted` with PoCo's reason, or (Poco2 reverts carry none)
   with a diagnosis read from ``viewTask``/``viewContribution`` (:mod:`poco.diagnose`);
+* a transaction not mined after ``replace_after`` seconds is looked at again: when nonces
+  below it were never mined (a gap: a transaction the node dropped, or an external sender
+  that skipped one) the gap is filled, by re-broadcasting what this process signed for those
+  nonces or by a 0-value transfer to itself; when it is next in line and still waits, it is
+  signed again with the same nonce and fees raised by ``fee_bump`` (up to ``max_fee``), so it
+  replaces itself in the mempool; whichever version is mined is the answer;
 * logs are read in block ranges of at most ``log_chunk`` blocks, halved when a node refuses.
 """
 
@@ -70,11 +76,21 @@ class Receipt:
 
 
 class NonceManager:
-    """Hands out consecutive nonces for one account; resyncs from the node when told to."""
+    """Hands out consecutive nonces for one account; resyncs from the node when told to.
+
+    ``signed`` keeps the raw transactions sent for the nonces not known to be mined, so that
+    a gap (the node dropped one) can be repaired by sending them again."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.next_nonce: int | None = None
+        self.signed: dict[int, bytes] = {}
+
+    def remember(self, nonce: int, raw: bytes, mined_below: int | None = None) -> None:
+        self.signed[nonce] = raw
+        if mined_below is not None:
+            for old in [n for n in self.signed if n < mined_below]:
+                del self.signed[old]
 
 
 _NONCE_MANAGERS: dict[tuple[str, str], NonceManager] = {}
@@ -112,6 +128,9 @@ class ChainClient:
         log_chunk: int = 2000,
         receipt_timeout: float = 120.0,
         poll_interval: float = 0.02,
+        replace_after: float = 30.0,
+        fee_bump: float = 1.25,
+        max_fee: int = 0,
     ) -> None:
         self.rpc_url = rpc_url
         provider = HTTPProvider(
@@ -134,6 +153,12 @@ class ChainClient:
         self.log_chunk = log_chunk
         self.receipt_timeout = receipt_timeout
         self.poll_interval = poll_interval
+        self.replace_after = replace_after
+        # geth and anvil take a replacement only with both fees raised by >= 10 %
+        self.fee_bump = max(fee_bump, 1.11)
+        self.max_fee = max_fee  # wei; 0: no ceiling
+        self._fees: tuple[float, dict[str, int]] | None = None
+        self._fees_lock = threading.Lock()
         self._domain: Domain | None = None
         self._chain_id: int | None = None
         self.rpc_calls = 0
@@ -310,6 +335,26 @@ class ChainClient:
         return out
 
     # ---- sending ------------------------------------------------------------------------------
+    FEES_TTL = 2.0  # seconds: fees are read at most once per block time, not per transaction
+
+    def fees(self) -> dict[str, int]:
+        """EIP-1559 fees (``maxFeePerGas`` = 2 x base fee + tip) or a legacy gas price."""
+        with self._fees_lock:
+            if self._fees is not None and time.monotonic() - self._fees[0] < self.FEES_TTL:
+                return dict(self._fees[1])
+        eth = self.eth
+        block = self.rpc("get_block", lambda: eth.get_block("latest"))
+        base = block.get("baseFeePerGas")
+        fees: dict[str, int]
+        if base is None:
+            fees = {"gasPrice": self.rpc("gas_price", lambda: int(eth.gas_price))}
+        else:
+            tip = self.rpc("max_priority_fee", lambda: int(eth.max_priority_fee))
+            fees = {"maxFeePerGas": 2 * int(base) + tip, "maxPriorityFeePerGas": tip}
+        with self._fees_lock:
+            self._fees = (time.monotonic(), fees)
+        return dict(fees)
+
     def wallet(self, private_key: str | bytes) -> Wallet:
         return Wallet(self, EthAccount.from_key(private_key))
 
@@ -328,20 +373,15 @@ class Wallet:
         return f"Wallet({self.address})"
 
     def _fees(self) -> dict[str, int]:
-        eth = self.client.eth
-        block = self.client.rpc("get_block", lambda: eth.get_block("latest"))
-        base = block.get("baseFeePerGas")
-        if base is None:
-            price = self.client.rpc("gas_price", lambda: int(eth.gas_price))
-            return {"gasPrice": int(price * self.gas_price_multiplier)}
-        tip = self.client.rpc("max_priority_fee", lambda: int(eth.max_priority_fee))
-        tip = int(tip * self.gas_price_multiplier)
-        return {"maxFeePerGas": 2 * int(base) + tip, "maxPriorityFeePerGas": tip}
+        return {k: int(v * self.gas_price_multiplier) for k, v in self.client.fees().items()}
 
     def _resync(self) -> int:
+        return self._count("pending")
+
+    def _count(self, block: str) -> int:
         return self.client.rpc(
-            "get_transaction_count",
-            lambda: int(self.client.eth.get_transaction_count(self.address, "pending")),
+            f"get_transaction_count {block}",
+            lambda: int(self.client.eth.get_transaction_count(self.address, block)),
         )
 
     def transact(
@@ -374,21 +414,19 @@ class Wallet:
             # contribution landing first makes ours the one that reaches consensus)
             gas = max(int(estimate * 1.25) + 20_000, min_gas)
         fees = self._fees()
+
+        def sign(nonce: int, fees: dict[str, int]) -> Any:
+            tx = fn.build_transaction(
+                {**tx_params, "gas": gas, "nonce": nonce, "chainId": self.client.chain_id, **fees}
+            )
+            return self.account.sign_transaction(tx)
+
         with self.nonces.lock:
             if self.nonces.next_nonce is None:
                 self.nonces.next_nonce = self._resync()
             for _ in range(3):
                 nonce = self.nonces.next_nonce
-                tx = fn.build_transaction(
-                    {
-                        **tx_params,
-                        "gas": gas,
-                        "nonce": nonce,
-                        "chainId": self.client.chain_id,
-                        **fees,
-                    }
-                )
-                signed = self.account.sign_transaction(tx)
+                signed = sign(nonce, fees)
                 try:
                     tx_hash = self._send_raw(signed.raw_transaction)
                 except Web3RPCError as exc:
@@ -407,20 +445,21 @@ class Wallet:
                 break
             else:
                 raise TransportError(f"{name}: could not find a free nonce for {self.address}")
+            self.nonces.remember(nonce, bytes(signed.raw_transaction))
         log.debug("%s sent %s nonce=%d tx=%s", self.address, name, nonce, tx_hash)
         if not wait:
             return tx_hash
-        receipt = self.wait(tx_hash, name)
+        receipt = self._await(_Pending(name, nonce, fees, [tx_hash], sign))
         if receipt.status != 1:
             why = (
                 f"out of gas (used all {receipt.gas_used})"
                 if receipt.gas_used >= gas
                 else "reverted once mined"
             )
-            raise TransactionReverted(name, why, diagnose() if diagnose else "", tx_hash)
+            raise TransactionReverted(name, why, diagnose() if diagnose else "", receipt.tx_hash)
         return receipt
 
-    def _known(self, tx_hash: bytes) -> bool:
+    def _known(self, tx_hash: bytes | str) -> bool:
         try:
             self.client.rpc("get_transaction", lambda: self.client.eth.get_transaction(tx_hash))
         except TransactionNotFound:
@@ -439,27 +478,160 @@ class Wallet:
             raise
         return tx_hash
 
+    def _receipt(self, tx_hash: str) -> Receipt | None:
+        try:
+            r = self.client.rpc(
+                "get_transaction_receipt", lambda: self.client.eth.get_transaction_receipt(tx_hash)
+            )
+        except TransactionNotFound:
+            return None
+        return Receipt(
+            tx_hash=tx_hash,
+            block_number=int(r["blockNumber"]),
+            gas_used=int(r["gasUsed"]),
+            status=int(r["status"]),
+            logs=list(r["logs"]),
+            contract_address=r.get("contractAddress"),
+        )
+
     def wait(self, tx_hash: str, name: str = "tx") -> Receipt:
-        eth = self.client.eth
+        """Wait for the receipt of a transaction sent elsewhere (no replacement)."""
         deadline = time.monotonic() + self.client.receipt_timeout
         while True:
-            try:
-                r = self.client.rpc(
-                    "get_transaction_receipt", lambda: eth.get_transaction_receipt(tx_hash)
-                )
-                return Receipt(
-                    tx_hash=tx_hash,
-                    block_number=int(r["blockNumber"]),
-                    gas_used=int(r["gasUsed"]),
-                    status=int(r["status"]),
-                    logs=list(r["logs"]),
-                    contract_address=r.get("contractAddress"),
-                )
-            except TransactionNotFound:
-                pass
+            receipt = self._receipt(tx_hash)
+            if receipt is not None:
+                return receipt
             if time.monotonic() > deadline:
                 raise TransactionTimeout(f"{name}: no receipt for {tx_hash} yet", tx_hash)
             time.sleep(self.client.poll_interval)
+
+    def _await(self, pending: _Pending) -> Receipt:
+        """Wait for whichever version of ``pending`` is mined; every ``replace_after``
+        seconds without one, repair a nonce gap below it or replace it with higher fees."""
+        client = self.client
+        deadline = time.monotonic() + client.receipt_timeout
+        next_check = time.monotonic() + client.replace_after
+        while True:
+            for tx_hash in pending.hashes:
+                receipt = self._receipt(tx_hash)
+                if receipt is not None:
+                    return receipt
+            now = time.monotonic()
+            if now > deadline:
+                raise TransactionTimeout(
+                    f"{pending.name}: no receipt for {pending.hashes[-1]} after "
+                    f"{client.receipt_timeout:.0f}s ({len(pending.hashes)} version(s) sent)",
+                    pending.hashes[-1],
+                )
+            if now >= next_check:
+                self._unstick(pending)
+                next_check = time.monotonic() + client.replace_after
+            time.sleep(client.poll_interval)
+
+    def _unstick(self, pending: _Pending) -> None:
+        mined = self._count("latest")
+        if mined > pending.nonce:
+            # the nonce is used: by one of our versions (its receipt comes next poll) or by a
+            # transaction from elsewhere, and then ours can never be mined
+            if not any(self._receipt(h) for h in pending.hashes):
+                raise TransactionReverted(
+                    pending.name,
+                    f"nonce {pending.nonce} of {self.address} was used by another transaction",
+                )
+            return
+        if mined < pending.nonce:
+            self._fill_gap(mined, pending.nonce)
+            return
+        fees = _bumped(pending.fees, self.client.fee_bump, self.client.max_fee)
+        if fees == pending.fees:
+            log.warning(
+                "%s: %s nonce %d still not mined; fees at the ceiling (WORKERPOOL_MAX_FEE_GWEI)",
+                self.address,
+                pending.name,
+                pending.nonce,
+            )
+            return
+        signed = pending.sign(pending.nonce, fees)
+        try:
+            tx_hash = self._send_raw(signed.raw_transaction)
+        except Web3RPCError as exc:
+            text = str(exc).lower()
+            if "nonce too low" in text:
+                return  # a version was mined meanwhile: its receipt comes next poll
+            if "underpriced" in text:
+                pending.fees = fees  # not enough for this node: raise again next time
+                log.warning(
+                    "%s: replacement of %s underpriced: %s", self.address, pending.name, exc
+                )
+                return
+            raise
+        log.warning(
+            "%s: %s nonce %d not mined after %.0fs; replaced by %s with fees %s",
+            self.address,
+            pending.name,
+            pending.nonce,
+            self.client.replace_after,
+            tx_hash,
+            fees,
+        )
+        pending.fees = fees
+        pending.hashes.append(tx_hash)
+        with self.nonces.lock:
+            self.nonces.remember(pending.nonce, bytes(signed.raw_transaction), mined_below=mined)
+
+    def _fill_gap(self, first: int, stop: int) -> None:
+        """Nonces [first, stop) were never mined: send again what we signed for them, or a
+        0-value transfer to ourselves where we have nothing (another sender skipped it) or
+        the node refuses it now."""
+        fees = _bumped(self.client.fees(), self.client.fee_bump, self.client.max_fee)
+        for nonce in range(first, stop):
+            with self.nonces.lock:
+                raw = self.nonces.signed.get(nonce)
+            if raw is not None:
+                try:
+                    self._send_raw(raw)
+                    log.warning("%s: nonce gap at %d: sent again", self.address, nonce)
+                    continue
+                except Web3RPCError as exc:
+                    if "nonce too low" in str(exc).lower():
+                        continue
+                    log.warning("%s: nonce gap at %d: %s", self.address, nonce, exc)
+            tx: dict[str, Any] = {
+                "to": self.address,
+                "value": 0,
+                "gas": 21_000,
+                "nonce": nonce,
+                "chainId": self.client.chain_id,
+                **fees,
+            }
+            try:
+                self._send_raw(bytes(self.account.sign_transaction(tx).raw_transaction))
+            except Web3RPCError as exc:
+                if "nonce too low" not in str(exc).lower():
+                    log.warning("%s: nonce gap at %d: %s", self.address, nonce, exc)
+                continue
+            log.warning("%s: nonce gap at %d filled with a 0-value transfer", self.address, nonce)
+
+
+@dataclass
+class _Pending:
+    """A transaction being waited for: every version sent for its nonce, newest last."""
+
+    name: str
+    nonce: int
+    fees: dict[str, int]
+    hashes: list[str]
+    sign: Callable[[int, dict[str, int]], Any]
+
+
+def _bumped(fees: dict[str, int], factor: float, ceiling: int) -> dict[str, int]:
+    """Fees raised by ``factor`` (each at least +1 wei), capped at ``ceiling`` when set."""
+    out = {k: max(int(v * factor), v + 1) for k, v in fees.items()}
+    if ceiling:
+        out = {k: min(v, max(ceiling, fees[k])) for k, v in out.items()}
+        if "maxPriorityFeePerGas" in out:
+            out["maxPriorityFeePerGas"] = min(out["maxPriorityFeePerGas"], out["maxFeePerGas"])
+    return out
 
 
 def _revert_reason(exc: ContractLogicError) -> str:

@@ -52,7 +52,7 @@ from pool.orders import (
     workerpool_owner,
 )
 from pool.settings import Settings, SettingsError
-from pool.wallets import scheduler_key
+from pool.wallets import chain_client, scheduler_key
 
 log = logging.getLogger(__name__)
 
@@ -214,17 +214,9 @@ def _settings() -> Settings:
 
 def _client(settings: Settings) -> ChainClient:
     try:
-        settings.require("chain_rpc_url", "hub_address")
+        return chain_client(settings)
     except SettingsError as exc:
         _fail(str(exc))
-    return ChainClient(
-        str(settings.chain_rpc_url),
-        str(settings.hub_address),
-        request_timeout=settings.rpc_timeout,
-        retries=settings.rpc_retries,
-        log_chunk=settings.log_range,
-        receipt_timeout=settings.tx_timeout,
-    )
 
 
 def _key(settings: Settings) -> str:

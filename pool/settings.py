@@ -50,6 +50,20 @@ def _pos_float(value: str) -> float:
     return number
 
 
+def _nonneg_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
+def _fee_factor(value: str) -> float:
+    number = float(value)
+    if number <= 1.1:
+        raise ValueError("must be > 1.1 (nodes refuse a replacement raising fees by less)")
+    return number
+
+
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -142,6 +156,27 @@ SETTINGS: dict[str, Spec] = {
     ),
     "tx_timeout": Spec(
         "WORKERPOOL_TX_TIMEOUT", _pos_float, "120", "Seconds to wait for a transaction receipt."
+    ),
+    "tx_replace_after": Spec(
+        "WORKERPOOL_TX_REPLACE_AFTER",
+        _pos_float,
+        "30",
+        "Seconds a sent transaction may wait unmined before it is looked at again: a nonce gap "
+        "below it is filled, or it is replaced (same nonce) with fees raised by "
+        "WORKERPOOL_TX_FEE_BUMP.",
+    ),
+    "tx_fee_bump": Spec(
+        "WORKERPOOL_TX_FEE_BUMP",
+        _fee_factor,
+        "1.25",
+        "Factor applied to both EIP-1559 fees (or the gas price) of each replacement (> 1.1: "
+        "nodes refuse smaller raises).",
+    ),
+    "max_fee_gwei": Spec(
+        "WORKERPOOL_MAX_FEE_GWEI",
+        _nonneg_float,
+        "0",
+        "Ceiling of the fee per gas replacements may reach, in gwei; 0 = no ceiling.",
     ),
     # ---- scheduler wallet ------------------------------------------------------------------
     "core_wallet_path": Spec(
@@ -602,6 +637,9 @@ class Settings:
     rpc_timeout: float = 10.0
     rpc_retries: int = 5
     tx_timeout: float = 120.0
+    tx_replace_after: float = 30.0
+    tx_fee_bump: float = 1.25
+    max_fee_gwei: float = 0.0
     core_wallet_path: str = ""
     core_wallet_password: str = field(default="", repr=False)
     core_wallet_password_file: str = ""

@@ -1,4 +1,5 @@
-"""Load wallets from settings: an encrypted keystore (production) or a raw key (devnet only)."""
+"""Chain access from settings: the chain client, and wallets from an encrypted keystore
+(production) or a raw key (devnet only)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,26 @@ from pathlib import Path
 
 from eth_account import Account
 
+from poco.chain import ChainClient
 from pool.settings import Settings, SettingsError
+
+GWEI = 10**9
+
+
+def chain_client(settings: Settings) -> ChainClient:
+    """The chain client every service builds from the chain settings."""
+    settings.require("chain_rpc_url", "hub_address")
+    return ChainClient(
+        str(settings.chain_rpc_url),
+        str(settings.hub_address),
+        request_timeout=settings.rpc_timeout,
+        retries=settings.rpc_retries,
+        log_chunk=settings.log_range,
+        receipt_timeout=settings.tx_timeout,
+        replace_after=settings.tx_replace_after,
+        fee_bump=settings.tx_fee_bump,
+        max_fee=int(settings.max_fee_gwei * GWEI),
+    )
 
 
 def decrypt_keystore(path: str, password: str, what: str) -> str:
@@ -30,9 +50,7 @@ def _password(direct: str, file: str) -> str:
     return direct
 
 
-def _key(
-    path: str, password: str, password_file: str, raw: str, devnet: bool, prefix: str
-) -> str:
+def _key(path: str, password: str, password_file: str, raw: str, devnet: bool, prefix: str) -> str:
     """A keystore (the production path) or, on a devnet only, a raw key."""
     if path:
         return decrypt_keystore(path, _password(password, password_file), f"{prefix}_PATH")

@@ -20,7 +20,6 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from poco.chain import ChainClient
 from poco.errors import RetryableError
 from pool.celery_app import (
     CONTRIBUTE_TASK,
@@ -140,16 +139,10 @@ def create_control_app(settings: Settings, node: WorkerNode) -> Celery:
 
 def build_node(settings: Settings, private_key: str) -> WorkerNode:
     from pool.publishers import make_publisher
+    from pool.wallets import chain_client
     from workers.runner import DockerRunner
 
-    settings.require("chain_rpc_url", "hub_address")
-    client = ChainClient(
-        str(settings.chain_rpc_url),
-        str(settings.hub_address),
-        request_timeout=settings.rpc_timeout,
-        retries=settings.rpc_retries,
-        receipt_timeout=settings.tx_timeout,
-    )
+    client = chain_client(settings)
     wallet = client.wallet(private_key)
     local_dir = Path(
         settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"
