@@ -284,6 +284,40 @@ def test_empty_args_keep_the_image_cmd(
     assert outcome.exit_code == 0
 
 
+def test_the_run_ends_when_the_app_exits_not_at_the_next_check(
+    docker_client: docker.DockerClient, app_images: dict[str, str], tmp_path: Path
+) -> None:
+    # Given a runner that measures the output only every 30 s
+    slow_checks = DockerRunner(docker_client, poll_interval=30.0)
+    run = make_run(tmp_path, app_images["sleep"], ["1"])
+    started = time.monotonic()
+
+    # When an app that runs for 1 s ends
+    outcome = slow_checks.run(run)
+
+    # Then the run returns right after it (the runner waits on the engine, it does not
+    # sleep until its next check), with the exit code the engine reported
+    assert outcome.ok, outcome
+    assert 1.0 <= outcome.duration < 5
+    assert time.monotonic() - started < 10
+    assert_gone(docker_client, run.name)
+
+
+def test_the_time_limit_holds_between_two_output_checks(
+    docker_client: docker.DockerClient, app_images: dict[str, str], tmp_path: Path
+) -> None:
+    # Given output checks every 30 s and a time limit of 2 s
+    slow_checks = DockerRunner(docker_client, poll_interval=30.0)
+    run = make_run(tmp_path, app_images["sleep"], ["60"], timeout=2.0)
+
+    outcome = slow_checks.run(run)
+
+    # Then the app is stopped at its time limit, not at the next output check
+    assert outcome.timed_out and not outcome.ok
+    assert 2.0 <= outcome.duration < 8
+    assert_gone(docker_client, run.name)
+
+
 # --- failures --------------------------------------------------------------------------
 
 

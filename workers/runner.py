@@ -13,11 +13,12 @@ What :class:`DockerRunner` guarantees, and why:
   The user is left to the image (apps may expect root *inside* the container), which is
   safe because root without capabilities cannot escape it.
 - **Bounded**: memory (swap included), CPU, pids, log size, wall time and the size of
-  ``/iexec_out`` are limited. A watchdog polls the container every ``poll_interval``
-  seconds and kills it when the wall time or the output size goes over its limit.
-  The output check is a poll, so an app can overshoot by what it writes in one interval;
-  the size is checked once more after the app exits, so an app that is too quick for the
-  poll is still flagged.
+  ``/iexec_out`` are limited. A watchdog blocks on the engine's ``wait`` (so the end of
+  the app is seen at once and the slot freed), waking every ``poll_interval`` seconds to
+  measure the output and at the time limit, and kills the container when the wall time or
+  the output size goes over its limit. The output check is periodic, so an app can
+  overshoot by what it writes in one interval; the size is checked once more after the
+  app exits, so an app that is too quick for the check is still flagged.
 - **Always removed**: the container is force-removed in a ``finally``, whatever happens
   (app failure, engine error, ``KeyboardInterrupt``, ``SystemExit``). A container left by
   a worker that crashed is removed by name before the next run of the same task, and
@@ -63,6 +64,8 @@ DEFAULT_MAX_LOG_BYTES = 100_000
 # lines asked from the engine; the byte bound above is applied after
 _LOG_TAIL_LINES = 20_000
 _KILL_WAIT_SECONDS = 30.0
+# shortest wait on the engine (a request per wait: never spin)
+_MIN_WAIT_SECONDS = 0.01
 _REMOVE_ATTEMPTS = 3
 # Docker's own rule for container names
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
@@ -273,6 +276,27 @@ def dir_size(path: Path) -> int:
     return total
 
 
+def _is_read_timeout(exc: BaseException) -> bool:
+    """True when a requests error is a read timeout, whatever it is wrapped in."""
+    import urllib3.exceptions
+
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(
+            current, (urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout)
+        ):
+            return True
+        stack.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        stack.append(getattr(current, "reason", None))
+        stack.extend((current.__cause__, current.__context__))
+    return False
+
+
 def _tail_text(data: bytes, limit: int) -> str:
     """The last ``limit`` bytes of a log, decoded (a character cut at the start is replaced)."""
     if len(data) > limit:
@@ -284,8 +308,9 @@ class DockerRunner:
     """:class:`ContainerRunner` on a Docker Engine, through the Docker SDK.
 
     ``client`` defaults to ``docker.from_env()``, created on first use (nothing connects
-    at construction). ``poll_interval`` is the watchdog period; ``max_log_bytes`` bounds
-    the stdout and stderr kept from a run.
+    at construction). ``poll_interval`` is how often the output size is measured while the
+    app runs (the app's end is not polled: the watchdog waits on the engine for it);
+    ``max_log_bytes`` bounds the stdout and stderr kept from a run.
     """
 
     def __init__(
@@ -463,29 +488,24 @@ class DockerRunner:
         timed_out = output_too_large = aborted = False
         error: str | None = None
         killed_at: float | None = None
+        exited_with: int | None = None  # the engine's answer to wait, if the app ended
         next_size_check = started
+        deadline = started + run.timeout
         while True:
-            try:
-                container.reload()
-            except docker.errors.NotFound:
-                error = "the container disappeared while running (removed by someone else?)"
-                break
-            state = container.attrs.get("State", {})
-            if state.get("Status") in ("exited", "dead"):
-                break
             now = time.monotonic()
             if killed_at is None:
                 with self._lock:
                     abort_asked = run.name in self._abort
                 if abort_asked:
                     aborted = True
-                elif now - started > run.timeout:
+                elif now > deadline:
                     timed_out = True
                 elif now >= next_size_check:
                     before = time.monotonic()
                     size = dir_size(run.output_dir)
+                    walked = time.monotonic() - before
                     # a huge tree is slow to walk: walk it less often rather than saturate IO
-                    next_size_check = time.monotonic() + 4 * (time.monotonic() - before)
+                    next_size_check = time.monotonic() + max(self.poll_interval, 4 * walked)
                     output_too_large = size > run.output_limit_bytes
                 if aborted or timed_out or output_too_large:
                     log.warning(
@@ -498,19 +518,37 @@ class DockerRunner:
                     )
                     self._kill_container(container)
                     killed_at = time.monotonic()
+                    wake = killed_at + _KILL_WAIT_SECONDS
+                else:
+                    # just past the deadline, so that the check above sees it passed
+                    wake = min(next_size_check, deadline + 0.01)
             elif now - killed_at > _KILL_WAIT_SECONDS:
                 error = f"the container did not stop {_KILL_WAIT_SECONDS:g} s after SIGKILL"
                 break
-            time.sleep(self.poll_interval)
+            else:
+                wake = killed_at + _KILL_WAIT_SECONDS
+            # Block until the app exits or the next check is due: the slot is free as soon as
+            # the app ends (an abort kills the container, which ends this wait too).
+            try:
+                waited = self._wait(container, max(wake - time.monotonic(), _MIN_WAIT_SECONDS))
+            except docker.errors.NotFound:
+                error = "the container disappeared while running (removed by someone else?)"
+                break
+            if waited is not None:
+                exited_with = waited
+                break
         duration = time.monotonic() - started
-        with self._lock:  # kill() may have stopped it between two polls
+        with self._lock:  # kill() may have stopped it between two checks
             aborted = aborted or run.name in self._abort
 
         exit_code: int | None = None
         oom_killed = False
         stdout = stderr = log_tail = ""
-        with contextlib.suppress(docker.errors.NotFound):
+        try:
             container.reload()
+        except docker.errors.NotFound:  # removed by someone else after it ended
+            exit_code = exited_with
+        else:
             state = container.attrs.get("State", {})
             if state.get("Status") in ("exited", "dead"):
                 exit_code = int(state.get("ExitCode", -1))
@@ -538,6 +576,22 @@ class DockerRunner:
             "ok" if outcome.ok else outcome.reason(),
         )
         return outcome
+
+    @staticmethod
+    def _wait(container: Container, timeout: float) -> int | None:
+        """Block until the container stops or ``timeout`` seconds pass: its exit code, or
+        None while it still runs. One request that the engine answers when the app exits,
+        instead of inspecting the container every few hundred milliseconds."""
+        try:
+            answer = container.wait(timeout=timeout)
+        except requests.exceptions.ReadTimeout:
+            return None
+        except requests.exceptions.ConnectionError as exc:
+            # over the unix socket, urllib3 reports the read timeout as a connection error
+            if _is_read_timeout(exc):
+                return None
+            raise
+        return int(answer.get("StatusCode", -1))
 
     def _logs(self, container: Container) -> tuple[str, str, str]:
         """stdout, stderr and the combined tail, each bounded: logs never blow our memory."""
