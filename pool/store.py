@@ -38,6 +38,9 @@ from pool.states import (
 
 log = logging.getLogger(__name__)
 
+# ids per ``$in`` query when many tasks' replicates are read at once (a bounded query size)
+IN_BATCH = 1000
+
 
 def utcnow() -> dt.datetime:
     # Mongo stores millisecond precision; trim so round-trips compare equal
@@ -73,6 +76,8 @@ class Store:
         self.deals.create_index("chainDealId", unique=True)
         self.tasks.create_index("chainTaskId", unique=True)
         self.tasks.create_index([("status", 1), ("finalDeadline", 1)])
+        # contribution_timeouts: a range on the deadline within the contributing statuses
+        self.tasks.create_index([("status", 1), ("contributionDeadline", 1)])
         self.tasks.create_index("chainDealId")
         self.replicates.create_index([("chainTaskId", 1), ("worker", 1)], unique=True)
         self.replicates.create_index("status")
@@ -125,11 +130,21 @@ class Store:
         return self.tasks.find_one({"chainTaskId": taskid}, {"_id": 0})
 
     def tasks_in(
-        self, statuses: Iterable[TaskStatus], limit: int = 0, **match: Any
+        self,
+        statuses: Iterable[TaskStatus],
+        limit: int = 0,
+        *,
+        fields: Iterable[str] | None = None,
+        ordered: bool = True,
+        **match: Any,
     ) -> list[dict[str, Any]]:
-        """Tasks in any of ``statuses``, earliest final deadline first."""
+        """Tasks in any of ``statuses``, earliest final deadline first (unless ``ordered`` is
+        False). ``fields`` limits what is read of each task: the per-tick passes over every
+        running task only need a few fields, not the documents with their timelines."""
         query = {"status": {"$in": [str(s) for s in statuses]}, **match}
-        cursor = self.tasks.find(query, {"_id": 0}).sort([("finalDeadline", 1), ("chainTaskId", 1)])
+        cursor = self.tasks.find(query, _projection(fields))
+        if ordered:
+            cursor = cursor.sort([("finalDeadline", 1), ("chainTaskId", 1)])
         if limit:
             cursor = cursor.limit(limit)
         return list(cursor)
@@ -209,6 +224,26 @@ class Store:
     def replicates_of(self, taskid: str) -> list[dict[str, Any]]:
         return list(self.replicates.find({"chainTaskId": taskid}, {"_id": 0}))
 
+    def replicates_of_tasks(
+        self,
+        taskids: Iterable[str],
+        *,
+        fields: Iterable[str] | None = None,
+        batch: int | None = None,
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The replicates of many tasks by task id, read with one ``$in`` query per ``batch``
+        tasks (default :data:`IN_BATCH`; a task without replicates is absent). ``chainTaskId``
+        is always read."""
+        size = batch or IN_BATCH
+        ids = list(dict.fromkeys(taskids))
+        wanted = None if fields is None else {"chainTaskId", *fields}
+        found: dict[str, list[dict[str, Any]]] = {}
+        for start in range(0, len(ids), size):
+            query = {"chainTaskId": {"$in": ids[start : start + size]}}
+            for rep in self.replicates.find(query, _projection(wanted)):
+                found.setdefault(rep["chainTaskId"], []).append(rep)
+        return found
+
     def advance_replicate(
         self,
         taskid: str,
@@ -273,6 +308,13 @@ class Store:
             extra,
             None,
         )
+
+
+def _projection(fields: Iterable[str] | None) -> dict[str, int]:
+    """A find() projection: the whole document but its ``_id``, or only ``fields``."""
+    if fields is None:
+        return {"_id": 0}
+    return {"_id": 0, **{name: 1 for name in fields}}
 
 
 def _transition(

@@ -66,6 +66,8 @@ IN_FLIGHT = {
 # failures that come from the app or its inputs: re-running elsewhere proves nothing
 APP_FAULTS = {str(s) for s in (R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)}
 QUEUE_CAPABILITY = {queue: name for name, queue in REPLICATE_QUEUES.items()}
+# the projection of the passes that only need the task's id
+_ID = ("chainTaskId",)
 # a worker asks for authorization before computing: keep at least this much time
 MIN_TIME_LEFT_RATIO = 1.0  # x the category time reference
 
@@ -513,46 +515,76 @@ class Lifecycle:
                 return time.time() - float(seen) > timeout
         return bool(record.get("lastSeen") and record["lastSeen"] < cutoff)
 
-    def explain_waiting(self, task: dict[str, Any]) -> None:
-        """A task nobody took: say so when no live worker serves its queue."""
-        capability = QUEUE_CAPABILITY.get(task["queue"], task["queue"])
-        serving = self.store.workers.count_documents(
-            {"status": "ALIVE", "capabilities": capability}
-        )
-        reason = "" if serving else f"waiting: no live worker serves {task['queue']}"
+    def explain_waiting(self, task: dict[str, Any], serving: dict[str, int] | None = None) -> None:
+        """A task nobody took: say so when no live worker serves its queue.
+
+        ``serving`` caches the count of live workers per queue across the tasks of one
+        pass (one count per queue, not one per waiting task)."""
+        queue = task["queue"]
+        counts = {} if serving is None else serving
+        if queue not in counts:
+            capability = QUEUE_CAPABILITY.get(queue, queue)
+            counts[queue] = self.store.workers.count_documents(
+                {"status": "ALIVE", "capabilities": capability}
+            )
+        reason = "" if counts[queue] else f"waiting: no live worker serves {queue}"
         if task.get("waitingReason", "") != reason:
             self.store.set_task_fields(task["chainTaskId"], {"waitingReason": reason})
 
     # ---- the slow path: reconcile with the chain every tick -------------------------------
     def reconcile(self, report: TickReport) -> None:
+        """Every tick: the detectors, then each unfinished task is moved on from what the
+        store and the chain say. Its store cost does not grow with the running tasks beyond
+        what they need: tasks are read with projections, replicates with one query per
+        :data:`pool.store.IN_BATCH` tasks, serving workers counted once per queue."""
         now = self.client.block_timestamp()
         self.claim_expired(now, report)
         self.contribution_timeouts(now)
         self.reveal_timeouts(now)
         self.upload_timeouts()
         self.detect_lost_workers()
-        for task in self.store.tasks_in(CONTRIBUTING):
-            reps = self.store.replicates_of(task["chainTaskId"])
-            if not reps:
-                self.explain_waiting(task)
-            elif any(r["status"] == str(R.CONTRIBUTED) for r in reps):
-                if not self.check_consensus(task["chainTaskId"]):
-                    self.replan(task["chainTaskId"])
-            else:
-                self.replan(task["chainTaskId"])
-        for task in self.store.tasks_in([TaskStatus(x) for x in REVEAL_PHASE]):
+        self.reconcile_contributing()
+        for task in self.store.tasks_in(
+            [TaskStatus(x) for x in REVEAL_PHASE], fields=_ID, ordered=False
+        ):
             self.request_reveals(task["chainTaskId"])
-        for task in self.store.tasks_in([T.AT_LEAST_ONE_REVEALED]):
+        for task in self.store.tasks_in([T.AT_LEAST_ONE_REVEALED], fields=_ID, ordered=False):
             self.request_upload(task["chainTaskId"])
-        for task in self.store.tasks_in([T.RESULT_UPLOADED, T.FINALIZE_FAILED]):
+        for task in self.store.tasks_in(
+            [T.RESULT_UPLOADED, T.FINALIZE_FAILED], fields=_ID, ordered=False
+        ):
             self.finalize(task["chainTaskId"])
+
+    def reconcile_contributing(self) -> None:
+        """Tasks collecting contributions: say why nobody took a task, check consensus when
+        a contribution is in, re-plan when no replicate is under way."""
+        tasks = self.store.tasks_in(
+            CONTRIBUTING, fields=("chainTaskId", "queue", "waitingReason"), ordered=False
+        )
+        replicates = self.store.replicates_of_tasks(
+            [t["chainTaskId"] for t in tasks], fields=("status",)
+        )
+        serving: dict[str, int] = {}
+        for task in tasks:
+            taskid = task["chainTaskId"]
+            statuses = {r["status"] for r in replicates.get(taskid, [])}
+            if not statuses:
+                self.explain_waiting(task, serving)
+            elif str(R.CONTRIBUTED) in statuses:
+                if not self.check_consensus(taskid):
+                    self.replan(taskid)
+            elif not statuses & IN_FLIGHT:
+                # (replan returns at once while a replicate is under way: not even asked)
+                self.replan(taskid)
 
     def claim_expired(self, now: int, report: TickReport) -> None:
         """Tasks past their final deadline end on chain: claimed (FAILED, requester refunded,
         batched with claimArray) or found final there."""
         live = [s for s in TaskStatus if s not in FINAL_TASK_STATUSES]
         claimable: list[str] = []
-        for task in self.store.tasks_in(live, finalDeadline={"$lte": now}):
+        for task in self.store.tasks_in(
+            live, fields=("chainTaskId", "status"), finalDeadline={"$lte": now}
+        ):
             taskid = task["chainTaskId"]
             self.store.claim_task(taskid, [TaskStatus(task["status"])], T.FINAL_DEADLINE_REACHED)
             self._abort_replicates(taskid, "the task reached its final deadline")
@@ -609,7 +641,9 @@ class Lifecycle:
     def contribution_timeouts(self, now: int) -> None:
         """Past the contribution deadline without consensus: CONTRIBUTION_TIMEOUT. Nothing
         can happen on chain any more until the final deadline, when the task is claimed."""
-        for task in self.store.tasks_in(CONTRIBUTING, contributionDeadline={"$lte": now}):
+        for task in self.store.tasks_in(
+            CONTRIBUTING, fields=_ID, ordered=False, contributionDeadline={"$lte": now}
+        ):
             taskid = task["chainTaskId"]
             if self.check_consensus(taskid):
                 continue
@@ -626,7 +660,9 @@ class Lifecycle:
         """Winners slow to reveal: ask again after REVEAL_TIMEOUT_PERIOD; when the reveal
         deadline passed and nobody revealed, reopen the task and plan new replicates."""
         period = self.s.settings.reveal_timeout_period / 1000
-        for task in self.store.tasks_in([T.CONSENSUS_REACHED]):
+        for task in self.store.tasks_in(
+            [T.CONSENSUS_REACHED], fields=("chainTaskId", "revealAskedAt", "updatedAt")
+        ):
             taskid = task["chainTaskId"]
             chain = self.client.view_task(taskid)
             if chain.status != ChainTaskStatus.REVEALING:
@@ -669,7 +705,9 @@ class Lifecycle:
     def upload_timeouts(self) -> None:
         """An uploader silent for REVEAL_TIMEOUT_PERIOD: ask another revealed worker."""
         period = self.s.settings.reveal_timeout_period / 1000
-        for task in self.store.tasks_in([T.RESULT_UPLOADING]):
+        for task in self.store.tasks_in(
+            [T.RESULT_UPLOADING], fields=("chainTaskId", "uploadRequestedAt", "uploader")
+        ):
             asked = task.get("uploadRequestedAt")
             if asked is not None and (utcnow() - asked).total_seconds() > period:
                 self.upload_failed(task["chainTaskId"], task.get("uploader", ""), "timed out")

@@ -7,10 +7,12 @@ next one and two schedulers on one store duplicate nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,19 @@ log = logging.getLogger(__name__)
 CONTRIBUTION_DEADLINE_RATIO = 7
 FINAL_DEADLINE_RATIO = 10
 TICK_LOCK = "workerpool:scheduler:tick"
+# compare-and-expire / compare-and-delete: only the holder's token renews or frees the lock
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+
+
+def lock_ttl(settings: Settings) -> float:
+    """Seconds the tick lock outlives its last renewal (renewed before each tick step)."""
+    return max(10.0, settings.poll_period * 5)
 
 
 @dataclass
@@ -82,8 +97,8 @@ class Scheduler:
     # ---- the tick -----------------------------------------------------------------------
     def tick(self) -> TickReport:
         report = TickReport()
-        with self._lock() as held:
-            if not held:
+        with self._lock() as renew:
+            if renew is None:
                 report.skipped_tick = True
                 return report
             steps = (
@@ -95,6 +110,10 @@ class Scheduler:
                 self.replenisher.replenish,
             )
             for step in steps:
+                if not renew():  # expired while Redis was away: another tick may run now
+                    report.errors.append(f"tick lock lost before {step.__name__}")
+                    log.warning("tick lock lost before %s: stopping this tick", step.__name__)
+                    break
                 try:
                     step(report)
                 except RetryableError as exc:  # the next tick picks up where this one stopped
@@ -106,18 +125,40 @@ class Scheduler:
         return report
 
     @contextmanager
-    def _lock(self) -> Iterator[bool]:
+    def _lock(self) -> Iterator[Callable[[], bool] | None]:
+        """The tick lock: yields a function that says whether the lock is still ours, or None
+        when another scheduler holds it. A thread renews it every third of ``lock_ttl`` while
+        the tick runs, so a killed scheduler blocks the others for seconds, not minutes, and
+        a long step does not lose it."""
         if self.redis is None:
-            yield True
+            yield lambda: True
             return
         token = uuid.uuid4().hex
-        ttl_ms = int(max(60.0, self.settings.poll_period * 30) * 1000)
-        held = bool(self.redis.set(TICK_LOCK, token, nx=True, px=ttl_ms))
+        ttl_ms = int(lock_ttl(self.settings) * 1000)
+        if not self.redis.set(TICK_LOCK, token, nx=True, px=ttl_ms):
+            yield None
+            return
+        done = threading.Event()
+        lost = threading.Event()
+
+        def renewing() -> None:
+            while not done.wait(ttl_ms / 3000):
+                try:
+                    if not self.redis.eval(_RENEW, 1, TICK_LOCK, token, ttl_ms):
+                        lost.set()
+                        return
+                except Exception as exc:  # Redis down: the lock expires, the tick goes on
+                    log.warning("tick lock renewal failed: %s", exc)
+
+        renewer = threading.Thread(target=renewing, daemon=True, name="tick-lock")
+        renewer.start()
         try:
-            yield held
+            yield lambda: not lost.is_set()
         finally:
-            if held and self.redis.get(TICK_LOCK) in (token, token.encode()):
-                self.redis.delete(TICK_LOCK)
+            done.set()
+            renewer.join()
+            with contextlib.suppress(Exception):
+                self.redis.eval(_RELEASE, 1, TICK_LOCK, token)
 
     # ---- 1. listen ------------------------------------------------------------------------
     def listen(self, report: TickReport) -> None:
@@ -187,7 +228,9 @@ class Scheduler:
         batch_size = self.settings.init_batch_size
         # read the backlog once (earliest deadline first) and batch it here: re-querying it
         # per batch made initialization quadratic in the backlog (ops/bench, 10,000 tasks)
-        pending = self.store.tasks_in([TaskStatus.RECEIVED])
+        pending = self.store.tasks_in(
+            [TaskStatus.RECEIVED], fields=("chainTaskId", "chainDealId", "index")
+        )
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             for task in batch:
@@ -275,7 +318,19 @@ class Scheduler:
         now = time.time()
         empty: dict[str, bool] = {}
         added = 0
-        for task in self.store.tasks_in([TaskStatus.RUNNING, TaskStatus.REOPENED]):
+        running = self.store.tasks_in(
+            [TaskStatus.RUNNING, TaskStatus.REOPENED],
+            fields=(
+                "chainTaskId",
+                "queue",
+                "contributionDeadline",
+                "replicatesNeeded",
+                "replicatesGranted",
+                "enqueuedAt",
+            ),
+            ordered=False,
+        )
+        for task in running:
             owed = task.get("replicatesNeeded", 0) - task.get("replicatesGranted", 0)
             if owed <= 0 or now - task.get("enqueuedAt", now) < grace:
                 continue
@@ -352,17 +407,10 @@ def build(settings: Settings) -> Scheduler:
 
     from pool.celery_app import make_celery
     from pool.store import connect
-    from pool.wallets import scheduler_key
+    from pool.wallets import chain_client, scheduler_key
 
     settings.require("chain_rpc_url", "hub_address", "pool_address")
-    client = ChainClient(
-        str(settings.chain_rpc_url),
-        str(settings.hub_address),
-        request_timeout=settings.rpc_timeout,
-        retries=settings.rpc_retries,
-        log_chunk=settings.log_range,
-        receipt_timeout=settings.tx_timeout,
-    )
+    client = chain_client(settings)
     if settings.chain_id and client.chain_id != settings.chain_id:
         raise PocoError(
             f"IEXEC_CHAIN_ID={settings.chain_id} but the node at "

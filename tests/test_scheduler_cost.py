@@ -1,0 +1,277 @@
+"""What the scheduler's passes cost, on fakes of the chain and Celery and the mongomock store:
+a tick's store queries do not grow with the number of running tasks (one query per pass,
+replicates read in ``$in`` batches, serving workers counted once per queue), and chain state
+read once is passed along instead of read again (docs/performance.md, hot spots 7 and 8)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import mongomock_ng as mongomock
+import pytest
+
+from poco.types import ChainTaskStatus, Contribution, ContributionStatus, Task
+from pool import store as store_mod
+from pool.celery_app import REPLICATE_QUEUES, REVEAL_TASK
+from pool.settings import Settings
+from pool.states import ReplicateStatus
+from pool.store import Store
+from scheduler.service import Scheduler
+
+STANDARD = REPLICATE_QUEUES["standard"]
+GPU = REPLICATE_QUEUES["gpu"]
+POOL = "0x" + "11" * 20
+WORKER_A = "0x" + "aa" * 20
+WORKER_B = "0x" + "bb" * 20
+CONSENSUS = "0x" + "c0" * 32
+OTHER_HASH = "0x" + "0f" * 32
+NOW = 1_000_000
+
+
+def taskid(n: int) -> str:
+    return "0x" + f"{n:064x}"
+
+
+# ---- fakes ---------------------------------------------------------------------------------
+@dataclass
+class FakeChain:
+    """viewTask / viewContribution answers per task, and a count of every read."""
+
+    tasks: dict[str, Task] = field(default_factory=dict)
+    contributions: dict[tuple[str, str], Contribution] = field(default_factory=dict)
+    reads: Counter[str] = field(default_factory=Counter)
+
+    def block_timestamp(self, block: int | str = "latest") -> int:
+        self.reads["block_timestamp"] += 1
+        return NOW
+
+    def view_task(self, tid: str) -> Task:
+        self.reads["view_task"] += 1
+        return self.tasks[tid]
+
+    def view_contribution(self, tid: str, worker: str) -> Contribution:
+        self.reads["view_contribution"] += 1
+        return self.contributions[(tid, worker.lower())]
+
+
+@dataclass
+class FakeCelery:
+    sent: list[tuple[str, list[Any], str]] = field(default_factory=list)
+
+    def send_task(self, name: str, args: list[Any], queue: str, **_: Any) -> None:
+        self.sent.append((name, args, queue))
+
+
+class CountingCollection:
+    """A collection whose calls are counted (name of the collection, method)."""
+
+    def __init__(self, inner: Any, name: str, calls: Counter[str]) -> None:
+        self._inner, self._name, self._calls = inner, name, calls
+
+    def __getattr__(self, attr: str) -> Any:
+        target = getattr(self._inner, attr)
+        if not callable(target):
+            return target
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._calls[f"{self._name}.{attr}"] += 1
+            return target(*args, **kwargs)
+
+        return counted
+
+
+def count_store_calls(store: Store) -> Counter[str]:
+    calls: Counter[str] = Counter()
+    for name in ("deals", "tasks", "replicates", "workers", "cursors"):
+        setattr(store, name, CountingCollection(getattr(store, name), name, calls))
+    return calls
+
+
+def chain_task(tid: str, status: ChainTaskStatus, contributors: list[str], **kw: Any) -> Task:
+    return Task(
+        taskid=tid,
+        status=status,
+        dealid="0x" + "de" * 32,
+        idx=0,
+        timeref=300,
+        contribution_deadline=NOW + 1000,
+        reveal_deadline=kw.get("reveal_deadline", NOW + 600),
+        final_deadline=NOW + 3000,
+        consensus_value=kw.get("consensus_value", CONSENSUS),
+        reveal_counter=kw.get("reveal_counter", 0),
+        winner_counter=kw.get("winner_counter", len(contributors)),
+        contributors=tuple(contributors),
+        result_digest="0x" + "00" * 32,
+        results=b"",
+        results_timestamp=0,
+        results_callback=b"",
+    )
+
+
+def contribution(status: ContributionStatus, result_hash: str = CONSENSUS) -> Contribution:
+    return Contribution(
+        status=status,
+        result_hash=result_hash,
+        result_seal="0x" + "00" * 32,
+        enclave_challenge="0x" + "00" * 20,
+        weight=1,
+    )
+
+
+@pytest.fixture
+def store() -> Store:
+    s = Store(mongomock.MongoClient()["workerpool-cost"])
+    s.ensure_indexes()
+    return s
+
+
+@pytest.fixture
+def chain() -> FakeChain:
+    return FakeChain()
+
+
+@pytest.fixture
+def scheduler(store: Store, chain: FakeChain) -> Scheduler:
+    settings = Settings(pool_address=POOL, chain_rpc_url="http://fake", hub_address=POOL)
+    wallet = type("FakeWallet", (), {"address": POOL, "client": chain})()
+    return Scheduler(settings, store, chain, wallet, FakeCelery(), None)  # type: ignore[arg-type]
+
+
+def add_tasks(
+    store: Store, count: int, *, start: int = 0, queue: str = STANDARD, status: str = "RUNNING"
+) -> list[str]:
+    ids = [taskid(start + n) for n in range(count)]
+    docs = [
+        {
+            "chainTaskId": tid,
+            "chainDealId": "0x" + "de" * 32,
+            "index": n,
+            "status": status,
+            "trust": 1,
+            "queue": queue,
+            "timeref": 300,
+            "contributionDeadline": NOW + 1000,
+            "finalDeadline": NOW + 3000,
+            "jobsQueued": 1,
+            "replicatesNeeded": 1,
+            "replicatesGranted": 1,
+            # what a real task carries and a pass over every task should not read
+            "timeline": [{"status": "RECEIVED", "at": n, "note": "x" * 200}] * 10,
+        }
+        for n, tid in enumerate(ids)
+    ]
+    store.save_deal({"chainDealId": f"0x{start:064x}"}, docs)
+    return ids
+
+
+def reconcile_cost(scheduler: Scheduler, store: Store) -> Counter[str]:
+    calls = count_store_calls(store)
+    scheduler.lifecycle.reconcile(scheduler_report())
+    return calls
+
+
+def scheduler_report() -> Any:
+    from scheduler.service import TickReport
+
+    return TickReport()
+
+
+# ---- hot spot 7: reconcile ------------------------------------------------------------------
+def make_running_pool(store: Store, waiting: int, computing: int) -> None:
+    """``waiting`` tasks nobody took (half on the standard queue, half on gpu) and
+    ``computing`` tasks whose replicate is under way; one live standard worker."""
+    add_tasks(store, waiting // 2, start=0, queue=STANDARD)
+    add_tasks(store, waiting - waiting // 2, start=100_000, queue=GPU)
+    for tid in add_tasks(store, computing, start=200_000):
+        store.create_replicate(tid, WORKER_A, {})
+        store.transition_replicate(tid, WORKER_A, ReplicateStatus.STARTING)
+    store.workers.insert_one(
+        {"address": WORKER_A, "status": "ALIVE", "capabilities": ["standard"], "lastSeen": None}
+    )
+
+
+@pytest.mark.parametrize("size", [4, 60])
+def test_a_reconcile_pass_costs_the_same_store_queries_for_4_or_60_running_tasks(
+    scheduler: Scheduler,
+    store: Store,
+    chain: FakeChain,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+) -> None:
+    monkeypatch.setattr(store_mod, "IN_BATCH", 25)  # (1,000 in production)
+    # Given running tasks: half waiting for a worker (two queues), half computing
+    make_running_pool(store, waiting=size // 2, computing=size - size // 2)
+    scheduler.lifecycle.reconcile(scheduler_report())  # first pass: waiting reasons written
+    gpu_task = store.task(taskid(100_000))
+    assert (
+        gpu_task is not None
+        and gpu_task["waitingReason"] == f"waiting: no live worker serves {GPU}"
+    )
+    assert store.task(taskid(0)).get("waitingReason", "") == ""  # type: ignore[union-attr]
+
+    # When the next tick reconciles them
+    chain.reads.clear()
+    calls = reconcile_cost(scheduler, store)
+
+    # Then the store is asked a fixed number of times: one query per pass, the replicates
+    # in one $in query per IN_BATCH tasks, the live workers counted once per queue
+    replicate_batches = -(-size // 25)
+    assert calls["replicates.find"] == replicate_batches
+    assert calls["workers.count_documents"] == 2
+    assert calls["tasks.find"] == 8  # 4 detectors, contributing, reveal, upload, finalize
+    assert calls["tasks.find_one"] == 0 and calls["replicates.find_one"] == 0
+    assert sum(calls.values()) == 8 + replicate_batches + 2 + 1  # + the lost-worker scan
+    # And no chain read per task (the block time only)
+    assert chain.reads == Counter({"block_timestamp": 1})
+
+
+def test_passes_over_every_running_task_read_a_projection_not_the_timeline(
+    scheduler: Scheduler, store: Store
+) -> None:
+    make_running_pool(store, waiting=4, computing=4)
+    read: list[dict[str, Any]] = []
+    find = store.tasks.find
+
+    def recording_find(query: Any, projection: Any = None, *a: Any, **kw: Any) -> Any:
+        read.append(projection)
+        return find(query, projection, *a, **kw)
+
+    store.tasks.find = recording_find  # type: ignore[method-assign]
+    scheduler.lifecycle.reconcile(scheduler_report())
+    scheduler.requeue_lost_jobs(scheduler_report())
+    assert read, "no task query seen"
+    for projection in read:
+        assert projection and projection.get("_id") == 0 and len(projection) > 1, projection
+        assert "timeline" not in projection
+
+
+def test_reconcile_still_moves_every_kind_of_contributing_task(
+    scheduler: Scheduler, store: Store, chain: FakeChain
+) -> None:
+    # Given a task with a contribution in and consensus on chain, and one whose only
+    # replicate failed with its worker (WORKER_LOST) while the chain is still ACTIVE
+    consensus, lost = add_tasks(store, 2)
+    store.create_replicate(consensus, WORKER_A, {})
+    store.advance_replicate(consensus, WORKER_A, ReplicateStatus.CONTRIBUTED)
+    chain.tasks[consensus] = chain_task(consensus, ChainTaskStatus.REVEALING, [WORKER_A])
+    chain.contributions[(consensus, WORKER_A)] = contribution(ContributionStatus.CONTRIBUTED)
+    store.create_replicate(lost, WORKER_B, {})
+    store.transition_replicate(lost, WORKER_B, ReplicateStatus.WORKER_LOST)
+    chain.tasks[lost] = chain_task(lost, ChainTaskStatus.ACTIVE, [])
+
+    # When a tick reconciles them
+    scheduler.lifecycle.reconcile(scheduler_report())
+
+    # Then the first reached consensus and its winner is asked to reveal, the second got a
+    # new replicate planned
+    assert store.task(consensus)["status"] == "CONSENSUS_REACHED"  # type: ignore[index]
+    sent = scheduler.celery.sent  # type: ignore[attr-defined]
+    assert (REVEAL_TASK, [consensus], f"worker.{WORKER_A}") in sent
+    assert store.task(lost)["replicatesNeeded"] == 2  # type: ignore[index]
+
+
+def test_contribution_deadlines_have_an_index(store: Store) -> None:
+    keys = [list(spec["key"]) for spec in store.tasks.index_information().values()]
+    assert [("status", 1), ("contributionDeadline", 1)] in keys
