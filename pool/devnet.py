@@ -53,6 +53,7 @@ SAMPLE_APPS = {
     "bigout": "workerpool-apps/bigout:1",
     "sleep": "workerpool-apps/sleep:1",
     "nocomputed": "workerpool-apps/nocomputed:1",
+    "evil": "workerpool-apps/evil:1",
 }
 WORKERPOOL_DESCRIPTION = "workerpool devnet pool"
 

@@ -253,13 +253,15 @@ class Store:
         tx_hash: str | None = None,
         note: str | None = None,
         extra: dict[str, Any] | None = None,
+        stale_from: frozenset[str] = frozenset(),
     ) -> dict[str, Any] | None:
         """Bring a replicate to ``target`` through the allowed statuses in between (reports
         can be processed out of order). Returns None for a stale report (``target`` is behind
-        the current status) or an unknown replicate."""
+        the current status, or the replicate is in one of ``stale_from``: a transition back
+        the report does not mean) or an unknown replicate."""
         for _ in range(3):  # a concurrent report may move it while we walk
             current = self.replicate(taskid, worker)
-            if current is None:
+            if current is None or current["status"] in stale_from:
                 return None
             path = path_to(REPLICATE_TRANSITIONS, ReplicateStatus(current["status"]), target)
             if path is None:

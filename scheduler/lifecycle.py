@@ -13,14 +13,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from eth_utils import keccak
+
 from poco import actions
+from poco.chain import Receipt
 from poco.consensus import more_replicates_needed, simulate
 from poco.errors import PocoError, TransactionReverted
 from poco.orders import ZERO_ADDRESS
 from poco.proofs import sign_authorization
-from poco.types import ChainTaskStatus, ContributionStatus
+from poco.types import ChainTaskStatus, ContributionStatus, Task
 from pool.celery_app import (
     REPLICATE_QUEUES,
     REVEAL_TASK,
@@ -70,6 +74,7 @@ QUEUE_CAPABILITY = {queue: name for name, queue in REPLICATE_QUEUES.items()}
 _ID = ("chainTaskId",)
 # a worker asks for authorization before computing: keep at least this much time
 MIN_TIME_LEFT_RATIO = 1.0  # x the category time reference
+INTERRUPTED_MARGIN = 10.0  # seconds beyond WORKERPOOL_TX_TIMEOUT: see recover_interrupted
 
 
 class Lifecycle:
@@ -145,13 +150,17 @@ class Lifecycle:
         details = details or {}
         target = ReplicateStatus(status)
         extra = {k: v for k, v in details.items() if k in _REPORT_FIELDS}
+        upload_failed = target == R.REVEALED and bool(details.get("uploadFailed"))
         doc = self.store.advance_replicate(
             taskid,
             worker,
             target,
             tx_hash=details.get("txHash"),
-            note=details.get("reason"),
+            note=details.get("reason") or details.get("note"),
             extra=extra,
+            # REVEALED after RESULT_UPLOADING means "upload failed" only when it says so; a
+            # late or repeated reveal report (a resumed node) must not undo the upload
+            stale_from=_UPLOADING if target == R.REVEALED and not upload_failed else frozenset(),
         )
         if doc is None:
             log.info("stale or unknown report %s from %s on %s", status, worker, taskid)
@@ -166,7 +175,8 @@ class Lifecycle:
         elif target == R.REVEALED:
             task = self.store.task(taskid) or {}
             if (
-                task.get("status") == str(T.RESULT_UPLOADING)
+                upload_failed
+                and task.get("status") == str(T.RESULT_UPLOADING)
                 and task.get("uploader") == worker.lower()
             ):
                 self.upload_failed(taskid, worker.lower(), details.get("reason", "failed"))
@@ -213,25 +223,28 @@ class Lifecycle:
         if task is None:
             return False
         log.info("task %s reached consensus", taskid)
-        self.request_reveals(taskid)
+        self.request_reveals(taskid, chain)  # the state just read: not read again
         return True
 
-    def request_reveals(self, taskid: str) -> int:
+    def request_reveals(self, taskid: str, chain: Task | None = None) -> int:
         """Ask every winner that has not been asked yet to reveal. Reads the winners from the
-        chain, so a contribution whose report is late or lost is still asked for."""
-        chain = self.client.view_task(taskid)
+        chain (``chain``: a viewTask the caller has just read), so a contribution whose report
+        is late or lost is still asked for; winners already asked are not read again."""
+        if chain is None:
+            chain = self.client.view_task(taskid)
         if chain.status != ChainTaskStatus.REVEALING:
             return 0
+        replicates = {r["worker"]: r for r in self.store.replicates_of(taskid)}
         asked = 0
         for worker in chain.contributors:
+            rep = replicates.get(worker.lower())
+            if rep is None or rep.get("revealRequested"):
+                continue
             contribution = self.client.view_contribution(taskid, worker)
             if (
                 contribution.status != ContributionStatus.CONTRIBUTED
                 or contribution.result_hash != chain.consensus_value
             ):
-                continue
-            rep = self.store.replicate(taskid, worker)
-            if rep is None:
                 continue
             if rep["status"] in IN_FLIGHT or rep["status"] == str(R.WORKER_LOST):
                 self.store.advance_replicate(
@@ -251,13 +264,20 @@ class Lifecycle:
         self.request_upload(taskid)
 
     def request_upload(self, taskid: str, exclude: set[str] | None = None) -> bool:
+        """Ask a revealed worker to upload the result, one whose upload has not failed yet;
+        when every one failed (IPFS down), ask them again ``REVEAL_TIMEOUT_PERIOD`` after the
+        last failure rather than wait for the final deadline."""
         task = self.store.task(taskid) or {}
-        exclude = {*(exclude or set()), *task.get("uploadFailed", [])}
-        revealed = [
-            r["worker"]
-            for r in self.store.replicates_of(taskid)
-            if r["status"] == str(R.REVEALED) and r["worker"] not in exclude
+        failed = set(task.get("uploadFailed", []))
+        winners = [
+            r["worker"] for r in self.store.replicates_of(taskid) if r["status"] == str(R.REVEALED)
         ]
+        revealed = [w for w in winners if w not in failed and w not in (exclude or set())]
+        failed_at = task.get("uploadFailedAt")
+        pause = self.s.settings.reveal_timeout_period / 1000
+        paused = failed_at is not None and (utcnow() - failed_at).total_seconds() > pause
+        if not revealed and exclude is None and paused:
+            revealed = winners  # every winner failed once: try again after a pause
         if not revealed:
             return False
         claimed = self.store.claim_task(
@@ -325,7 +345,9 @@ class Lifecycle:
             self._finalize_failed(claimed, str(exc))
             return False
         self.store.transition_task(taskid, T.FINALIZED, tx_hash=receipt.tx_hash)
-        self._record_contributions(taskid)
+        # finalize changes no contributor: the list read above stands, the verdicts are in
+        # the receipt's events
+        self._record_contributions(taskid, chain.contributors, receipt)
         self._complete(taskid)
         log.info("task %s finalized (%s)", taskid, receipt.tx_hash)
         return True
@@ -427,12 +449,21 @@ class Lifecycle:
         )
         return more
 
-    def _record_contributions(self, taskid: str) -> None:
-        """After finalize: who was proved, who was rejected (stake seized, score cut)."""
-        chain = self.client.view_task(taskid)
-        for worker in chain.contributors:
-            c = self.client.view_contribution(taskid, worker)
-            proved = c.status == ContributionStatus.PROVED
+    def _record_contributions(
+        self, taskid: str, contributors: Sequence[str], receipt: Receipt
+    ) -> None:
+        """After finalize: who was proved, who was rejected (stake seized, score cut).
+
+        finalize emits AccurateContribution or FaultyContribution for each contributor; a
+        contributor the receipt says nothing about is read from the chain (viewContribution:
+        PROVED once revealed)."""
+        verdicts = contribution_verdicts(receipt, taskid, getattr(self.client, "hub_address", None))
+        log.debug("task %s: %d verdict(s) from the finalize events", taskid, len(verdicts))
+        for worker in contributors:
+            proved = verdicts.get(worker.lower())
+            if proved is None:
+                c = self.client.view_contribution(taskid, worker)
+                proved = c.status == ContributionStatus.PROVED
             self.store.workers.update_one(
                 {"address": worker.lower()},
                 {"$inc": {"accepted" if proved else "rejected": 1}},
@@ -542,6 +573,7 @@ class Lifecycle:
         self.contribution_timeouts(now)
         self.reveal_timeouts(now)
         self.upload_timeouts()
+        self.recover_interrupted()
         self.detect_lost_workers()
         self.reconcile_contributing()
         for task in self.store.tasks_in(
@@ -554,6 +586,45 @@ class Lifecycle:
             [T.RESULT_UPLOADED, T.FINALIZE_FAILED], fields=_ID, ordered=False
         ):
             self.finalize(task["chainTaskId"])
+
+    def recover_interrupted(self) -> None:
+        """Steps a dead scheduler left half-done: the status claimed (FINALIZING, REOPENING)
+        or set (FINALIZED), the transaction perhaps sent, the outcome never recorded. Once
+        ``WORKERPOOL_TX_TIMEOUT`` + 10 s have passed no live scheduler can still be waiting
+        for that transaction, so the chain decides where the task is."""
+        cutoff = utcnow() - dt.timedelta(seconds=self.s.settings.tx_timeout + INTERRUPTED_MARGIN)
+        why = "interrupted (scheduler restarted?)"
+        for task in self.store.tasks_in(
+            [T.FINALIZING, T.FINALIZED, T.REOPENING],
+            fields=("chainTaskId", "status", "updatedAt"),
+            ordered=False,
+        ):
+            updated = task.get("updatedAt")
+            if updated is not None and updated > cutoff:
+                continue
+            taskid, status = task["chainTaskId"], task["status"]
+            chain = self.client.view_task(taskid)
+            if status in (str(T.FINALIZING), str(T.FINALIZED)):
+                if chain.status == ChainTaskStatus.COMPLETED:
+                    self._complete(taskid, note=f"finalize {why}: completed on chain")
+                elif status == str(T.FINALIZING):
+                    log.warning("task %s: finalize %s: trying again", taskid, why)
+                    self.store.claim_task(
+                        taskid,
+                        [T.FINALIZING],
+                        T.FINALIZE_FAILED,
+                        note=f"finalize {why}: not completed on chain, trying again",
+                    )
+            elif chain.status == ChainTaskStatus.ACTIVE:  # REOPENING, and the reopen was mined
+                self._abort_silent_winners(taskid)
+                self.store.claim_task(
+                    taskid, [T.REOPENING], T.REOPENED, note=f"reopen {why}: reopened on chain"
+                )
+                self.replan(taskid)
+            elif chain.status == ChainTaskStatus.REVEALING:
+                self.store.claim_task(
+                    taskid, [T.REOPENING], T.CONSENSUS_REACHED, note=f"reopen {why}: not mined"
+                )
 
     def reconcile_contributing(self) -> None:
         """Tasks collecting contributions: say why nobody took a task, check consensus when
@@ -689,6 +760,13 @@ class Lifecycle:
             log.error("reopen %s failed: %s", taskid, exc)
             self.store.transition_task(taskid, T.CONSENSUS_REACHED, note=f"reopen failed: {exc}")
             return False
+        self._abort_silent_winners(taskid)
+        self.store.transition_task(taskid, T.REOPENED, tx_hash=receipt.tx_hash)
+        log.warning("task %s reopened: no winner revealed in time", taskid)
+        self.replan(taskid)
+        return True
+
+    def _abort_silent_winners(self, taskid: str) -> None:
         for rep in self.store.replicates_of(taskid):
             if rep["status"] in (str(R.CONTRIBUTED), str(R.REVEALING)):
                 self.store.advance_replicate(
@@ -697,10 +775,6 @@ class Lifecycle:
                     R.ABORTED,
                     note="did not reveal before the reveal deadline: task reopened",
                 )
-        self.store.transition_task(taskid, T.REOPENED, tx_hash=receipt.tx_hash)
-        log.warning("task %s reopened: no winner revealed in time", taskid)
-        self.replan(taskid)
-        return True
 
     def upload_timeouts(self) -> None:
         """An uploader silent for REVEAL_TIMEOUT_PERIOD: ask another revealed worker."""
@@ -722,9 +796,15 @@ class Lifecycle:
         if task is None:
             return
         failed = {*task.get("uploadFailed", []), uploader}
-        self.store.set_task_fields(taskid, {"uploadFailed": sorted(failed)})
+        self.store.set_task_fields(
+            taskid, {"uploadFailed": sorted(failed), "uploadFailedAt": utcnow()}
+        )
         if not self.request_upload(taskid, exclude=failed):
-            log.error("task %s: no other revealed worker can upload the result", taskid)
+            log.error(
+                "task %s: no other revealed worker can upload the result; asking again in %ss",
+                taskid,
+                self.s.settings.reveal_timeout_period / 1000,
+            )
 
     def _send(self, name: str, worker: str, taskid: str) -> None:
         self.s.celery.send_task(name, args=[taskid], queue=worker_queue(worker))
@@ -750,6 +830,30 @@ _HEARTBEAT_FIELDS = {
     "gpu",
     "tee",
 }
+
+
+_ACCURATE = keccak(text="AccurateContribution(address,bytes32)")
+_FAULTY = keccak(text="FaultyContribution(address,bytes32)")
+
+
+def contribution_verdicts(receipt: Receipt, taskid: str, hub: str | None = None) -> dict[str, bool]:
+    """Worker (lower case) -> proved, from the AccurateContribution / FaultyContribution
+    events of a finalize receipt (both: ``event(address indexed worker, bytes32 indexed
+    taskid)``). Events of other tasks, or not emitted by ``hub`` when given, are skipped."""
+    wanted = bytes.fromhex(taskid.removeprefix("0x").rjust(64, "0"))
+    verdicts: dict[str, bool] = {}
+    for entry in receipt.logs:
+        if hub is not None and str(entry.get("address", "")).lower() != hub.lower():
+            continue
+        topics = [bytes(t) for t in entry.get("topics", [])]
+        if len(topics) != 3 or topics[0] not in (_ACCURATE, _FAULTY) or topics[2] != wanted:
+            continue
+        worker = "0x" + topics[1][-20:].hex()
+        verdicts[worker] = topics[0] == _ACCURATE
+    return verdicts
+
+
+_UPLOADING = frozenset({str(R.RESULT_UPLOADING)})
 
 
 def _refuse(reason: str, requeue: bool) -> dict[str, Any]:

@@ -25,7 +25,8 @@ DEFAULT_IPFS_API = "http://127.0.0.1:5011"
 
 # name -> tag of the images built by ops/apps/build (no registry involved)
 APP_IMAGES: dict[str, str] = {
-    name: f"workerpool-apps/{name}:1" for name in ("echo", "crash", "bigout", "sleep", "nocomputed")
+    name: f"workerpool-apps/{name}:1"
+    for name in ("echo", "crash", "bigout", "sleep", "nocomputed", "evil")
 }
 
 

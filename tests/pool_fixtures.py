@@ -23,14 +23,15 @@ import redis
 from celery.contrib.testing.worker import start_worker
 from devnet_fixtures import DevnetHandle
 
-from poco.chain import ChainClient
+from poco import chain as chain_mod
 from poco.requester import MatchedDeal, match_deal
 from poco.types import ChainTaskStatus
 from pool.celery_app import SCHEDULER_QUEUE
 from pool.devnet import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC, WORKER_COUNT
 from pool.settings import Settings
 from pool.store import Store
-from scheduler.service import Scheduler
+from pool.wallets import chain_client
+from scheduler.service import TICK_LOCK, Scheduler, lock_ttl
 from scheduler.tasks import create_scheduler_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,17 @@ class RunningPool:
     tmp: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    process: SchedulerProcess | None = None
+
+    def restart_scheduler(self, *, crash: bool = True) -> Scheduler:
+        """Kill (or stop) the scheduler and start a new one on the same store and Redis."""
+        assert self.process is not None
+        if crash:
+            self.process.crash()
+        else:
+            self.process.stop()
+        self.scheduler = self.process.start()
+        return self.scheduler
 
     def start_worker(
         self, n: int, *, mnemonic: bool = False, **extra_env: str
@@ -68,12 +80,13 @@ class RunningPool:
             **extra_env,
         }
         log = self.tmp / f"worker-{n}.log"
-        self.logs.append(log)
+        if log not in self.logs:
+            self.logs.append(log)
         proc = subprocess.Popen(
             [sys.executable, "-m", "pool.cli", "worker", "--loglevel", "INFO"],
             env=env,
             cwd=ROOT,
-            stdout=log.open("wb"),
+            stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -113,11 +126,20 @@ class RunningPool:
             time.sleep(0.2)
         states = {t: (self.store.task(t) or {}).get("status") for t in taskids}
         reps = {
-            t: [(r["worker"][:8], r["status"]) for r in self.store.replicates_of(t)]
+            t: [
+                (r["worker"][:8], [e["status"] for e in r.get("timeline", [])])
+                for r in self.store.replicates_of(t)
+            ]
+            for t in taskids
+        }
+        timelines = {
+            t: [e["status"] for e in (self.store.task(t) or {}).get("timeline", [])]
             for t in taskids
         }
         tails = "\n".join(p.read_text()[-2000:] for p in self.logs)
-        raise AssertionError(f"tasks not done in {timeout}s: {states}\n{reps}\n{tails}")
+        raise AssertionError(
+            f"tasks not done in {timeout}s: {states}\n{timelines}\n{reps}\n{tails}"
+        )
 
     def chain_status(self, taskid: str) -> ChainTaskStatus:
         return self.devnet.client.view_task(taskid).status
@@ -164,55 +186,117 @@ def pool_env(devnet: DevnetHandle, redis_url: str, ipfs_api_url: str) -> dict[st
     }
 
 
+class Crash(BaseException):
+    """Raised at an injected crash point: no ``except Exception`` in the scheduler stops it,
+    so the scheduler's thread dies there like a killed process would."""
+
+
+class SchedulerProcess:
+    """The scheduler "process" of a test pool: a Scheduler (its own chain client, wallet and
+    nonce counter), its Celery consumer on threads and a ticking thread. :meth:`crash` drops
+    all of it the way ``kill -9`` would (nothing finished, the Redis tick lock left held);
+    :meth:`start` builds a new one on the same MongoDB, like a restarted container."""
+
+    def __init__(
+        self, devnet: DevnetHandle, settings: Settings, store: Store, redis_url: str
+    ) -> None:
+        self.devnet = devnet
+        self.settings = settings
+        self.store = store
+        self.redis_url = redis_url
+        self.scheduler: Scheduler | None = None
+        self._stop = threading.Event()
+        self._stack: contextlib.ExitStack | None = None
+        self._ticker: threading.Thread | None = None
+        self.crashed = threading.Event()
+
+    def start(self) -> Scheduler:
+        chain_mod.reset_nonces()  # a new process starts with no nonce counter
+        client = chain_client(self.settings)
+        scheduler = Scheduler(
+            self.settings,
+            self.store,
+            client,
+            client.wallet(self.devnet.key("scheduler")),
+            None,  # set below: the app the consumer thread runs
+            redis.Redis.from_url(self.redis_url),
+        )
+        app = create_scheduler_app(self.settings, scheduler)
+        scheduler.celery = app
+        self._stop = stop = threading.Event()
+        self.crashed = crashed = threading.Event()
+
+        def ticking() -> None:
+            while not stop.is_set():
+                try:
+                    scheduler.tick()
+                except Crash:
+                    crashed.set()
+                    return
+                except Exception as exc:  # keep ticking; the test sees the outcome in the store
+                    print(f"tick failed: {exc!r}")
+                stop.wait(0.3)
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(
+            start_worker(
+                app,
+                pool="threads",
+                concurrency=4,
+                perform_ping_check=False,
+                queues=[SCHEDULER_QUEUE],
+                shutdown_timeout=20,
+            )
+        )
+        self._stack = stack
+        self._ticker = threading.Thread(target=ticking, daemon=True)
+        self._ticker.start()
+        self.scheduler = scheduler
+        return scheduler
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=30)
+        if self._stack is not None:
+            self._stack.close()
+        self._ticker = self._stack = None
+
+    def crash(self) -> None:
+        """Stop everything without any clean-up of the scheduler's own: the tick lock of a
+        killed process stays in Redis until it expires."""
+        lock = redis.Redis.from_url(self.redis_url)
+        self.stop()
+        # the dead tick held the lock at the moment of the crash; nobody deletes it
+        ttl_ms = int(lock_ttl(self.settings) * 1000)
+        lock.set(TICK_LOCK, "killed-scheduler", px=ttl_ms, nx=True)
+
+
 @contextmanager
 def pool_running(
-    devnet: DevnetHandle, redis_url: str, ipfs_api_url: str, tmp: Path, db: str = "e2e"
+    devnet: DevnetHandle,
+    redis_url: str,
+    ipfs_api_url: str,
+    tmp: Path,
+    db: str = "e2e",
+    **extra_env: str,
 ) -> Iterator[RunningPool]:
-    """Run a pool's scheduler here until the block ends (function or module fixtures)."""
-    env = pool_env(devnet, redis_url, ipfs_api_url)
+    """Run a pool's scheduler here until the block ends (function or module fixtures).
+    ``extra_env`` goes to the scheduler and to every worker (e.g. another chain URL)."""
+    env = {**pool_env(devnet, redis_url, ipfs_api_url), **extra_env}
     settings = Settings.from_env(
         {**env, "IEXEC_START_BLOCK_NUMBER": str(devnet.client.block_number() + 1)}
     )
     store = Store(mongomock.MongoClient()[db])
     store.ensure_indexes()
-    client = ChainClient(devnet.info["rpc_url"], devnet.info["hub"])
-    scheduler = Scheduler(
-        settings,
-        store,
-        client,
-        client.wallet(devnet.key("scheduler")),
-        None,  # type: ignore[arg-type]  # set below: the app the consumer thread runs
-        redis.Redis.from_url(redis_url),
-    )
-    app = create_scheduler_app(settings, scheduler)
-    scheduler.celery = app
-    stop = threading.Event()
-
-    def ticking() -> None:
-        while not stop.is_set():
-            try:
-                scheduler.tick()
-            except Exception as exc:  # keep ticking; the test sees the outcome in the store
-                print(f"tick failed: {exc!r}")
-            stop.wait(0.3)
-
-    ticker = threading.Thread(target=ticking, daemon=True)
-    with start_worker(
-        app,
-        pool="threads",
-        concurrency=4,
-        perform_ping_check=False,
-        queues=[SCHEDULER_QUEUE],
-        shutdown_timeout=20,
-    ):
-        ticker.start()
-        pool = RunningPool(devnet, scheduler, store, env, tmp)
-        try:
-            yield pool
-        finally:
-            stop.set()
-            ticker.join(timeout=10)
-            pool.stop_workers()
+    process = SchedulerProcess(devnet, settings, store, redis_url)
+    scheduler = process.start()
+    pool = RunningPool(devnet, scheduler, store, env, tmp, process=process)
+    try:
+        yield pool
+    finally:
+        process.stop()
+        pool.stop_workers()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ reopen after an unrevealed consensus, claims batched with claimArray."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
@@ -122,3 +123,46 @@ def test_jobs_lost_with_redis_are_rebuilt_from_mongo(
     # And not again within the grace period (the new jobs are in the queue)
     again = scheduler.tick()
     assert again.jobs_enqueued == 0
+
+
+def test_a_repeated_reveal_report_does_not_undo_an_upload_and_a_failed_upload_is_asked_again(
+    chain_snapshot: DevnetHandle,
+    store: Store,
+    make_scheduler: Callable[..., Scheduler],
+    redis_client: Any,
+) -> None:
+    devnet = chain_snapshot
+    scheduler = make_scheduler(reveal_timeout_period=1000)
+    lifecycle = scheduler.lifecycle
+    deal = _deal(devnet)
+    (taskid,) = deal.taskids()
+    scheduler.tick()
+    worker = devnet.worker_wallet(7)
+    grant = lifecycle.authorize(taskid, worker.address)
+    actions.contribute(worker, taskid, DIGEST, grant["signature"])
+    lifecycle.on_report(taskid, worker.address, "CONTRIBUTED")
+    actions.reveal(worker, taskid, DIGEST)
+    lifecycle.on_report(taskid, worker.address, "REVEALED")
+    lifecycle.on_report(taskid, worker.address, "RESULT_UPLOADING")
+    assert store.task(taskid)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
+    # When a late or repeated REVEALED report arrives (a resumed node reveals again)
+    lifecycle.on_report(taskid, worker.address, "REVEALED", {"note": "already revealed"})
+    # Then the upload under way is not undone
+    assert store.task(taskid)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
+    assert store.replicate(taskid, worker.address)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
+    # When the upload really fails (the node says so) and no other winner exists
+    queue = worker_queue(worker.address)
+    before = redis_client.llen(queue)
+    lifecycle.on_report(
+        taskid, worker.address, "REVEALED", {"reason": "upload failed: ipfs", "uploadFailed": True}
+    )
+    doc = store.task(taskid)
+    assert doc is not None and doc["status"] == "AT_LEAST_ONE_REVEALED"
+    assert redis_client.llen(queue) == before  # nobody else to ask right away
+    # Then the same winner is asked again once REVEAL_TIMEOUT_PERIOD has passed
+    store.set_task_fields(
+        taskid, {"uploadFailedAt": doc["uploadFailedAt"] - dt.timedelta(seconds=2)}
+    )
+    scheduler.tick()
+    assert store.task(taskid)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
+    assert redis_client.llen(queue) == before + 1

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -29,12 +30,13 @@ from poco import actions
 from poco.chain import ChainClient, Wallet
 from poco.errors import PocoError, TransactionReverted
 from poco.orders import ZERO_ADDRESS
-from poco.types import ChainTaskStatus
+from poco.types import ChainTaskStatus, ContributionStatus
 from pool.celery_app import (
     AUTHORIZE_TASK,
     CONTRIBUTE_TASK,
     HEARTBEAT_TASK,
     REPLICATE_UPDATE_TASK,
+    REVEAL_TASK,
     SCHEDULER_QUEUE,
     SEEN_PREFIX,
     worker_queue,
@@ -54,6 +56,10 @@ VERSION = "0.1.0"
 WORKER_LABEL = "workerpool.worker"
 BROKER_LABEL = "workerpool.broker"
 MB = 1024 * 1024
+# a resumed replicate is computed again only with this many category time references left
+# before the contribution deadline (the scheduler's own rule for a new authorization)
+RECOMPUTE_TIME_RATIO = 1.0
+_CONTRIBUTED = (ContributionStatus.CONTRIBUTED, ContributionStatus.PROVED)
 
 
 class JobRefused(Exception):
@@ -175,6 +181,8 @@ class WorkerNode:
         in_dir, out_dir = task_dir / "iexec_in", task_dir / "iexec_out"
         in_dir.mkdir(parents=True)
         out_dir.mkdir(parents=True)
+        # what a restarted node needs to compute this replicate again (see resume)
+        _write_json(task_dir / "state.json", {"authorization": authorization})
 
         self.report(taskid, R.APP_DOWNLOADING)
         try:
@@ -296,12 +304,22 @@ class WorkerNode:
             state["digest"] = digest
             _write_json(self.workdir / taskid / "state.json", state)
         self.report(taskid, R.CONTRIBUTING)
+        if self.settings.fault_inject == "crash-before-contribute":
+            _crash(f"before contributing to {taskid}")
         try:
             receipt = actions.contribute(self.wallet, taskid, digest, state["authorization"])
         except TransactionReverted as exc:
+            if self._on_chain(taskid) in _CONTRIBUTED:  # a resent request, or a resumed one
+                self.report(taskid, R.CONTRIBUTED, note="already contributed on chain")
+                return JobOutcome(taskid, str(R.CONTRIBUTED))
             return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+        if self.settings.fault_inject == "crash-after-contribute":
+            _crash(f"after contributing to {taskid}, before reporting it")
         self.report(taskid, R.CONTRIBUTED, txHash=receipt.tx_hash)
         return JobOutcome(taskid, str(R.CONTRIBUTED))
+
+    def _on_chain(self, taskid: str) -> ContributionStatus:
+        return self.client.view_contribution(taskid, self.address).status
 
     def _dataset_location(self, dataset: str) -> tuple[str, str]:
         contract = self.client.contract("Dataset", dataset)
@@ -340,6 +358,9 @@ class WorkerNode:
         try:
             receipt = actions.reveal(self.wallet, taskid, state["digest"])
         except TransactionReverted as exc:
+            if self._on_chain(taskid) == ContributionStatus.PROVED:  # revealed already
+                self.report(taskid, R.REVEALED, note="already revealed on chain")
+                return JobOutcome(taskid, str(R.REVEALED))
             return self._fail(taskid, R.REVEAL_FAILED, str(exc))
         self.report(taskid, R.REVEALED, txHash=receipt.tx_hash)
         return JobOutcome(taskid, str(R.REVEALED))
@@ -357,6 +378,76 @@ class WorkerNode:
             taskid, R.RESULT_UPLOADED, resultLink=link, callbackData=state.get("callbackData", "")
         )
         return JobOutcome(taskid, str(R.RESULT_UPLOADED))
+
+    # ---- after a restart ------------------------------------------------------------------
+    def resume(self) -> list[JobOutcome]:
+        """Pick up the replicates a previous life of this node left half-done, where the
+        chain says they are. Runs once when the node starts, before it takes new jobs:
+
+        * contributed, consensus reached on our result, reveal deadline ahead → reveal;
+        * contributed, no consensus yet → tell the scheduler (it may have missed it);
+        * revealed → tell the scheduler (it may ask for the upload);
+        * computed, not contributed, contribution deadline ahead → contribute;
+        * authorized but not computed, enough time left to run the app → compute again
+          (the containers of the previous life are removed first);
+        * anything else (task final, deadlines passed, rejected) → its directory is removed.
+        """
+        outcomes = []
+        try:
+            self.runner.remove_leftovers(
+                {WORKER_LABEL: self.address.lower(), BROKER_LABEL: self.broker_id}
+            )
+        except Exception as exc:  # Docker down: the janitor retries later
+            log.warning("resume: could not remove leftover containers: %s", exc)
+        for state_file in sorted(self.workdir.glob("0x*/state.json")):
+            taskid = state_file.parent.name
+            try:
+                outcome = self._resume_one(taskid, json.loads(state_file.read_text()))
+            except (OSError, ValueError, PocoError) as exc:
+                log.warning("resume %s: %s", taskid, exc)
+                continue
+            log.info("resume %s: %s %s", taskid, outcome.status, outcome.reason)
+            outcomes.append(outcome)
+            if outcome.status == "DROPPED":
+                shutil.rmtree(state_file.parent, ignore_errors=True)
+        return outcomes
+
+    def _resume_one(self, taskid: str, state: dict[str, Any]) -> JobOutcome:
+        task = self.client.view_task(taskid)
+        if task.status not in (ChainTaskStatus.ACTIVE, ChainTaskStatus.REVEALING):
+            return JobOutcome(taskid, "DROPPED", f"task is {task.status.name} on chain")
+        mine = self.client.view_contribution(taskid, self.address)
+        now = self.client.block_timestamp()
+        if mine.status == ContributionStatus.PROVED:
+            self.report(taskid, R.REVEALED, note="resumed after a restart")
+            return JobOutcome(taskid, str(R.REVEALED), "revealed before the restart")
+        if mine.status == ContributionStatus.CONTRIBUTED:
+            self.report(taskid, R.CONTRIBUTED, note="resumed after a restart")
+            if task.status != ChainTaskStatus.REVEALING:
+                return JobOutcome(taskid, str(R.CONTRIBUTED), "waiting for consensus")
+            if mine.result_hash != task.consensus_value or now >= task.reveal_deadline:
+                return JobOutcome(taskid, "DROPPED", "not a winner, or reveal deadline passed")
+            self.celery.send_task(REVEAL_TASK, args=[taskid], queue=worker_queue(self.address))
+            return JobOutcome(taskid, str(R.REVEALING), "reveal sent")
+        if mine.status != ContributionStatus.UNSET or task.status != ChainTaskStatus.ACTIVE:
+            return JobOutcome(taskid, "DROPPED", f"contribution {mine.status.name}, too late")
+        if task.contribution_deadline <= now:
+            return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
+        if state.get("digest"):
+            self.report(taskid, R.COMPUTED, resultDigest=state["digest"], note="resumed")
+            self.celery.send_task(CONTRIBUTE_TASK, args=[taskid], queue=worker_queue(self.address))
+            return JobOutcome(taskid, str(R.CONTRIBUTING), "contribute sent")
+        if task.contribution_deadline - now < task.timeref * RECOMPUTE_TIME_RATIO:
+            return JobOutcome(taskid, "DROPPED", "too little time left to compute again")
+        with self._busy_lock:
+            self.busy += 1
+        try:
+            return self._compute(
+                taskid, task.dealid, task.idx, task.timeref, str(state["authorization"])
+            )
+        finally:
+            with self._busy_lock:
+                self.busy -= 1
 
     def heartbeat_forever(self, period: float, stop: threading.Event) -> None:
         """Heartbeat, renew the identity lease and the liveness key, clean up after dead
@@ -409,6 +500,12 @@ def alive_key(address: str) -> str:
 def seen_key(address: str) -> str:
     """Wall-clock time of the node's last heartbeat (the scheduler reads it, see pool)."""
     return f"{SEEN_PREFIX}{address.lower()}"
+
+
+def _crash(where: str) -> None:
+    """FAULT INJECTION (tests only): die like ``kill -9`` of the whole node, now."""
+    log.critical("FAULT INJECTION: killing this node %s", where)
+    os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -90,6 +90,13 @@ def create_compute_app(settings: Settings, node: WorkerNode) -> Celery:
         if sender is not None and sender.app is not app:
             return
         threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+        threading.Thread(target=resume, daemon=True, name="resume").start()
+
+    def resume() -> None:
+        try:
+            node.resume()
+        except Exception:  # never take the node down: new jobs still run
+            log.exception("resuming the replicates of a previous run failed")
 
     @worker_shutdown.connect(weak=False)
     def stop_heartbeat(**_: Any) -> None:
@@ -131,7 +138,9 @@ def create_control_app(settings: Settings, node: WorkerNode) -> Celery:
             if exc.retryable and self.request.retries < self.max_retries:
                 raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
             # give up: back to REVEALED, so that the scheduler asks another winner
-            node.report(taskid, ReplicateStatus.REVEALED, reason=f"upload failed: {exc}")
+            node.report(
+                taskid, ReplicateStatus.REVEALED, reason=f"upload failed: {exc}", uploadFailed=True
+            )
             return {"taskid": taskid, "status": "REVEALED", "reason": str(exc)}
 
     return app
