@@ -6,18 +6,22 @@ read once is passed along instead of read again (docs/performance.md, hot spots 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import mongomock_ng as mongomock
 import pytest
+from eth_utils import keccak
 
+from poco.chain import Receipt
 from poco.types import ChainTaskStatus, Contribution, ContributionStatus, Task
 from pool import store as store_mod
 from pool.celery_app import REPLICATE_QUEUES, REVEAL_TASK
 from pool.settings import Settings
-from pool.states import ReplicateStatus
+from pool.states import ReplicateStatus, TaskStatus
 from pool.store import Store
+from scheduler import lifecycle as lifecycle_mod
 from scheduler.service import Scheduler
 
 STANDARD = REPLICATE_QUEUES["standard"]
@@ -42,6 +46,7 @@ class FakeChain:
     tasks: dict[str, Task] = field(default_factory=dict)
     contributions: dict[tuple[str, str], Contribution] = field(default_factory=dict)
     reads: Counter[str] = field(default_factory=Counter)
+    hub_address: str = POOL
 
     def block_timestamp(self, block: int | str = "latest") -> int:
         self.reads["block_timestamp"] += 1
@@ -275,3 +280,105 @@ def test_reconcile_still_moves_every_kind_of_contributing_task(
 def test_contribution_deadlines_have_an_index(store: Store) -> None:
     keys = [list(spec["key"]) for spec in store.tasks.index_information().values()]
     assert [("status", 1), ("contributionDeadline", 1)] in keys
+
+
+# ---- hot spot 8: chain state read once -------------------------------------------------------
+def test_consensus_reads_viewtask_once_and_asks_every_winner(
+    scheduler: Scheduler, store: Store, chain: FakeChain
+) -> None:
+    # Given a trust-3 task where two workers agree and a third disagrees
+    (tid,) = add_tasks(store, 1)
+    for worker in (WORKER_A, WORKER_B, "0x" + "cc" * 20):
+        store.create_replicate(tid, worker, {})
+        store.advance_replicate(tid, worker, ReplicateStatus.CONTRIBUTED)
+    chain.tasks[tid] = chain_task(
+        tid, ChainTaskStatus.REVEALING, [WORKER_A, WORKER_B, "0x" + "cc" * 20], winner_counter=2
+    )
+    chain.contributions[(tid, WORKER_A)] = contribution(ContributionStatus.CONTRIBUTED)
+    chain.contributions[(tid, WORKER_B)] = contribution(ContributionStatus.CONTRIBUTED)
+    chain.contributions[(tid, "0x" + "cc" * 20)] = contribution(
+        ContributionStatus.CONTRIBUTED, OTHER_HASH
+    )
+
+    # When the scheduler checks consensus
+    assert scheduler.lifecycle.check_consensus(tid)
+
+    # Then viewTask was read once (not again by request_reveals) and both winners are asked
+    assert chain.reads["view_task"] == 1
+    assert chain.reads["view_contribution"] == 3
+    reveals = [args[0] for name, args, _ in scheduler.celery.sent if name == REVEAL_TASK]  # type: ignore[attr-defined]
+    assert reveals == [tid, tid]
+
+    # And a later tick does not read the contributions of winners already asked again
+    chain.reads.clear()
+    scheduler.lifecycle.request_reveals(tid)
+    assert chain.reads["view_contribution"] == 1  # the loser only: it was never asked
+
+
+def _event_log(name: str, worker: str, tid: str, emitter: str = POOL) -> dict[str, Any]:
+    topic = keccak(text=f"{name}(address,bytes32)")
+    return {
+        "address": emitter,
+        "topics": [topic, bytes(12) + bytes.fromhex(worker[2:]), bytes.fromhex(tid[2:])],
+        "data": b"",
+    }
+
+
+def _uploaded_task(store: Store, chain: FakeChain) -> str:
+    (tid,) = add_tasks(store, 1)
+    for worker in (WORKER_A, WORKER_B):
+        store.create_replicate(tid, worker, {})
+        store.advance_replicate(tid, worker, ReplicateStatus.CONTRIBUTED)
+    store.advance_replicate(tid, WORKER_A, ReplicateStatus.RESULT_UPLOADED)
+    for status in ("CONSENSUS_REACHED", "AT_LEAST_ONE_REVEALED", "RESULT_UPLOADING"):
+        store.transition_task(tid, TaskStatus(status))
+    store.transition_task(tid, TaskStatus.RESULT_UPLOADED, extra={"resultLink": "/ipfs/x"})
+    chain.tasks[tid] = chain_task(
+        tid, ChainTaskStatus.REVEALING, [WORKER_A, WORKER_B], winner_counter=2, reveal_counter=1,
+        reveal_deadline=NOW - 1,
+    )  # fmt: skip
+    return tid
+
+
+@pytest.mark.parametrize("events", [True, False])
+def test_finalize_reads_the_chain_once_and_records_who_was_proved(
+    scheduler: Scheduler,
+    store: Store,
+    chain: FakeChain,
+    monkeypatch: pytest.MonkeyPatch,
+    events: bool,
+) -> None:
+    # Given a task whose result is uploaded; A revealed, B did not before the deadline
+    tid = _uploaded_task(store, chain)
+    store.workers.insert_many([{"address": WORKER_A}, {"address": WORKER_B}])
+    chain.contributions[(tid, WORKER_A)] = contribution(ContributionStatus.PROVED)
+    chain.contributions[(tid, WORKER_B)] = contribution(ContributionStatus.CONTRIBUTED)
+    logs = (
+        [
+            _event_log("AccurateContribution", WORKER_B, tid, emitter="0x" + "99" * 20),
+            _event_log("AccurateContribution", WORKER_A, tid),
+            _event_log("FaultyContribution", WORKER_B, tid),
+        ]
+        if events
+        else []
+    )  # (the first: the same event emitted by another contract, ignored)
+    receipt = Receipt(tx_hash="0x" + "ab" * 32, block_number=1, gas_used=1, status=1, logs=logs)
+    finalize: Callable[..., Receipt] = lambda *a, **kw: receipt  # noqa: E731
+    monkeypatch.setattr(lifecycle_mod.actions, "finalize", finalize)
+
+    # When it is finalized
+    assert scheduler.lifecycle.finalize(tid)
+
+    # Then viewTask was read once; the verdicts come from the receipt's events (or, without
+    # them, from one viewContribution per contributor)
+    assert chain.reads["view_task"] == 1
+    assert chain.reads["view_contribution"] == (0 if events else 2)
+    assert store.task(tid)["status"] == "COMPLETED"  # type: ignore[index]
+    assert store.replicate(tid, WORKER_A)["contribution"] == "PROVED"  # type: ignore[index]
+    assert store.replicate(tid, WORKER_B)["contribution"] == "REJECTED"  # type: ignore[index]
+    accepted = {
+        w["address"]: (w.get("accepted", 0), w.get("rejected", 0))
+        for w in store.workers.find({}, {"_id": 0})
+    }
+    assert accepted == {WORKER_A: (1, 0), WORKER_B: (0, 1)}
+    assert store.replicate(tid, WORKER_B)["status"] == "ABORTED"  # type: ignore[index]
