@@ -67,6 +67,9 @@ IN_FLIGHT = {
     str(s)
     for s in (R.CREATED, R.STARTING, R.APP_DOWNLOADING, R.COMPUTING, R.COMPUTED, R.CONTRIBUTING)
 }
+# replicates that may have contributed without the report reaching us (a node killed
+# between its transaction and its report): the chain is asked
+UNREPORTED = {str(R.CONTRIBUTING), str(R.WORKER_LOST)}
 # failures that come from the app or its inputs: re-running elsewhere proves nothing
 APP_FAULTS = {str(s) for s in (R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)}
 QUEUE_CAPABILITY = {queue: name for name, queue in REPLICATE_QUEUES.items()}
@@ -644,6 +647,8 @@ class Lifecycle:
             elif str(R.CONTRIBUTED) in statuses:
                 if not self.check_consensus(taskid):
                     self.replan(taskid)
+            elif statuses & UNREPORTED and self.check_consensus(taskid):
+                pass  # a contribution whose report never came reached consensus on chain
             elif not statuses & IN_FLIGHT:
                 # (replan returns at once while a replicate is under way: not even asked)
                 self.replan(taskid)
