@@ -22,6 +22,7 @@ REPLICATE_QUEUES = {
 
 # Task names: the contract between services (each side registers only its own).
 TICK_TASK = "scheduler.tick"  # beat -> scheduler: listen, initialize, plan, reconcile
+LISTEN_TASK = "scheduler.listen"  # beat -> scheduler, between ticks: new deals only
 AUTHORIZE_TASK = "scheduler.authorize"  # worker -> scheduler, answered through the backend
 REPLICATE_UPDATE_TASK = "scheduler.replicate_update"  # worker -> scheduler: status changes
 HEARTBEAT_TASK = "scheduler.worker_heartbeat"  # worker -> scheduler: alive, capabilities
@@ -63,7 +64,13 @@ def make_celery(settings: Settings, name: str = "workerpool") -> Celery:
         task_default_queue=SCHEDULER_QUEUE,
         task_routes={
             name: {"queue": SCHEDULER_QUEUE}
-            for name in (TICK_TASK, AUTHORIZE_TASK, REPLICATE_UPDATE_TASK, HEARTBEAT_TASK)
+            for name in (
+                TICK_TASK,
+                LISTEN_TASK,
+                AUTHORIZE_TASK,
+                REPLICATE_UPDATE_TASK,
+                HEARTBEAT_TASK,
+            )
         },
         task_ignore_result=True,
         result_expires=3600,

@@ -220,7 +220,17 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_POLL_PERIOD",
         _pos_float,
         "2",
-        "Seconds between two scheduler ticks (listen, initialize, plan).",
+        "Seconds between two full scheduler ticks (listen, initialize, plan, reconcile with "
+        "the chain, detectors).",
+        group="scheduler",
+    ),
+    "listen_period": Spec(
+        "WORKERPOOL_LISTEN_PERIOD",
+        _nonneg_float,
+        "0.5",
+        "Seconds between two checks for new deals between full ticks: one eth_blockNumber, "
+        "and only when the chain moved, listen, initialize and plan (0: new deals wait for "
+        "the next full tick).",
         group="scheduler",
     ),
     "init_batch_size": Spec(
@@ -646,6 +656,7 @@ class Settings:
     core_wallet_private_key: str = field(default="", repr=False)
     devnet: bool = False
     poll_period: float = 2.0
+    listen_period: float = 0.5
     init_batch_size: int = 20
     categories: tuple[int, ...] = ()
     tag_bits: tuple[str, ...] = ("tee", "scone", "gramine", "gpu")

@@ -36,16 +36,9 @@ def run(settings: Settings, results_dir: Path, concurrency: int = 4) -> None:
     threading.Thread(target=server.serve_forever, daemon=True, name="api").start()
     log.info("API on http://%s:%d", settings.api_host, settings.core_port)
     stop = threading.Event()
-
-    def ticking() -> None:
-        while not stop.is_set():
-            try:
-                scheduler.tick()
-            except Exception:
-                log.exception("tick failed")
-            stop.wait(settings.poll_period)
-
-    threading.Thread(target=ticking, daemon=True, name="tick").start()
+    # the full tick every WORKERPOOL_POLL_PERIOD and, in between, the fast listen for new
+    # deals every WORKERPOOL_LISTEN_PERIOD, on one thread
+    threading.Thread(target=scheduler.loop, args=(stop,), daemon=True, name="tick").start()
     try:
         app.worker_main(
             [

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,12 +92,17 @@ class Scheduler:
             supported |= 1 << TAG_BITS[name]
         self.supported_tag_bits = supported
         self.lifecycle = Lifecycle(self)
+        self._running = threading.Lock()  # a tick or a fast listen of this process
         self.replenisher = Replenisher.from_scheduler(self)
 
     # ---- the tick -----------------------------------------------------------------------
     def tick(self) -> TickReport:
+        """The full tick (every WORKERPOOL_POLL_PERIOD): listen, initialize, plan, reconcile
+        with the chain, requeue lost jobs, replenish the orderbook. When a fast listen holds
+        the lock, it waits for it a little rather than skip a whole period."""
         report = TickReport()
-        with self._lock() as renew:
+        wait = min(self.settings.poll_period, 5.0) if self.settings.listen_period else 0.0
+        with self._exclusive(wait) as renew:
             if renew is None:
                 report.skipped_tick = True
                 return report
@@ -109,20 +114,95 @@ class Scheduler:
                 self.requeue_lost_jobs,
                 self.replenisher.replenish,
             )
-            for step in steps:
-                if not renew():  # expired while Redis was away: another tick may run now
-                    report.errors.append(f"tick lock lost before {step.__name__}")
-                    log.warning("tick lock lost before %s: stopping this tick", step.__name__)
-                    break
-                try:
-                    step(report)
-                except RetryableError as exc:  # the next tick picks up where this one stopped
-                    log.warning("%s: %s (will retry next tick)", step.__name__, exc)
-                    report.errors.append(f"{step.__name__}: {exc}")
-                except PocoError as exc:
-                    log.error("%s: %s", step.__name__, exc)
-                    report.errors.append(f"{step.__name__}: {exc}")
+            self._run_steps(steps, report, renew)
         return report
+
+    def listen_tick(self) -> TickReport:
+        """The fast schedule beside the tick (every WORKERPOOL_LISTEN_PERIOD), so that a new
+        deal does not wait for the next full tick: one ``eth_blockNumber``, and only when the
+        chain moved past the cursor, the tick's first steps (listen, initialize, plan). It
+        shares the tick lock and never waits for it: while a tick runs, that tick listens."""
+        report = TickReport()
+        head = self.client.block_number() - self.settings.confirmations
+        report.head = head
+        cursor = self.store.get_cursor(self.cursor_name)
+        if head < (self.settings.start_block if cursor is None else cursor + 1):
+            return report  # no new block: nothing to read
+        with self._exclusive() as renew:
+            if renew is None:
+                report.skipped_tick = True
+                return report
+
+            def listen(report: TickReport) -> None:
+                self.listen(report, head)
+
+            self._run_steps((listen, self.initialize, self.plan), report, renew)
+        return report
+
+    def loop(
+        self, stop: threading.Event, on_report: Callable[[TickReport], None] | None = None
+    ) -> None:
+        """Run the schedules until ``stop`` is set, on this thread (``workerpool standalone``):
+        a full tick every poll period and, in between, a fast listen every listen period.
+        One thread, so here the two never overlap; ``on_report`` sees every report."""
+        period = self.settings.poll_period
+        fast = self.settings.listen_period
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            full = time.monotonic() >= next_tick
+            run = self.tick if full else self.listen_tick
+            try:
+                report = run()
+                if on_report is not None:
+                    on_report(report)
+            except Exception:
+                log.exception("%s failed", run.__name__)
+            now = time.monotonic()
+            if full:
+                next_tick = now + period
+            wake = min(next_tick, now + fast) if fast else next_tick
+            stop.wait(max(0.0, wake - now))
+
+    def _run_steps(
+        self,
+        steps: Sequence[Callable[[TickReport], object]],
+        report: TickReport,
+        renew: Callable[[], bool],
+    ) -> None:
+        for step in steps:
+            name = step.__name__
+            if not renew():  # expired while Redis was away: another tick may run now
+                report.errors.append(f"tick lock lost before {name}")
+                log.warning("tick lock lost before %s: stopping this tick", name)
+                break
+            try:
+                step(report)
+            except RetryableError as exc:  # the next tick picks up where this one stopped
+                log.warning("%s: %s (will retry next tick)", name, exc)
+                report.errors.append(f"{name}: {exc}")
+            except PocoError as exc:
+                log.error("%s: %s", name, exc)
+                report.errors.append(f"{name}: {exc}")
+
+    @contextmanager
+    def _exclusive(self, wait: float = 0.0) -> Iterator[Callable[[], bool] | None]:
+        """The tick lock (:meth:`_lock`, across schedulers) and this process's own (also
+        without Redis): the full tick and the fast listen never run at once. Yields as
+        :meth:`_lock` does; ``wait`` is how long to keep trying for it."""
+        deadline = time.monotonic() + wait
+        while True:
+            if self._running.acquire(blocking=False):
+                try:
+                    with self._lock() as renew:
+                        if renew is not None or time.monotonic() >= deadline:
+                            yield renew
+                            return
+                finally:
+                    self._running.release()
+            elif time.monotonic() >= deadline:
+                yield None
+                return
+            time.sleep(0.05)
 
     @contextmanager
     def _lock(self) -> Iterator[Callable[[], bool] | None]:
@@ -161,11 +241,13 @@ class Scheduler:
                 self.redis.eval(_RELEASE, 1, TICK_LOCK, token)
 
     # ---- 1. listen ------------------------------------------------------------------------
-    def listen(self, report: TickReport) -> None:
-        """Read SchedulerNotice logs for our pool from the cursor up to head - confirmations."""
+    def listen(self, report: TickReport, head: int | None = None) -> None:
+        """Read SchedulerNotice logs for our pool from the cursor up to head - confirmations
+        (``head``: that block, when the caller has just read it)."""
         cursor = self.store.get_cursor(self.cursor_name)
         start = self.settings.start_block if cursor is None else cursor + 1
-        head = self.client.block_number() - self.settings.confirmations
+        if head is None:
+            head = self.client.block_number() - self.settings.confirmations
         report.head = head
         if head < start:
             return

@@ -1,4 +1,5 @@
-"""Celery wiring of the scheduler: the periodic ``scheduler.tick`` task and its beat entry."""
+"""Celery wiring of the scheduler: the periodic ``scheduler.tick`` and ``scheduler.listen``
+tasks and their beat entries."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from poco.errors import RetryableError
 from pool.celery_app import (
     AUTHORIZE_TASK,
     HEARTBEAT_TASK,
+    LISTEN_TASK,
     REPLICATE_UPDATE_TASK,
     SCHEDULER_QUEUE,
     TICK_TASK,
@@ -53,6 +55,22 @@ def create_scheduler_app(settings: Settings, scheduler: Scheduler | None = None)
             log.info("tick: %s", report)
         return report.__dict__
 
+    listen_period = settings.listen_period
+
+    @app.task(
+        shared=False,  # bound to this app and its closure only (tests build several apps)
+        name=LISTEN_TASK,
+        acks_late=False,  # a lost listen is replaced by the next one
+        ignore_result=True,
+        soft_time_limit=max(60, int(period * 30)),
+        time_limit=max(90, int(period * 40)),
+    )
+    def listen() -> dict[str, Any]:
+        report = get().listen_tick()
+        if report.deals_new or report.tasks_initialized or report.jobs_enqueued or report.errors:
+            log.info("listen: %s", report)
+        return report.__dict__
+
     @app.task(
         shared=False,  # bound to this app and its closure only (tests build several apps)
         name=AUTHORIZE_TASK,
@@ -89,6 +107,13 @@ def create_scheduler_app(settings: Settings, scheduler: Scheduler | None = None)
             "options": {"queue": SCHEDULER_QUEUE, "expires": max(period * 2, 1.0)},
         }
     }
+    if listen_period:  # new deals between two ticks (WORKERPOOL_LISTEN_PERIOD, 0: off)
+        app.conf.beat_schedule["scheduler-listen"] = {
+            "task": LISTEN_TASK,
+            "schedule": listen_period,
+            # a late listen is worth nothing: the next one (or the tick) does the same
+            "options": {"queue": SCHEDULER_QUEUE, "expires": max(listen_period * 2, 1.0)},
+        }
     pool = (settings.pool_address or "none").lower()
     app.conf.beat_schedule_filename = str(Path(tempfile.gettempdir()) / f"workerpool-beat-{pool}")
     app.scheduler_service = get

@@ -72,6 +72,59 @@ def test_volume5_deal_is_stored_initialized_in_two_tx_at_most_and_queued(
     assert redis_client.llen(STANDARD) == 5
 
 
+def test_the_fast_listen_picks_a_deal_up_without_a_full_tick(
+    devnet: DevnetHandle,
+    store: Store,
+    make_scheduler: Callable[..., Scheduler],
+    redis_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scheduler = make_scheduler()
+    scheduler.listen_tick()  # up to date with the chain
+
+    def no_full_tick(*_: Any, **__: Any) -> None:
+        raise AssertionError("the fast listen ran a step of the full tick")
+
+    monkeypatch.setattr(scheduler.lifecycle, "reconcile", no_full_tick)
+    monkeypatch.setattr(scheduler, "requeue_lost_jobs", no_full_tick)
+    # Given a deal of volume 2 matched after the last listen
+    deal = _match(devnet, volume=2)
+    # When the fast listen runs (not the tick)
+    report = scheduler.listen_tick()
+    # Then the deal is stored, its tasks are initialized on chain and their jobs queued
+    assert report.deals_new == 1 and not report.errors and not report.skipped_tick
+    assert report.tasks_initialized == 2 and report.jobs_enqueued == 2
+    for taskid in deal.taskids():
+        assert devnet.client.view_task(taskid).status == ChainTaskStatus.ACTIVE
+        assert store.task(taskid)["status"] == "RUNNING"  # type: ignore[index]
+    assert redis_client.llen(STANDARD) == 2
+    # And once it has read the blocks of its own initializeArray, while no block comes, a
+    # listen asks the chain for its head and nothing else
+    assert scheduler.listen_tick().deals_new == 0
+    calls: list[str] = []
+    for name in ("get_logs", "view_deal", "view_task", "block_timestamp"):
+        monkeypatch.setattr(scheduler.client, name, lambda *a, _n=name, **k: calls.append(_n))
+    assert scheduler.listen_tick().deals_new == 0 and calls == []
+
+
+def test_a_fast_listen_steps_aside_while_a_tick_holds_the_lock(
+    devnet: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler], redis_client: Any
+) -> None:
+    # Given another scheduler's tick holding the Redis tick lock
+    scheduler = make_scheduler()
+    deal = _match(devnet)
+    redis_client.set("workerpool:scheduler:tick", "another-scheduler", px=30_000)
+    try:
+        # When the fast listen runs, it reads nothing and changes nothing
+        report = scheduler.listen_tick()
+        assert report.skipped_tick and store.deal(deal.dealid) is None
+    finally:
+        redis_client.delete("workerpool:scheduler:tick")
+    # Then the next one (the lock free again) picks the deal up
+    assert scheduler.listen_tick().deals_new == 1
+    assert redis_client.llen(STANDARD) == 1
+
+
 def test_deal_of_another_pool_is_ignored_and_unserved_category_is_skipped_with_reason(
     devnet: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler], redis_client: Any
 ) -> None:
