@@ -154,6 +154,7 @@ def run_pool(variant: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         args.workers,
         args.store,
         args.slots,
+        args.listen_period,
     ) as pool:
         if "overhead" in args.only:
             print("bench: bare docker run, sequential ...", flush=True)
@@ -299,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default=os.environ.get("WORKERPOOL_BENCH_REDIS_URL", ""))
     p.add_argument("--chain-port", type=int, default=8547)
     p.add_argument("--poll-period", type=float, default=None, help="scheduler tick period")
+    p.add_argument(
+        "--listen-period",
+        type=float,
+        default=None,
+        help="fast listen period between ticks (WORKERPOOL_LISTEN_PERIOD; 0: off)",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--slots", type=int, default=2)
     p.add_argument("--volume", type=int, default=0, help="deal volume for measurement 2")
@@ -338,10 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     variant = dict(VARIANTS[name])
     if args.runs:
         variant["overhead_runs"] = variant["bare_runs"] = args.runs
-    if args.poll_period is None:
-        from pool.settings import Settings
+    from pool.settings import Settings
 
+    if args.poll_period is None:
         args.poll_period = Settings().poll_period
+    if args.listen_period is None:
+        args.listen_period = Settings().listen_period
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -351,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "settings": {
             "poll_period_s": args.poll_period,
+            "listen_period_s": args.listen_period,
             "workers": args.workers,
             "slots": args.slots,
             "store": args.store,
@@ -376,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"workerpool bench ({name}) on {m['cpu']} x{m['cores']}, {m['memory_gb']} GB, "
         f"docker {m['docker']}; load {m['load1_at_start']} -> {m['load1_at_end']}; "
-        f"tick every {args.poll_period:g} s"
+        f"tick every {args.poll_period:g} s, listen every {args.listen_period:g} s"
     )
     print(text)
     print(f"\n(took {results['took_s']} s; JSON in {args.out})")

@@ -187,6 +187,7 @@ class Pool:
     poll_period: float
     store_kind: str = "indexed"
     worker_slots: int = 2
+    listen_period: float = 0.5
     extra_env: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     proxy_proc: subprocess.Popen[bytes] | None = None
@@ -244,6 +245,7 @@ class Pool:
             "WORKERPOOL_LOCAL_RESULTS_DIR": str(self.workdir / "results"),
             "WORKERPOOL_WORKER_SLOTS": str(self.worker_slots),
             "WORKERPOOL_POLL_PERIOD": str(self.poll_period),
+            "WORKERPOOL_LISTEN_PERIOD": str(self.listen_period),
             "PYTHONPATH": os.pathsep.join(
                 [*os.environ.get("WORKERPOOL_BENCH_PYTHONPATH", "").split(os.pathsep), str(ROOT)]
             ).strip(os.pathsep),
@@ -297,12 +299,18 @@ class Pool:
         )
         self._ctx.__enter__()
 
-        def ticking() -> None:  # as pool/standalone.py does
-            while not self._stop.is_set():
+        def on_report(report: Any) -> None:
+            if report.errors:
+                self.tick_errors.extend(report.errors)
+
+        def ticking() -> None:  # as pool/standalone.py does: full tick and fast listen
+            loop = getattr(self.scheduler, "loop", None)
+            if loop is not None:
+                loop(self._stop, on_report)
+                return
+            while not self._stop.is_set():  # (a scheduler without the fast listen)
                 try:
-                    report = self.scheduler.tick()
-                    if report.errors:
-                        self.tick_errors.extend(report.errors)
+                    on_report(self.scheduler.tick())
                 except Exception as exc:
                     self.tick_errors.append(repr(exc))
                 self._stop.wait(self.poll_period)
@@ -635,9 +643,13 @@ def running_pool(
     workers: int,
     store_kind: str,
     slots: int,
+    listen_period: float = 0.5,
 ) -> Iterator[Pool]:
     workdir.mkdir(parents=True, exist_ok=True)
-    pool = Pool(devnet_dir, redis_url, workdir, chain_port, poll_period, store_kind, slots)
+    pool = Pool(
+        devnet_dir, redis_url, workdir, chain_port, poll_period, store_kind, slots,
+        listen_period=listen_period,
+    )  # fmt: skip
     try:
         pool.start_chain()
         pool.start_scheduler()
