@@ -64,6 +64,15 @@ def _fee_factor(value: str) -> float:
     return number
 
 
+FAULTS = ("wrong-digest", "crash-before-contribute", "crash-after-contribute")
+
+
+def _fault(value: str) -> str:
+    if value and value not in FAULTS:
+        raise ValueError(f"must be empty or one of {', '.join(FAULTS)}")
+    return value
+
+
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -255,6 +264,14 @@ SETTINGS: dict[str, Spec] = {
         "another bit is skipped.",
         group="scheduler",
     ),
+    "contribute_and_finalize": Spec(
+        "WORKERPOOL_CONTRIBUTE_AND_FINALIZE",
+        _bool,
+        "true",
+        "Trust-1 tasks: the worker publishes the result, then contributes, reveals and "
+        "finalizes in one transaction (PoCo's contributeAndFinalize) instead of three.",
+        group="scheduler",
+    ),
     "reveal_timeout_period": Spec(
         "REVEAL_TIMEOUT_PERIOD",
         _pos_int,
@@ -376,9 +393,11 @@ SETTINGS: dict[str, Spec] = {
     ),
     "fault_inject": Spec(
         "WORKERPOOL_FAULT_INJECT",
-        _str,
+        _fault,
         "",
-        "TESTING ONLY: 'wrong-digest' makes this node contribute a wrong result (a liar).",
+        "TESTING ONLY: 'wrong-digest' makes this node contribute a wrong result (a liar); "
+        "'crash-before-contribute' / 'crash-after-contribute' kill the whole node (SIGKILL) "
+        "just before sending its first contribution / just after it is mined.",
         group="worker",
     ),
     "worker_name": Spec(
@@ -660,6 +679,7 @@ class Settings:
     init_batch_size: int = 20
     categories: tuple[int, ...] = ()
     tag_bits: tuple[str, ...] = ("tee", "scone", "gramine", "gpu")
+    contribute_and_finalize: bool = True
     reveal_timeout_period: int = 120_000
     worker_allowlist: tuple[str, ...] = ()
     max_replicates: int = 8

@@ -69,8 +69,11 @@ TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     T.RECEIVED: frozenset({T.INITIALIZING, T.INITIALIZED, T.INITIALIZE_FAILED, *_DEADLINE}),
     # INITIALIZING -> RECEIVED: a batch interrupted before it was sent goes back to the pool
     T.INITIALIZING: frozenset({T.INITIALIZED, T.INITIALIZE_FAILED, T.RECEIVED, *_DEADLINE}),
-    T.INITIALIZED: frozenset({T.RUNNING, T.CONSENSUS_REACHED, T.CONTRIBUTION_TIMEOUT, *_DEADLINE}),
-    T.RUNNING: frozenset({T.CONSENSUS_REACHED, T.CONTRIBUTION_TIMEOUT, *_DEADLINE}),
+    # -> FINALIZED: a trust-1 worker's contributeAndFinalize did it all in one transaction
+    T.INITIALIZED: frozenset(
+        {T.RUNNING, T.CONSENSUS_REACHED, T.FINALIZED, T.CONTRIBUTION_TIMEOUT, *_DEADLINE}
+    ),
+    T.RUNNING: frozenset({T.CONSENSUS_REACHED, T.FINALIZED, T.CONTRIBUTION_TIMEOUT, *_DEADLINE}),
     T.CONSENSUS_REACHED: frozenset({T.AT_LEAST_ONE_REVEALED, T.REOPENING, *_DEADLINE}),
     T.AT_LEAST_ONE_REVEALED: frozenset({T.RESULT_UPLOADING, T.FINALIZING, *_DEADLINE}),
     # RESULT_UPLOADING -> AT_LEAST_ONE_REVEALED: the uploader failed, ask another winner
@@ -80,7 +83,7 @@ TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     T.FINALIZED: frozenset({T.COMPLETED}),
     T.FINALIZE_FAILED: frozenset({T.FINALIZING, T.FINALIZED, *_DEADLINE}),
     T.REOPENING: frozenset({T.REOPENED, T.CONSENSUS_REACHED, *_DEADLINE}),
-    T.REOPENED: frozenset({T.RUNNING, T.CONSENSUS_REACHED, *_DEADLINE}),
+    T.REOPENED: frozenset({T.RUNNING, T.CONSENSUS_REACHED, T.FINALIZED, *_DEADLINE}),
     T.CONTRIBUTION_TIMEOUT: frozenset({T.FAILED, *_DEADLINE}),
     T.INITIALIZE_FAILED: frozenset({T.FAILED}),
     # the chain is the judge after the final deadline: claimed (FAILED) or finalized in time

@@ -144,6 +144,8 @@ class Lifecycle:
             "signature": signature,
             "enclave": enclave,
             "workerpool": self.s.pool,
+            # trust 1: the worker contributes, reveals and finalizes in one transaction
+            "fastPath": task.get("trust") == 1 and self.s.settings.contribute_and_finalize,
         }
 
     # ---- worker reports ----------------------------------------------------------------------
@@ -187,6 +189,8 @@ class Lifecycle:
                 self.after_reveal(taskid)
         elif target == R.RESULT_UPLOADED:
             self.after_upload(taskid, details)
+        elif target == R.COMPLETED and details.get("finalized"):
+            self.finalized_by_worker(taskid, worker, details)
         elif target == R.RESULT_UPLOADING:
             pass
         elif str(target) in DEAD_REPLICATES:
@@ -211,6 +215,9 @@ class Lifecycle:
     # ---- consensus, reveal, upload, finalize ---------------------------------------------
     def check_consensus(self, taskid: str) -> bool:
         chain = self.client.view_task(taskid)
+        if chain.status == ChainTaskStatus.COMPLETED:
+            self._completed_on_chain(taskid, chain)
+            return True
         if chain.status != ChainTaskStatus.REVEALING:
             return False
         task = self.store.claim_task(
@@ -306,6 +313,41 @@ class Lifecycle:
             extra={"resultLink": link, "callbackData": details.get("callbackData", "")},
         )
         self.finalize(taskid)
+
+    def finalized_by_worker(self, taskid: str, worker: str, details: dict[str, Any]) -> None:
+        """A trust-1 task the worker finished with contributeAndFinalize: record it."""
+        claimed = self.store.claim_task(
+            taskid,
+            CONTRIBUTING,
+            T.FINALIZED,
+            note=f"contributeAndFinalize by {worker.lower()}",
+            extra={
+                "resultLink": details.get("resultLink", ""),
+                "callbackData": details.get("callbackData", ""),
+            },
+        )
+        if claimed is None:
+            return
+        self._worker_succeeded(worker)
+        self.store.workers.update_one({"address": worker.lower()}, {"$inc": {"accepted": 1}})
+        self._complete(taskid)
+        log.info("task %s finalized by %s (contributeAndFinalize)", taskid, worker)
+
+    def _completed_on_chain(self, taskid: str, chain: Task) -> None:
+        """The chain says COMPLETED while we still collect contributions: a worker's
+        contributeAndFinalize whose report never came."""
+        claimed = self.store.claim_task(
+            taskid,
+            CONTRIBUTING,
+            T.FINALIZED,
+            note="found finalized on chain (contributeAndFinalize)",
+            extra={"resultLink": chain.results.decode(errors="replace")},
+        )
+        if claimed is None:
+            return
+        for worker in chain.contributors:
+            self.store.advance_replicate(taskid, worker, R.COMPLETED, note="finalized on chain")
+        self._complete(taskid)
 
     def finalize(self, taskid: str) -> bool:
         task = self.store.task(taskid)

@@ -166,3 +166,42 @@ def test_a_repeated_reveal_report_does_not_undo_an_upload_and_a_failed_upload_is
     scheduler.tick()
     assert store.task(taskid)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
     assert redis_client.llen(queue) == before + 1
+
+
+def test_a_contribute_and_finalize_whose_report_was_lost_is_found_on_chain(
+    chain_snapshot: DevnetHandle,
+    store: Store,
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    devnet = chain_snapshot
+    scheduler = make_scheduler()
+    deal = _deal(devnet)  # trust 1
+    (taskid,) = deal.taskids()
+    scheduler.tick()
+    worker = devnet.worker_wallet(8)
+    grant = scheduler.lifecycle.authorize(taskid, worker.address)
+    assert grant["fastPath"] is True
+    # Given the worker finished the task in one transaction and only CONTRIBUTING reached us
+    scheduler.lifecycle.on_report(taskid, worker.address, "CONTRIBUTING")
+    actions.contribute_and_finalize(worker, taskid, DIGEST, b"the-link", grant["signature"])
+    # When the scheduler ticks, Then it finds the task completed on chain and records it
+    scheduler.tick()
+    doc = store.task(taskid)
+    assert doc is not None and doc["status"] == "COMPLETED"
+    assert doc["resultLink"] == "the-link"
+    assert any("found finalized on chain" in e.get("note", "") for e in doc["timeline"])
+    assert store.replicate(taskid, worker.address)["status"] == "COMPLETED"  # type: ignore[index]
+
+
+def test_trust_above_one_or_the_setting_off_keeps_the_classic_path(
+    chain_snapshot: DevnetHandle, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    devnet = chain_snapshot
+    trust2 = _deal(devnet, trust=2)
+    trust1 = _deal(devnet)
+    scheduler = make_scheduler(contribute_and_finalize=False)
+    scheduler.tick()
+    worker = devnet.worker_wallet(9)
+    assert scheduler.lifecycle.authorize(trust1.taskids()[0], worker.address)["fastPath"] is False
+    classic = make_scheduler()
+    assert classic.lifecycle.authorize(trust2.taskids()[0], worker.address)["fastPath"] is False

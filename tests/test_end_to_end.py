@@ -75,8 +75,11 @@ def test_trust1_deal_of_volume3_completes_with_published_results_and_rewards(
         assert "computed.json" in archive.namelist()
         text = archive.read("result.txt").decode()
         assert "args: hello world" in text and f"IEXEC_TASK_ID={taskid}" in text
+        # trust 1: the worker's contributeAndFinalize did contribute, reveal and finalize
         timeline = [e["status"] for e in doc["timeline"]]
-        assert timeline[-3:] == ["FINALIZING", "FINALIZED", "COMPLETED"]
+        assert timeline[-3:] == ["RUNNING", "FINALIZED", "COMPLETED"]
+        assert doc["timeline"][-2]["note"] == f"contributeAndFinalize by {worker.lower()}"
+        assert chain.contributors == (worker,) and chain.reveal_counter == 1
         reps = pool.store.replicates_of(taskid)
         assert [r["status"] for r in reps] == ["COMPLETED"] and reps[0]["worker"] == worker.lower()
     # And the escrow moved as POCO.md says: worker 99 % of the price, app owner its price

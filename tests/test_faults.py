@@ -42,6 +42,8 @@ from poco.types import ChainTaskStatus, ContributionStatus
 pytestmark = pytest.mark.devnet
 
 TIMEREF = 300  # category 0 (XS)
+# trust 2 (one fresh contribution is enough) takes the classic path; trust 1 uses
+# contributeAndFinalize, one transaction by the worker
 Doc = dict[str, Any]
 
 
@@ -152,7 +154,9 @@ def test_scheduler_killed_between_contribute_and_finalize(
 
     monkeypatch.setattr(actions, "finalize", send_then_die)
     pool.start_worker(1)
-    deal = pool.match(params=deal_params("finalize-crash"))
+    deal = pool.match(
+        params=deal_params("finalize-crash"), trust=2
+    )  # the classic path: contribute, reveal, finalize
     (taskid,) = deal.taskids()
     _wait(lambda: bool(sent), 90, "the finalize transaction")
     # Given a worker contributed, revealed and uploaded, and the scheduler died in finalize
@@ -172,7 +176,9 @@ def test_scheduler_killed_between_contribute_and_finalize(
 def test_worker_killed_after_contribute_reveals_when_restarted(faulty_pool: RunningPool) -> None:
     pool = faulty_pool
     node = pool.start_worker(2, WORKERPOOL_FAULT_INJECT="crash-after-contribute")
-    deal = pool.match(params=deal_params("contribute-crash"))
+    deal = pool.match(
+        params=deal_params("contribute-crash"), trust=2
+    )  # the classic path: contribute, reveal, finalize
     (taskid,) = deal.taskids()
     worker = pool.worker_address(2)
     # Given the node killed itself right after its contribution was mined (not reported)
@@ -198,7 +204,9 @@ def test_worker_killed_after_contribute_for_good_is_replaced_after_a_reopen(
 ) -> None:
     pool = faulty_pool
     node = pool.start_worker(10, WORKERPOOL_FAULT_INJECT="crash-after-contribute")
-    deal = pool.match(params=deal_params("gone for good"))
+    deal = pool.match(
+        params=deal_params("gone for good"), trust=2
+    )  # the classic path: contribute, reveal, finalize
     (taskid,) = deal.taskids()
     dead = pool.worker_address(10)
     node.wait(timeout=90)

@@ -41,7 +41,7 @@ from pool.celery_app import (
     SEEN_PREFIX,
     worker_queue,
 )
-from pool.publishers import ResultPublisher, result_link
+from pool.publishers import PublishError, ResultPublisher, result_link
 from pool.settings import Settings
 from pool.states import ReplicateStatus
 from workers import inputs as inputs_mod
@@ -133,7 +133,9 @@ class WorkerNode:
             "memoryMb": _memory_mb(),
         }
 
-    def authorize(self, taskid: str) -> str:
+    def authorize(self, taskid: str) -> tuple[str, bool]:
+        """The scheduler's signed authorization for this node on ``taskid``, and whether it
+        asks for the one-transaction path (``contributeAndFinalize``, trust-1 tasks)."""
         result = self.celery.send_task(
             AUTHORIZE_TASK, args=[taskid, self.address, ZERO_ADDRESS], queue=SCHEDULER_QUEUE
         )
@@ -145,7 +147,7 @@ class WorkerNode:
             result.forget()
         if not answer.get("granted"):
             raise JobRefused(str(answer.get("reason", "refused")), bool(answer.get("requeue")))
-        return str(answer["signature"])
+        return str(answer["signature"]), bool(answer.get("fastPath"))
 
     # ---- the replicate job ------------------------------------------------------------------
     def run_replicate(self, taskid: str, deadline: int | None = None) -> JobOutcome:
@@ -158,7 +160,7 @@ class WorkerNode:
         if task.contribution_deadline <= now:
             return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
         try:
-            authorization = self.authorize(taskid)
+            authorization, fast = self.authorize(taskid)
         except JobRefused as exc:
             if exc.requeue:
                 raise
@@ -166,13 +168,19 @@ class WorkerNode:
         with self._busy_lock:
             self.busy += 1
         try:
-            return self._compute(taskid, task.dealid, task.idx, task.timeref, authorization)
+            return self._compute(taskid, task.dealid, task.idx, task.timeref, authorization, fast)
         finally:
             with self._busy_lock:
                 self.busy -= 1
 
     def _compute(
-        self, taskid: str, dealid: str, index: int, timeref: int, authorization: str
+        self,
+        taskid: str,
+        dealid: str,
+        index: int,
+        timeref: int,
+        authorization: str,
+        fast: bool = False,
     ) -> JobOutcome:
         self.report(taskid, R.STARTING)
         deal = self.client.view_deal(dealid)
@@ -182,7 +190,7 @@ class WorkerNode:
         in_dir.mkdir(parents=True)
         out_dir.mkdir(parents=True)
         # what a restarted node needs to compute this replicate again (see resume)
-        _write_json(task_dir / "state.json", {"authorization": authorization})
+        _write_json(task_dir / "state.json", {"authorization": authorization, "fastPath": fast})
 
         self.report(taskid, R.APP_DOWNLOADING)
         try:
@@ -284,6 +292,7 @@ class WorkerNode:
             "callbackData": computed.callback_data or "",
             "callback": deal.callback if has_callback else "",
             "authorization": authorization,
+            "fastPath": fast,
         }
         _write_json(task_dir / "state.json", state)
         self.report(taskid, R.COMPUTED, resultDigest=digest, duration=outcome.duration)
@@ -303,6 +312,8 @@ class WorkerNode:
             log.warning("FAULT INJECTION: contributing a wrong digest for %s", taskid)
             state["digest"] = digest
             _write_json(self.workdir / taskid / "state.json", state)
+        if state.get("fastPath"):
+            return self._contribute_and_finalize(taskid, state)
         self.report(taskid, R.CONTRIBUTING)
         if self.settings.fault_inject == "crash-before-contribute":
             _crash(f"before contributing to {taskid}")
@@ -317,6 +328,44 @@ class WorkerNode:
             _crash(f"after contributing to {taskid}, before reporting it")
         self.report(taskid, R.CONTRIBUTED, txHash=receipt.tx_hash)
         return JobOutcome(taskid, str(R.CONTRIBUTED))
+
+    def _contribute_and_finalize(self, taskid: str, state: dict[str, Any]) -> JobOutcome:
+        """Trust 1: publish the result, then contribute, reveal and finalize in one
+        transaction (PoCo's contributeAndFinalize); the scheduler only records it. Falls back
+        to the classic contribute when publishing fails (the upload is then asked later)."""
+        self.report(taskid, R.CONTRIBUTING, note="contributeAndFinalize")
+        try:
+            link, callback_data = self._result_link(taskid, state)
+        except PublishError as exc:
+            log.warning(
+                "task %s: publishing failed (%s): contributing without finalizing", taskid, exc
+            )
+            state["fastPath"] = False
+            _write_json(self.workdir / taskid / "state.json", state)
+            return self.contribute(taskid)
+        try:
+            receipt = actions.contribute_and_finalize(
+                self.wallet,
+                taskid,
+                state["digest"],
+                link.encode(),
+                state["authorization"],
+                bytes.fromhex(callback_data.removeprefix("0x")) if callback_data else b"",
+            )
+        except TransactionReverted as exc:
+            if self._on_chain(taskid) == ContributionStatus.PROVED:  # sent twice: it is done
+                receipt = None
+            else:
+                return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+        self.report(
+            taskid,
+            R.COMPLETED,
+            txHash=receipt.tx_hash if receipt else None,
+            resultLink=link,
+            callbackData=callback_data,
+            finalized=True,
+        )
+        return JobOutcome(taskid, str(R.COMPLETED))
 
     def _on_chain(self, taskid: str) -> ContributionStatus:
         return self.client.view_contribution(taskid, self.address).status
@@ -368,16 +417,19 @@ class WorkerNode:
     def upload(self, taskid: str) -> JobOutcome:
         state = self._state(taskid)
         self.report(taskid, R.RESULT_UPLOADING)
+        link, callback_data = self._result_link(taskid, state)
+        self.report(taskid, R.RESULT_UPLOADED, resultLink=link, callbackData=callback_data)
+        return JobOutcome(taskid, str(R.RESULT_UPLOADED))
+
+    def _result_link(self, taskid: str, state: dict[str, Any]) -> tuple[str, str]:
+        """Publish the zipped result (or, for a callback, point at it on chain): the link
+        finalize records, and the callback data."""
         if state.get("callback"):
             link = result_link("ethereum", state["callback"])
         else:
             data = Path(state["zip"]).read_bytes()
-            location = self.publisher.publish(taskid, data)
-            link = result_link(self.publisher.storage, location)
-        self.report(
-            taskid, R.RESULT_UPLOADED, resultLink=link, callbackData=state.get("callbackData", "")
-        )
-        return JobOutcome(taskid, str(R.RESULT_UPLOADED))
+            link = result_link(self.publisher.storage, self.publisher.publish(taskid, data))
+        return link, str(state.get("callbackData", ""))
 
     # ---- after a restart ------------------------------------------------------------------
     def resume(self) -> list[JobOutcome]:
@@ -443,7 +495,12 @@ class WorkerNode:
             self.busy += 1
         try:
             return self._compute(
-                taskid, task.dealid, task.idx, task.timeref, str(state["authorization"])
+                taskid,
+                task.dealid,
+                task.idx,
+                task.timeref,
+                str(state["authorization"]),
+                bool(state.get("fastPath")),
             )
         finally:
             with self._busy_lock:
