@@ -37,6 +37,8 @@ TX_SENT: dict[tuple[str, str], str] = {
     ("tasks", str(T.FAILED)): "claim",
     ("replicates", str(R.CONTRIBUTED)): "contribute",
     ("replicates", str(R.REVEALED)): "reveal",
+    # trust 1: the worker's contributeAndFinalize (a classic COMPLETED carries no hash)
+    ("replicates", str(R.COMPLETED)): "contributeAndFinalize",
 }
 TX_FAILED: dict[tuple[str, str], str] = {
     ("tasks", str(T.INITIALIZE_FAILED)): "initialize",

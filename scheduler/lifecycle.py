@@ -320,6 +320,7 @@ class Lifecycle:
             taskid,
             CONTRIBUTING,
             T.FINALIZED,
+            # the transaction is the worker's: its hash is on the replicate's COMPLETED
             note=f"contributeAndFinalize by {worker.lower()}",
             extra={
                 "resultLink": details.get("resultLink", ""),

@@ -231,21 +231,22 @@ def test_task_with_replicates_and_timeline_of_real_transactions(run: DevnetRun) 
     assert task["chainTaskId"] == taskid and task["status"] == "COMPLETED"
     assert task["resultLink"].startswith('{ "storage": "ipfs"')
     statuses = [e["status"] for e in task["timeline"]]
-    assert statuses[0] == "RECEIVED" and statuses[-3:] == ["FINALIZING", "FINALIZED", "COMPLETED"]
+    # trust 1: the worker's contributeAndFinalize is the FINALIZED transaction
+    assert statuses[0] == "RECEIVED" and statuses[-3:] == ["RUNNING", "FINALIZED", "COMPLETED"]
     times = [_iso(e["at"]) for e in task["timeline"]]
     assert times == sorted(times)
     w3 = run.devnet.client.w3
-    for status in ("INITIALIZED", "FINALIZED"):
-        (entry,) = [e for e in task["timeline"] if e["status"] == status]
-        receipt = w3.eth.get_transaction_receipt(entry["txHash"])
-        assert receipt["status"] == 1 and receipt["to"] == run.devnet.info["hub"]
+    (entry,) = [e for e in task["timeline"] if e["status"] == "INITIALIZED"]
+    receipt = w3.eth.get_transaction_receipt(entry["txHash"])
+    assert receipt["status"] == 1 and receipt["to"] == run.devnet.info["hub"]
+    (finalized,) = [e for e in task["timeline"] if e["status"] == "FINALIZED"]
+    assert finalized["note"] == f"contributeAndFinalize by {run.worker}"
     (replicate,) = task["replicates"]
     assert replicate["worker"] == run.worker and replicate["status"] == "COMPLETED"
     assert replicate["duration"] > 0
-    for status in ("CONTRIBUTED", "REVEALED"):
-        (entry,) = [e for e in replicate["timeline"] if e["status"] == status]
-        receipt = w3.eth.get_transaction_receipt(entry["txHash"])
-        assert receipt["status"] == 1 and receipt["from"].lower() == run.worker
+    (entry,) = [e for e in replicate["timeline"] if e["status"] == "COMPLETED"]
+    receipt = w3.eth.get_transaction_receipt(entry["txHash"])
+    assert receipt["status"] == 1 and receipt["from"].lower() == run.worker
 
     crashed = run.json(f"/api/v1/tasks/{run.crashed.taskids()[0]}")
     (failed,) = crashed["replicates"]
@@ -328,7 +329,14 @@ def test_metrics_read_the_run_from_the_store_redis_and_the_chain(run: DevnetRun)
     assert m[("workerpool_replicates", (("status", "COMPUTE_FAILED"),))] == 1
     sent = {
         k: m[("workerpool_transactions_sent", (("kind", k),))]
-        for k in ("initialize", "contribute", "reveal", "finalize", "claim")
+        for k in (
+            "initialize",
+            "contribute",
+            "reveal",
+            "finalize",
+            "contributeAndFinalize",
+            "claim",
+        )
     }
     # initializeArray batches the tasks a tick finds (one or both deals): count distinct hashes
     initialized = {
@@ -338,12 +346,13 @@ def test_metrics_read_the_run_from_the_store_redis_and_the_chain(run: DevnetRun)
         if e["status"] == "INITIALIZED" and e.get("txHash")
     }
     assert 1 <= len(initialized) <= 2
-    # each completed task: a contribute, a reveal, a finalize
+    # each completed (trust-1) task: one contributeAndFinalize by the worker
     assert sent == {
         "initialize": len(initialized),
-        "contribute": 3,
-        "reveal": 3,
-        "finalize": 3,
+        "contribute": 0,
+        "reveal": 0,
+        "finalize": 0,
+        "contributeAndFinalize": 3,
         "claim": 0,
     }
     assert all(
