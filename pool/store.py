@@ -176,7 +176,6 @@ class Store:
         *,
         note: str | None = None,
         extra: dict[str, Any] | None = None,
-        tx_hash: str | None = None,
     ) -> dict[str, Any] | None:
         """Strict compare-and-set: move the task to ``new`` only from one of ``expected``.
 
@@ -187,8 +186,6 @@ class Store:
         wanted = [str(s) for s in expected if str(s) in allowed]
         now = utcnow()
         event: dict[str, Any] = {"status": str(new), "at": now}
-        if tx_hash:
-            event["txHash"] = tx_hash
         if note:
             event["note"] = note
         doc = self.tasks.find_one_and_update(
