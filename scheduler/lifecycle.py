@@ -843,6 +843,10 @@ class Lifecycle:
         )
         if task is None:
             return
+        if uploader:  # a silent uploader is still RESULT_UPLOADING: it holds the result
+            self.store.advance_replicate(
+                taskid, uploader, R.REVEALED, note=f"upload {why}", stale_from=_NOT_UPLOADING
+            )
         failed = {*task.get("uploadFailed", []), uploader}
         self.store.set_task_fields(
             taskid, {"uploadFailed": sorted(failed), "uploadFailedAt": utcnow()}
@@ -902,6 +906,7 @@ def contribution_verdicts(receipt: Receipt, taskid: str, hub: str | None = None)
 
 
 _UPLOADING = frozenset({str(R.RESULT_UPLOADING)})
+_NOT_UPLOADING = frozenset(str(s) for s in R if s != R.RESULT_UPLOADING)
 
 
 def _refuse(reason: str, requeue: bool) -> dict[str, Any]:

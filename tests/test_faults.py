@@ -413,3 +413,40 @@ def test_bad_apps_are_stopped_and_recorded_and_the_worker_unharmed(
     pool.wait_tasks(ids, _final, timeout=60)
     for deal in deals.values():
         assert_chain_and_store_agree(pool, deal)
+
+
+def test_result_store_unreachable_falls_back_to_the_classic_path_and_recovers(
+    chain_snapshot: DevnetHandle,
+    redis_url: str,
+    redis_client: Any,
+    ipfs_api_url: str,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    with pool_running(
+        chain_snapshot,
+        redis_url,
+        ipfs_api_url,
+        tmp_path,
+        db="ipfs-down",
+        REVEAL_TIMEOUT_PERIOD="2000",
+    ) as pool:
+        # Given a worker whose IPFS node is unreachable, on a trust-1 task
+        node = pool.start_worker(12, IEXEC_IPFS_PORT="1")
+        deal = pool.match(params=deal_params("ipfs down"))
+        (taskid,) = deal.taskids()
+        worker = pool.worker_address(12)
+
+        def revealed(_: Doc) -> bool:
+            rep = pool.store.replicate(taskid, worker)
+            return rep is not None and rep["status"] in ("REVEALED", "RESULT_UPLOADING")
+
+        # Then it could not publish before contributeAndFinalize: it contributed and revealed
+        pool.wait_tasks([taskid], revealed, timeout=60)
+        assert pool.chain_status(taskid) == ChainTaskStatus.REVEALING
+        # When the node comes back with its IPFS reachable
+        pool.kill_worker(node)
+        pool.start_worker(12)
+        # Then the scheduler asks it again for the upload, and the task completes
+        pool.wait_tasks([taskid], _completed, timeout=90)
+        assert_chain_and_store_agree(pool, deal)
