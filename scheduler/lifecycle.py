@@ -67,9 +67,10 @@ IN_FLIGHT = {
     str(s)
     for s in (R.CREATED, R.STARTING, R.APP_DOWNLOADING, R.COMPUTING, R.COMPUTED, R.CONTRIBUTING)
 }
-# replicates that may have contributed without the report reaching us (a node killed
-# between its transaction and its report): the chain is asked
-UNREPORTED = {str(R.CONTRIBUTING), str(R.WORKER_LOST)}
+# a replicate WORKER_LOST, or CONTRIBUTING for this many seconds, may have contributed (or
+# contributed and finalized) without its report reaching us: the chain is asked. Not sooner:
+# the report of a live worker carries the transaction hash.
+UNREPORTED_GRACE = 15.0
 # failures that come from the app or its inputs: re-running elsewhere proves nothing
 APP_FAULTS = {str(s) for s in (R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)}
 QUEUE_CAPABILITY = {queue: name for name, queue in REPLICATE_QUEUES.items()}
@@ -679,18 +680,28 @@ class Lifecycle:
             CONTRIBUTING, fields=("chainTaskId", "queue", "waitingReason"), ordered=False
         )
         replicates = self.store.replicates_of_tasks(
-            [t["chainTaskId"] for t in tasks], fields=("status",)
+            [t["chainTaskId"] for t in tasks], fields=("status", "updatedAt")
         )
         serving: dict[str, int] = {}
+        quiet_since = utcnow() - dt.timedelta(seconds=UNREPORTED_GRACE)
         for task in tasks:
             taskid = task["chainTaskId"]
-            statuses = {r["status"] for r in replicates.get(taskid, [])}
+            reps = replicates.get(taskid, [])
+            statuses = {r["status"] for r in reps}
+            unreported = any(
+                r["status"] == str(R.WORKER_LOST)
+                or (
+                    r["status"] == str(R.CONTRIBUTING)
+                    and r.get("updatedAt", quiet_since) <= quiet_since
+                )
+                for r in reps
+            )
             if not statuses:
                 self.explain_waiting(task, serving)
             elif str(R.CONTRIBUTED) in statuses:
                 if not self.check_consensus(taskid):
                     self.replan(taskid)
-            elif statuses & UNREPORTED and self.check_consensus(taskid):
+            elif unreported and self.check_consensus(taskid):
                 pass  # a contribution whose report never came reached consensus on chain
             elif not statuses & IN_FLIGHT:
                 # (replan returns at once while a replicate is under way: not even asked)

@@ -14,7 +14,8 @@ from poco import actions
 from poco.requester import match_deal
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool.celery_app import REPLICATE_QUEUES, worker_queue
-from pool.store import Store
+from pool.store import Store, utcnow
+from scheduler.lifecycle import UNREPORTED_GRACE
 from scheduler.service import Scheduler
 
 pytestmark = pytest.mark.devnet
@@ -184,8 +185,16 @@ def test_a_contribute_and_finalize_whose_report_was_lost_is_found_on_chain(
     # Given the worker finished the task in one transaction and only CONTRIBUTING reached us
     scheduler.lifecycle.on_report(taskid, worker.address, "CONTRIBUTING")
     actions.contribute_and_finalize(worker, taskid, DIGEST, b"the-link", grant["signature"])
-    # When the scheduler ticks, Then it finds the task completed on chain and records it
+    # When the scheduler ticks before the grace for a report: it waits for the report
     scheduler.tick()
+    assert store.task(taskid)["status"] == "RUNNING"  # type: ignore[index]
+    # When the report is still missing after the grace
+    store.replicates.update_one(
+        {"chainTaskId": taskid},
+        {"$set": {"updatedAt": utcnow() - dt.timedelta(seconds=UNREPORTED_GRACE + 1)}},
+    )
+    scheduler.tick()
+    # Then it finds the task completed on chain and records it
     doc = store.task(taskid)
     assert doc is not None and doc["status"] == "COMPLETED"
     assert doc["resultLink"] == "the-link"
