@@ -47,7 +47,7 @@ from pool.states import ReplicateStatus
 from workers import inputs as inputs_mod
 from workers import results as results_mod
 from workers.identity import IndexLease, LeaseLost
-from workers.runner import AppImageError, AppRun, ContainerRunner, RunnerError
+from workers.runner import AppImageError, AppRun, ContainerRunner, EngineError, RunnerError
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,8 @@ class WorkerNode:
         )
         try:
             outcome = self.runner.run(run)
+        except EngineError as exc:  # not the app's fault: ABORTED, the scheduler plans it again
+            return self._fail(taskid, R.ABORTED, f"container engine failure: {exc}")
         except RunnerError as exc:
             return self._fail(taskid, R.COMPUTE_FAILED, f"container: {exc}")
         limits_hit = outcome.timed_out or outcome.oom_killed or outcome.output_too_large
@@ -507,9 +509,10 @@ class WorkerNode:
                 self.busy -= 1
 
     def heartbeat_forever(self, period: float, stop: threading.Event) -> None:
-        """Heartbeat, renew the identity lease and the liveness key, clean up after dead
-        peers; runs on a thread of the compute process until ``stop``."""
-        beats = 0
+        """Heartbeat, renew the identity lease and the liveness key; runs on a thread of the
+        compute process until ``stop``. Nothing slow here (no Docker call: a busy engine once
+        took 60 s to list containers and the node was judged LOST): the janitor has its own
+        thread."""
         while not stop.is_set():
             try:
                 if self.lease is not None:
@@ -520,13 +523,19 @@ class WorkerNode:
                     self.redis.set(alive_key(self.address), self.name, px=int(period * 3000))
                     self.redis.set(seen_key(self.address), repr(time.time()), ex=86400)
                 self.heartbeat()
-                if beats % 6 == 0:
-                    self.remove_orphans()
             except LeaseLost:
                 raise
-            except Exception as exc:  # Redis or Docker down: keep trying, keep working
+            except Exception as exc:  # Redis down: keep trying, keep working
                 log.warning("heartbeat failed: %s", exc)
-            beats += 1
+            stop.wait(period)
+
+    def janitor_forever(self, period: float, stop: threading.Event) -> None:
+        """Remove orphan app containers every ``period`` seconds until ``stop``."""
+        while not stop.is_set():
+            try:
+                self.remove_orphans()
+            except Exception as exc:  # Docker slow or down: try again next period
+                log.warning("orphan container clean-up failed: %s", exc)
             stop.wait(period)
 
     def remove_orphans(self) -> int:

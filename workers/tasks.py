@@ -90,6 +90,12 @@ def create_compute_app(settings: Settings, node: WorkerNode) -> Celery:
         if sender is not None and sender.app is not app:
             return
         threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+        threading.Thread(
+            target=node.janitor_forever,
+            args=(settings.heartbeat_period * 6, stop),
+            daemon=True,
+            name="janitor",
+        ).start()
         threading.Thread(target=resume, daemon=True, name="resume").start()
 
     def resume() -> None:
