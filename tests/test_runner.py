@@ -24,7 +24,7 @@ import docker
 import pytest
 from docker.errors import ImageNotFound, NotFound
 
-from workers import inputs, results, runner
+from workers import inputs, results
 from workers.results import ResultError
 from workers.runner import (
     AppImageError,
@@ -355,6 +355,26 @@ def test_output_over_the_limit_stops_the_app(
     assert_gone(docker_client, run.name)
 
 
+def test_a_steady_writer_is_stopped_while_it_runs(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    shell_image: str,
+    tmp_path: Path,
+) -> None:
+    # Given an app that would write 1 MB every 50 ms for a minute, and a 5 MB output limit
+    script = "i=0; while [ $i -lt 1200 ]; do head -c 1048576 /dev/zero >> /iexec_out/f; " \
+        "i=$((i+1)); sleep 0.05; done"  # fmt: skip
+    run = make_run(tmp_path, shell_image, [script], output_limit_bytes=5 * MB)
+
+    outcome = docker_runner.run(run)
+
+    # Then the output watch kills it within seconds, long before its time limit
+    assert outcome.output_too_large and not outcome.timed_out and not outcome.ok
+    assert outcome.duration < 15
+    assert (tmp_path / "iexec_out" / "f").stat().st_size < 200 * MB
+    assert_gone(docker_client, run.name)
+
+
 def test_app_past_its_time_limit_is_stopped(
     docker_client: docker.DockerClient,
     docker_runner: DockerRunner,
@@ -479,15 +499,15 @@ def test_keyboard_interrupt_in_the_watchdog_still_removes_the_container(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Given a watchdog whose output-size check is interrupted (Ctrl-C) while the app runs
+    # Given a watchdog interrupted (Ctrl-C) while it waits for the running app
     run = make_run(tmp_path, app_images["sleep"], ["60"])
     seen: list[str] = []
 
-    def interrupted(path: Path) -> int:
+    def interrupted(container: object, timeout: float) -> int | None:
         seen.append(docker_client.containers.get(run.name).status)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "dir_size", interrupted)
+    monkeypatch.setattr(DockerRunner, "_wait", staticmethod(interrupted))
 
     # When it runs, the interrupt propagates
     with pytest.raises(KeyboardInterrupt):

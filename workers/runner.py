@@ -13,10 +13,10 @@ What :class:`DockerRunner` guarantees, and why:
   The user is left to the image (apps may expect root *inside* the container), which is
   safe because root without capabilities cannot escape it.
 - **Bounded**: memory (swap included), CPU, pids, log size, wall time and the size of
-  ``/iexec_out`` are limited. A watchdog blocks on the engine's ``wait`` (so the end of
-  the app is seen at once and the slot freed), waking every ``poll_interval`` seconds to
-  measure the output and at the time limit, and kills the container when the wall time or
-  the output size goes over its limit. The output check is periodic, so an app can
+  ``/iexec_out`` are limited. The run blocks on one engine ``wait`` (so the end of the
+  app is seen at once and the slot freed) until the time limit, and kills the container
+  when the wall time is over; a thread measures the output every ``poll_interval`` seconds
+  and kills the container when it goes over its limit. The output check is periodic, so an app can
   overshoot by what it writes in one interval; the size is checked once more after the
   app exits, so an app that is too quick for the check is still flagged.
 - **Always removed**: the container is force-removed in a ``finally``, whatever happens
@@ -173,7 +173,8 @@ class RunOutcome:
     """What happened to one app run. ``ok`` only when the app exited 0 within every limit.
 
     ``stdout``/``stderr`` are the (bounded) logs the worker writes to ``stdout.txt`` /
-    ``stderr.txt``; ``log_tail`` is the end of both streams interleaved, for status reports.
+    ``stderr.txt``; ``log_tail`` is the end of both streams, for status reports (in the order
+    they were written for a failed run; stdout then stderr otherwise).
     The ``*_limit`` fields only serve :meth:`reason`. ``aborted`` is set when the run was
     stopped through :meth:`ContainerRunner.kill` (task aborted by the scheduler).
     ``error`` is set when the container could not run or its end could not be observed.
@@ -304,6 +305,56 @@ def _tail_text(data: bytes, limit: int) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+class _OutputWatch:
+    """Measures a running app's output directory every ``interval`` seconds (less often when
+    the tree is slow to walk) on its own thread, and kills the container through ``kill``
+    once the output passes its limit. The run itself only waits on the engine, so a run
+    costs the engine one wait request instead of one per size check."""
+
+    def __init__(self, run: AppRun, interval: float, kill: Callable[[], None]) -> None:
+        self.run = run
+        self.interval = interval
+        self.kill = kill
+        self.exceeded = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"out-{run.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> bool:
+        """Stop watching; whether the output passed its limit (and the container was killed)."""
+        self._stop.set()
+        self._thread.join()
+        return self.exceeded
+
+    def _watch(self) -> None:
+        wait = 0.0
+        while not self._stop.wait(wait):
+            before = time.monotonic()
+            try:
+                size = dir_size(self.run.output_dir)
+            except Exception as exc:  # never let the watch die quietly: try again later
+                log.warning("%s: cannot measure the output: %s", self.run.name, exc)
+                size = 0
+            walked = time.monotonic() - before
+            if size > self.run.output_limit_bytes:
+                self.exceeded = True
+                log.warning(
+                    "%s: output %d bytes over the limit of %d: killing the app container",
+                    self.run.name,
+                    size,
+                    self.run.output_limit_bytes,
+                )
+                try:
+                    self.kill()
+                except Exception as exc:  # the run's own wait and checks go on regardless
+                    log.warning("%s: kill after output limit failed: %s", self.run.name, exc)
+                return
+            # a huge tree is slow to walk: walk it less often rather than saturate IO
+            wait = max(self.interval, 4 * walked)
+
+
 class DockerRunner:
     """:class:`ContainerRunner` on a Docker Engine, through the Docker SDK.
 
@@ -336,6 +387,9 @@ class DockerRunner:
                 self._client = docker.from_env(timeout=60)
             except docker.errors.DockerException as exc:
                 raise EngineError(f"cannot connect to the Docker Engine: {exc}") from exc
+            if self._client.api.base_url.startswith("http+docker://"):  # a local socket:
+                # no proxy applies, so requests need not read the environment at every call
+                self._client.api.trust_env = False
         return self._client
 
     # --- images ---------------------------------------------------------------
@@ -400,7 +454,6 @@ class DockerRunner:
         container: Container | None = None
         try:
             try:
-                self._remove_stale(run.name)
                 container = self._create(run)
                 return self._start_and_watch(container, run)
             except docker.errors.APIError as exc:  # before RequestException: it is one
@@ -421,19 +474,20 @@ class DockerRunner:
             self._remove(container, run.name)
 
     def _create(self, run: AppRun) -> Container:
+        """Create the container through the engine API. One request: the SDK's
+        ``containers.create`` inspects the new container afterwards, which the run does not
+        need (it inspects once, at the end). A name left by a crashed run is removed and the
+        creation tried once more."""
         import docker.errors
         from docker.types import LogConfig
 
+        api = self.client.api
         log_config = LogConfig(
             type=LogConfig.types.JSON,
             config={"max-size": str(run.log_limit_bytes), "max-file": "1"},
         )
-        kwargs: dict[str, Any] = {
-            "name": run.name,
-            "command": list(run.args) or None,  # None keeps the image CMD
-            "environment": dict(run.env),
-            "labels": run.container_labels,
-            "volumes": {
+        host: dict[str, Any] = {
+            "binds": {
                 str(run.input_dir.resolve()): {"bind": IEXEC_IN, "mode": "ro"},
                 str(run.output_dir.resolve()): {"bind": IEXEC_OUT, "mode": "rw"},
             },
@@ -444,23 +498,37 @@ class DockerRunner:
             "memswap_limit": run.memory_bytes,  # same value: no swap on top of the limit
             "pids_limit": run.pids_limit,
             "log_config": log_config,
-            "detach": True,
-            "tty": False,  # keeps stdout and stderr apart
         }
         if run.nano_cpus:
-            kwargs["nano_cpus"] = run.nano_cpus
+            host["nano_cpus"] = run.nano_cpus
         if not run.network:
-            kwargs["network_mode"] = "none"
+            host["network_mode"] = "none"
+
+        def create() -> Container:
+            answer = api.create_container(
+                run.image,
+                command=list(run.args) or None,  # None keeps the image CMD
+                name=run.name,
+                environment=dict(run.env),
+                labels=run.container_labels,
+                volumes=[IEXEC_IN, IEXEC_OUT],
+                host_config=api.create_host_config(**host),
+                detach=True,
+                tty=False,  # keeps stdout and stderr apart
+            )
+            return self.client.containers.prepare_model({"Id": answer["Id"], "Name": run.name})
+
         try:
-            return self.client.containers.create(run.image, **kwargs)
+            return create()
         except docker.errors.ImageNotFound as exc:
             raise AppImageError(f"app image {run.image} is not on this worker") from exc
         except docker.errors.APIError as exc:
             if exc.status_code == 409:
-                # lost a race with another creator of the same name: clean and try once more
+                # a container of that name was left by a run that crashed, or lost a race
+                # with another creator of the same name: clean and try once more
                 log.warning("container name %s taken at create time: removing it", run.name)
                 self._remove_stale(run.name)
-                return self.client.containers.create(run.image, **kwargs)
+                return create()
             raise
 
     def _start_and_watch(self, container: Container, run: AppRun) -> RunOutcome:
@@ -489,54 +557,49 @@ class DockerRunner:
         error: str | None = None
         killed_at: float | None = None
         exited_with: int | None = None  # the engine's answer to wait, if the app ended
-        next_size_check = started
         deadline = started + run.timeout
-        while True:
-            now = time.monotonic()
-            if killed_at is None:
-                with self._lock:
-                    abort_asked = run.name in self._abort
-                if abort_asked:
-                    aborted = True
-                elif now > deadline:
-                    timed_out = True
-                elif now >= next_size_check:
-                    before = time.monotonic()
-                    size = dir_size(run.output_dir)
-                    walked = time.monotonic() - before
-                    # a huge tree is slow to walk: walk it less often rather than saturate IO
-                    next_size_check = time.monotonic() + max(self.poll_interval, 4 * walked)
-                    output_too_large = size > run.output_limit_bytes
-                if aborted or timed_out or output_too_large:
-                    log.warning(
-                        "%s: killing the app container (aborted=%s, timed_out=%s, "
-                        "output_too_large=%s)",
-                        run.name,
-                        aborted,
-                        timed_out,
-                        output_too_large,
-                    )
-                    self._kill_container(container)
-                    killed_at = time.monotonic()
-                    wake = killed_at + _KILL_WAIT_SECONDS
+        watch = _OutputWatch(run, self.poll_interval, lambda: self._kill_container(container))
+        watch.start()
+        try:
+            while True:
+                now = time.monotonic()
+                if killed_at is None:
+                    with self._lock:
+                        abort_asked = run.name in self._abort
+                    if abort_asked:
+                        aborted = True
+                    elif now > deadline:
+                        timed_out = True
+                    if aborted or timed_out:
+                        log.warning(
+                            "%s: killing the app container (aborted=%s, timed_out=%s)",
+                            run.name,
+                            aborted,
+                            timed_out,
+                        )
+                        self._kill_container(container)
+                        killed_at = time.monotonic()
+                        wake = killed_at + _KILL_WAIT_SECONDS
+                    else:
+                        # just past the deadline, so that the check above sees it passed
+                        wake = deadline + 0.01
+                elif now - killed_at > _KILL_WAIT_SECONDS:
+                    error = f"the container did not stop {_KILL_WAIT_SECONDS:g} s after SIGKILL"
+                    break
                 else:
-                    # just past the deadline, so that the check above sees it passed
-                    wake = min(next_size_check, deadline + 0.01)
-            elif now - killed_at > _KILL_WAIT_SECONDS:
-                error = f"the container did not stop {_KILL_WAIT_SECONDS:g} s after SIGKILL"
-                break
-            else:
-                wake = killed_at + _KILL_WAIT_SECONDS
-            # Block until the app exits or the next check is due: the slot is free as soon as
-            # the app ends (an abort kills the container, which ends this wait too).
-            try:
-                waited = self._wait(container, max(wake - time.monotonic(), _MIN_WAIT_SECONDS))
-            except docker.errors.NotFound:
-                error = "the container disappeared while running (removed by someone else?)"
-                break
-            if waited is not None:
-                exited_with = waited
-                break
+                    wake = killed_at + _KILL_WAIT_SECONDS
+                # One request that the engine answers when the app exits: the slot is free as
+                # soon as it ends. An abort (kill) or the output watch's kill ends it too.
+                try:
+                    waited = self._wait(container, max(wake - time.monotonic(), _MIN_WAIT_SECONDS))
+                except docker.errors.NotFound:
+                    error = "the container disappeared while running (removed by someone else?)"
+                    break
+                if waited is not None:
+                    exited_with = waited
+                    break
+        finally:
+            output_too_large = watch.stop()
         duration = time.monotonic() - started
         with self._lock:  # kill() may have stopped it between two checks
             aborted = aborted or run.name in self._abort
@@ -553,7 +616,8 @@ class DockerRunner:
             if state.get("Status") in ("exited", "dead"):
                 exit_code = int(state.get("ExitCode", -1))
             oom_killed = bool(state.get("OOMKilled", False))
-            stdout, stderr, log_tail = self._logs(container)
+            failed = exit_code != 0 or oom_killed or error is not None or timed_out or aborted
+            stdout, stderr, log_tail = self._logs(container, interleaved=failed)
         if not output_too_large and dir_size(run.output_dir) > run.output_limit_bytes:
             output_too_large = True
         outcome = RunOutcome(
@@ -593,14 +657,20 @@ class DockerRunner:
             raise
         return int(answer.get("StatusCode", -1))
 
-    def _logs(self, container: Container) -> tuple[str, str, str]:
-        """stdout, stderr and the combined tail, each bounded: logs never blow our memory."""
+    def _logs(self, container: Container, interleaved: bool) -> tuple[str, str, str]:
+        """stdout, stderr and the combined tail, each bounded: logs never blow our memory.
+        The tail has both streams in the order they were written only when ``interleaved``
+        (a failed run, whose report shows it: one more read); otherwise it is the end of
+        stdout then stderr."""
         import docker.errors
 
         try:
             out = container.logs(stdout=True, stderr=False, tail=_LOG_TAIL_LINES)
             err = container.logs(stdout=False, stderr=True, tail=_LOG_TAIL_LINES)
-            both = container.logs(stdout=True, stderr=True, tail=200)
+            if interleaved:
+                both = container.logs(stdout=True, stderr=True, tail=200)
+            else:
+                both = b"\n".join(b"\n".join(x.splitlines()[-100:]) for x in (out, err) if x)
         except docker.errors.APIError as exc:
             log.warning("could not read the logs of %s: %s", container.name, exc)
             return "", "", ""

@@ -217,6 +217,19 @@ def table(results: dict[str, Any]) -> str:
                 f">= {100 * TARGETS['throughput_ratio']:.0f} % {'OK' if ok else 'MISS'}",
             )
         )
+        if "machine_cpu_ms_per_run" in t["bare_docker"]:
+            per = t["cpu_ms_per_task"]
+            rows.append(
+                (
+                    "2 machine CPU per task (all processes)",
+                    fmt(t["machine_cpu_ms_per_task"], " ms"),
+                    fmt(t["bare_docker"]["machine_cpu_ms_per_run"], " ms"),
+                    ", ".join(
+                        f"{k.split(' ')[0]} {v:.0f}" for k, v in per.items() if k != "docker engine"
+                    ),
+                    "",
+                )
+            )
         c = t["chain"]
         # one initializeArray per 20 tasks at most: ceil(N / 20) transactions for N tasks
         least = -(-t["tasks"] // 20) / t["tasks"]

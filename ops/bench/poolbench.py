@@ -65,18 +65,26 @@ def load1() -> float:
 # ---- CPU accounting ---------------------------------------------------------------------------
 class CpuMeter:
     """CPU seconds of named process groups between start() and stop(), and of everything else
-    on the machine (``other``: other users of this machine, e.g. a test run)."""
+    on the machine (``other``: other users of this machine, e.g. a test run).
 
-    def __init__(self, groups: dict[str, list[int]]) -> None:
+    A group counts its processes with their descendants, except the groups named in
+    ``alone``: the benchmark driver (where the scheduler runs) is the parent of the workers,
+    anvil and the proxy, which have groups of their own."""
+
+    def __init__(self, groups: dict[str, list[int]], alone: frozenset[str] = frozenset()) -> None:
         self.groups = groups
+        self.alone = alone
         self.before: dict[str, float] = {}
         self.t0 = 0.0
         self.sys0: Any = None
 
     @staticmethod
-    def _tree_cpu(pid: int) -> float:
+    def _tree_cpu(pid: int, alone: bool = False) -> float:
         try:
             p = psutil.Process(pid)
+            if alone:
+                t = p.cpu_times()
+                return float(t.user + t.system)
             procs = [p, *p.children(recursive=True)]
         except psutil.Error:
             return 0.0
@@ -103,7 +111,10 @@ class CpuMeter:
         return total
 
     def _sample(self) -> dict[str, float]:
-        out = {name: sum(self._tree_cpu(p) for p in pids) for name, pids in self.groups.items()}
+        out = {
+            name: sum(self._tree_cpu(p, name in self.alone) for p in pids)
+            for name, pids in self.groups.items()
+        }
         out["docker engine"] = self._engine_cpu()
         return out
 
@@ -126,6 +137,7 @@ class CpuMeter:
             "wall_s": round(wall, 3),
             "cpu_s": used,
             "machine_busy_pct": round(100 * busy / (wall * cores), 1),
+            "machine_cpu_s": round(busy, 3),
             "other_cpu_pct": round(max(0.0, busy - ours) * 100 / (wall * cores), 1),
         }
 
@@ -165,15 +177,22 @@ def bare_sequential(image: str, workdir: Path, runs: int) -> dict[str, Any]:
 
 
 def bare_concurrent(image: str, workdir: Path, runs: int, concurrency: int) -> dict[str, Any]:
+    meter = CpuMeter({})
+    meter.start()
     t0 = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(lambda i: bare_run(image, workdir, i), range(runs)))
     wall = time.monotonic() - t0
+    cpu = meter.stop()
     return {
         "runs": runs,
         "concurrency": concurrency,
         "wall_s": round(wall, 3),
         "tasks_per_s": round(runs / wall, 3),
+        # everything the machine did per run: CLI, engine, shim, the app (and other users)
+        "machine_cpu_ms_per_run": round(cpu["machine_cpu_s"] / runs * 1000, 1),
+        "machine_busy_pct": cpu["machine_busy_pct"],
+        "engine_cpu_ms_per_run": round(cpu["cpu_s"]["docker engine"] / runs * 1000, 1),
     }
 
 
@@ -398,6 +417,7 @@ class Pool:
 
         anvil = devnet.Devnet(self.devnet_dir).pid()
         return {
+            # this process alone: the scheduler's threads and the driver's polling
             "scheduler (+bench driver)": [os.getpid()],
             "workers": [p.pid for p in self.workers],
             "anvil": [anvil] if anvil else [],
@@ -558,6 +578,7 @@ def start_py_spy(pool: Pool, out_dir: Path) -> list[subprocess.Popen[bytes]]:
                     "--format",
                     "raw",
                     "--nonblocking",
+                    "--gil",
                     "-o",
                     str(out_dir / f"pyspy-{name}.txt"),
                 ],
@@ -584,7 +605,7 @@ def measure_throughput(
 ) -> dict[str, Any]:
     """Measurements 2 and 4: a deal of ``volume`` tasks on the workers, counted at the proxy."""
     spies = start_py_spy(pool, profile_dir) if profile_dir else []
-    meter = CpuMeter(pool.cpu_groups())
+    meter = CpuMeter(pool.cpu_groups(), alone=frozenset({"scheduler (+bench driver)"}))
     pool.reset_stats()
     meter.start()
     load_before = load1()
@@ -628,6 +649,7 @@ def measure_throughput(
         "bare_docker": bare,
         "ratio_vs_bare": round(rate / bare["tasks_per_s"], 3),
         "cpu_ms_per_task": per_task_cpu,
+        "machine_cpu_ms_per_task": round(cpu["machine_cpu_s"] / volume * 1000, 1),
         "machine": {**cpu, "load1_before": load_before, "load1_after": load1()},
         "chain": _per_role(stats, volume),
     }
