@@ -26,10 +26,9 @@ Why it looks like this:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -126,12 +125,26 @@ def http_session(url: str) -> requests.Session:
     change while the process runs, so it is read here and the session stops trusting the
     environment."""
     session = requests.Session()
-    session.proxies.update(requests.utils.get_environ_proxies(url))
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if bundle:
-        session.verify = bundle
+    found = session.merge_environment_settings(url, {}, None, None, None)
+    session.proxies.update(found["proxies"])
+    session.verify = found["verify"]
     session.trust_env = False
     return session
+
+
+class _CountingProvider(HTTPProvider):
+    """web3's HTTP provider, counting the requests it sends by JSON-RPC method (answers from
+    web3's own cache are not requests, so they are not counted)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: Counter[str] = Counter()
+        self._sent_lock = threading.Lock()
+
+    def _make_request(self, method: RPCEndpoint, request_data: bytes) -> bytes:
+        with self._sent_lock:
+            self.sent[method] += 1
+        return super()._make_request(method, request_data)
 
 
 class _Immutable:
@@ -176,7 +189,7 @@ class ChainClient:
         max_fee: int = 0,
     ) -> None:
         self.rpc_url = rpc_url
-        provider = HTTPProvider(
+        provider = _CountingProvider(
             rpc_url,
             request_kwargs={"timeout": request_timeout},
             exception_retry_configuration=None,
@@ -186,6 +199,7 @@ class ChainClient:
             cacheable_requests={RPCEndpoint("eth_chainId")},
             session=http_session(rpc_url),
         )
+        self.provider = provider
         self.w3 = Web3(provider)
         # web3's stubs type addresses/hashes as NewTypes; we pass checked str, so use Any here
         self.eth: Any = self.w3.eth
@@ -208,6 +222,8 @@ class ChainClient:
         self._immutable = _Immutable()
         self._latest: tuple[float, int] | None = None  # (monotonic read time, block timestamp)
         self.rpc_calls = 0
+        self.transactions: Counter[str] = Counter()  # sent (replacements too), by function
+        self._tx_lock = threading.Lock()
 
     # ---- transport ----------------------------------------------------------------------
     def rpc(self, what: str, fn: Callable[[], T]) -> T:
@@ -227,6 +243,20 @@ class ChainClient:
                 time.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
         raise AssertionError("unreachable")
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """What this client asked of its node since it was made: requests by JSON-RPC method
+        (``calls``) and transactions by PoCo function, replacements included
+        (``transactions``)."""
+        with self.provider._sent_lock:
+            calls = dict(self.provider.sent)
+        with self._tx_lock:
+            transactions = dict(self.transactions)
+        return {"calls": calls, "transactions": transactions}
+
+    def _count_transaction(self, name: str) -> None:
+        with self._tx_lock:
+            self.transactions[name] += 1
 
     def contract(self, name: str, address: str) -> Any:
         return self.eth.contract(
@@ -467,11 +497,19 @@ class Wallet:
         """
         name = getattr(fn, "fn_name", type(fn).__name__)
         tx_params: dict[str, Any] = {"from": self.address, "value": value}
+        call = _calldata(fn)
+        if call is not None:  # encoded once for the estimate and every signature
+            tx_params.update(call)
         if gas is None:
+            eth = self.client.eth
+
+            def estimate_gas() -> int:
+                if call is not None:
+                    return int(eth.estimate_gas(tx_params))
+                return int(fn.estimate_gas(tx_params))
+
             try:
-                estimate = self.client.rpc(
-                    f"estimate_gas {name}", lambda: int(fn.estimate_gas(tx_params))
-                )
+                estimate = self.client.rpc(f"estimate_gas {name}", estimate_gas)
             except ContractLogicError as exc:
                 raise TransactionReverted(
                     name, _revert_reason(exc), diagnose() if diagnose else ""
@@ -482,10 +520,19 @@ class Wallet:
         fees = self._fees()
 
         def sign(nonce: int, fees: dict[str, int]) -> Any:
-            tx = fn.build_transaction(
-                {**tx_params, "gas": gas, "nonce": nonce, "chainId": self.client.chain_id, **fees}
-            )
-            return self.account.sign_transaction(tx)
+            fields: dict[str, Any] = {
+                **tx_params,
+                "gas": gas,
+                "nonce": nonce,
+                "chainId": self.client.chain_id,
+                **fees,
+            }
+            if call is not None:
+                fields.pop("from")
+                if "gasPrice" not in fees:
+                    fields["type"] = 2
+                return self.account.sign_transaction(fields)
+            return self.account.sign_transaction(fn.build_transaction(fields))
 
         with self.nonces.lock:
             if self.nonces.next_nonce is None:
@@ -494,7 +541,7 @@ class Wallet:
                 nonce = self.nonces.next_nonce
                 signed = sign(nonce, fees)
                 try:
-                    tx_hash = self._send_raw(signed.raw_transaction)
+                    tx_hash = self._send_raw(signed.raw_transaction, name)
                 except Web3RPCError as exc:
                     text = str(exc).lower()
                     if "nonce too low" in text or "nonce too high" in text:
@@ -532,7 +579,8 @@ class Wallet:
             return False
         return True
 
-    def _send_raw(self, raw: bytes) -> str:
+    def _send_raw(self, raw: bytes, name: str) -> str:
+        """Send a signed transaction; counted under ``name`` when the node takes it."""
         eth = self.client.eth
         tx_hash = "0x" + Web3.keccak(raw).hex().removeprefix("0x")
         try:
@@ -542,6 +590,7 @@ class Wallet:
             if "already known" in str(exc).lower() or "already imported" in str(exc).lower():
                 return tx_hash
             raise
+        self.client._count_transaction(name)
         return tx_hash
 
     def _receipt(self, tx_hash: str) -> Receipt | None:
@@ -619,7 +668,7 @@ class Wallet:
             return
         signed = pending.sign(pending.nonce, fees)
         try:
-            tx_hash = self._send_raw(signed.raw_transaction)
+            tx_hash = self._send_raw(signed.raw_transaction, pending.name)
         except Web3RPCError as exc:
             text = str(exc).lower()
             if "nonce too low" in text:
@@ -655,7 +704,7 @@ class Wallet:
                 raw = self.nonces.signed.get(nonce)
             if raw is not None:
                 try:
-                    self._send_raw(raw)
+                    self._send_raw(raw, "resent (nonce gap)")
                     log.warning("%s: nonce gap at %d: sent again", self.address, nonce)
                     continue
                 except Web3RPCError as exc:
@@ -671,7 +720,9 @@ class Wallet:
                 **fees,
             }
             try:
-                self._send_raw(bytes(self.account.sign_transaction(tx).raw_transaction))
+                self._send_raw(
+                    bytes(self.account.sign_transaction(tx).raw_transaction), "gap filler"
+                )
             except Web3RPCError as exc:
                 if "nonce too low" not in str(exc).lower():
                     log.warning("%s: nonce gap at %d: %s", self.address, nonce, exc)
@@ -688,6 +739,17 @@ class _Pending:
     fees: dict[str, int]
     hashes: list[str]
     sign: Callable[[int, dict[str, int]], Any]
+
+
+def _calldata(fn: Any) -> dict[str, Any] | None:
+    """``to`` and ``data`` of a bound contract function, encoded once (web3 encodes again,
+    ABI lookup included, for each estimate and each ``build_transaction``); None for what is
+    not a call to a deployed contract (a constructor)."""
+    address = getattr(fn, "address", None)
+    encode = getattr(fn, "_encode_transaction_data", None)
+    if not address or encode is None:
+        return None
+    return {"to": address, "data": encode()}
 
 
 def _bumped(fees: dict[str, int], factor: float, ceiling: int) -> dict[str, int]:

@@ -59,6 +59,7 @@ def test_quick_benchmark_prints_the_table_and_writes_every_figure(
     assert throughput["pool_tasks_per_s"] > 0 and throughput["ratio_vs_bare"] > 0
     chain = throughput["chain"]
     assert chain["tx_by_function"]["initializeArray"] <= 1 / 20  # one batch for 20 tasks
+    assert chain["tx_by_function"]["contributeAndFinalize"] == 1  # trust 1: one per task
     assert chain["rpc_calls_per_task"] > 0
     (scale,) = results["scale"]
     assert "error" not in scale, scale

@@ -33,7 +33,7 @@ class FakeChain:
         self.calls["block_number"] += 1
         return self.head
 
-    def block_timestamp(self, block: int | str = "latest") -> int:
+    def block_timestamp(self, block: int | str = "latest", max_age: float = 0.0) -> int:
         self.calls["block_timestamp"] += 1
         return 1_000_000
 

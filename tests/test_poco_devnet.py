@@ -9,6 +9,7 @@ import pytest
 from devnet_fixtures import DevnetHandle
 
 from poco import actions
+from poco.chain import ChainClient
 from poco.errors import TransactionReverted
 from poco.orders import AppOrder, RequestOrder, WorkerpoolOrder, random_salt
 from poco.proofs import deal_id, result_hash, sign_authorization, task_id
@@ -243,3 +244,31 @@ def test_concurrent_sends_from_one_account_all_land(devnet: DevnetHandle) -> Non
     assert errors == []
     assert len({r.tx_hash for r in receipts}) == 20  # type: ignore[attr-defined]
     assert devnet.client.view_account(wallet.address).stake == before + 20
+
+
+def test_a_client_counts_its_requests_and_transactions_and_reads_a_deal_once(
+    chain_snapshot: DevnetHandle,
+) -> None:
+    # Given a deal, and a worker with a chain client of its own
+    devnet = chain_snapshot
+    deal = _match(devnet)
+    taskid = deal.taskids()[0]
+    actions.initialize(devnet.wallet("scheduler"), deal.dealid, deal.bot_first)
+    client = ChainClient(devnet.client.rpc_url, devnet.info["hub"])
+    worker = client.wallet(devnet.worker_key(1))
+    # When it reads the deal twice and contributes and finalizes
+    first = client.view_deal(deal.dealid)
+    assert client.view_deal(deal.dealid) is first
+    missing = client.view_deal("0x" + "00" * 31 + "01")  # no such deal: never remembered
+    assert not missing.exists
+    auth = sign_authorization(devnet.key("scheduler"), worker.address, taskid)
+    actions.contribute_and_finalize(worker, taskid, DIGEST, b"link", auth)
+    client.view_deal("0x" + "00" * 31 + "01")
+    # Then its usage says what went over the wire: one eth_call per read of the deal that
+    # does not exist and one for the deal, one estimate, one transaction
+    usage = client.usage()
+    assert usage["transactions"] == {"contributeAndFinalize": 1}
+    calls = usage["calls"]
+    assert calls["eth_call"] == 3
+    assert calls["eth_estimateGas"] == 1 and calls["eth_sendRawTransaction"] == 1
+    assert calls["eth_getTransactionReceipt"] >= 1

@@ -48,7 +48,7 @@ class FakeChain:
     reads: Counter[str] = field(default_factory=Counter)
     hub_address: str = POOL
 
-    def block_timestamp(self, block: int | str = "latest") -> int:
+    def block_timestamp(self, block: int | str = "latest", max_age: float = 0.0) -> int:
         self.reads["block_timestamp"] += 1
         return NOW
 

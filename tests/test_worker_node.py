@@ -69,3 +69,53 @@ def test_heartbeats_go_on_while_the_janitor_waits_for_docker(tmp_path: Path) -> 
         stop.set()
         for thread in threads:
             thread.join(5)
+
+
+class ChainSaysActive:
+    """The chain of a task that is ACTIVE, with no contribution from this node (what the
+    first job of a node sees while it computes)."""
+
+    def __init__(self) -> None:
+        self.read: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def read(*args: Any, **kwargs: Any) -> Any:
+            self.read.append(name)
+            raise AssertionError(f"resume read the chain ({name}) for a job of this life")
+
+        return read
+
+
+def _node(tmp_path: Path, client: Any, sent: list[Any]) -> WorkerNode:
+    return WorkerNode(
+        Settings(redis_url="redis://127.0.0.1:1/0", worker_name="t"),
+        client,
+        SimpleNamespace(address=ADDRESS),  # type: ignore[arg-type]
+        SimpleNamespace(send_task=lambda name, **kw: sent.append((name, kw))),
+        FakeRunner(),
+        None,  # type: ignore[arg-type]
+        workdir=tmp_path,
+    )
+
+
+def test_resume_takes_only_what_a_previous_life_left_not_the_first_jobs_of_this_one(
+    tmp_path: Path,
+) -> None:
+    # Given a node that started with one task directory left by its previous life
+    old = "0x" + "01" * 32
+    (tmp_path / ADDRESS / old).mkdir(parents=True)
+    (tmp_path / ADDRESS / old / "state.json").write_text("not json: a torn write")
+    sent: list[Any] = []
+    chain = ChainSaysActive()
+    node = _node(tmp_path, chain, sent)
+    # And a first job of this life that got its authorization before resume ran (resume
+    # runs on a thread beside the jobs)
+    new = "0x" + "02" * 32
+    (tmp_path / ADDRESS / new).mkdir()
+    (tmp_path / ADDRESS / new / "state.json").write_text('{"authorization": "0x00"}')
+    # When the node resumes
+    outcomes = node.resume()
+    # Then it looked at the leftover only (unreadable: skipped), never at the running job:
+    # no chain read, no report, its directory untouched
+    assert node.leftovers == [old] and outcomes == [] and chain.read == [] and sent == []
+    assert (tmp_path / ADDRESS / new / "state.json").exists()

@@ -99,6 +99,9 @@ class WorkerNode:
         base = workdir or Path(settings.worker_dir or tempfile.mkdtemp(prefix="workerpool-worker-"))
         self.workdir = base / self.address.lower()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # what a previous life left, listed before this one takes any job: resume() runs on a
+        # thread beside the first jobs, whose directories it must not take for leftovers
+        self.leftovers = sorted(p.parent.name for p in self.workdir.glob("0x*/state.json"))
         self.busy = 0
         self.broker_id = hashlib.sha256(settings.redis_url.encode()).hexdigest()[:16]
         self.redis: Any = None  # set by the CLI: liveness key and index lease renewal
@@ -438,7 +441,8 @@ class WorkerNode:
     # ---- after a restart ------------------------------------------------------------------
     def resume(self) -> list[JobOutcome]:
         """Pick up the replicates a previous life of this node left half-done, where the
-        chain says they are. Runs once when the node starts, before it takes new jobs:
+        chain says they are. Runs once when the node starts, on the task directories that
+        were there before it took any job (:attr:`leftovers`; jobs may run beside it):
 
         * contributed, consensus reached on our result, reveal deadline ahead → reveal;
         * contributed, no consensus yet → tell the scheduler (it may have missed it);
@@ -455,8 +459,8 @@ class WorkerNode:
             )
         except Exception as exc:  # Docker down: the janitor retries later
             log.warning("resume: could not remove leftover containers: %s", exc)
-        for state_file in sorted(self.workdir.glob("0x*/state.json")):
-            taskid = state_file.parent.name
+        for taskid in self.leftovers:
+            state_file = self.workdir / taskid / "state.json"
             try:
                 outcome = self._resume_one(taskid, json.loads(state_file.read_text()))
             except (OSError, ValueError, PocoError) as exc:

@@ -6,8 +6,8 @@
    at the same concurrency (workers x slots);
 3. scheduler scale: the real scheduler on fakes of the chain, Celery and the workers, at
    1,000 / 10,000 / 100,000 tasks (``scale.py``, one process per size);
-4. chain economy: transactions and RPC calls per task, counted at a JSON-RPC proxy in front
-   of anvil during measurement 2.
+4. chain economy: transactions and RPC calls per task during measurement 2, counted by the
+   services' own chain clients (requests by JSON-RPC method, transactions by PoCo function).
 
 Prints a table and writes every figure as JSON (``--out``). Nothing here asserts a time:
 ``--check`` only makes the exit code say whether the scripts ran to the end.

@@ -3,9 +3,10 @@
 The pool is run the way ``tests/pool_fixtures.py`` runs it: the scheduler in this process (its
 Celery consumer on threads, a tick loop every ``poll_period`` like ``workerpool standalone``)
 so that its store can be read; worker nodes are real ``workerpool worker`` processes that
-reach it only through Redis and the chain. Every service reaches anvil through the counting
-proxy (``rpcproxy.py``, its own process) under its own path, so calls and transactions are
-counted per role; the requester and the benchmark's own polling are not charged to the pool.
+reach it only through Redis and the chain. Every service talks to anvil directly; the chain
+usage is counted by the services' own clients (``ChainClient.usage()``: requests by JSON-RPC
+method, transactions by PoCo function), the workers' written to files by ``usage.py``, so
+the requester and the benchmark's own polling are not charged to the pool.
 
 The store is mongomock with hash indexes (``indexed_mongomock``: a stand-in for an indexed
 MongoDB); ``--store plain`` uses plain mongomock, as ``workerpool standalone`` does.
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import requests
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -69,7 +69,7 @@ class CpuMeter:
 
     A group counts its processes with their descendants, except the groups named in
     ``alone``: the benchmark driver (where the scheduler runs) is the parent of the workers,
-    anvil and the proxy, which have groups of their own."""
+    anvil, which have groups of their own."""
 
     def __init__(self, groups: dict[str, list[int]], alone: frozenset[str] = frozenset()) -> None:
         self.groups = groups
@@ -209,8 +209,8 @@ class Pool:
     listen_period: float = 0.5
     extra_env: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
-    proxy_proc: subprocess.Popen[bytes] | None = None
-    proxy_url: str = ""
+    scheduler_client: Any = None  # the scheduler's own client: its usage is the scheduler's
+    _baseline: dict[str, Any] = field(default_factory=dict)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     scheduler: Any = None
     store: Any = None
@@ -220,7 +220,7 @@ class Pool:
     _ticker: threading.Thread | None = None
     tick_errors: list[str] = field(default_factory=list)
 
-    # -- devnet, proxy
+    # -- devnet, chain usage
     def start_chain(self) -> None:
         from poco.chain import ChainClient
         from pool import devnet
@@ -228,28 +228,46 @@ class Pool:
         shutil.rmtree(self.devnet_dir, ignore_errors=True)  # a fresh chain every run
         self.info, _, _ = devnet.up(self.devnet_dir, port=self.chain_port)
         self.client = ChainClient(self.info["rpc_url"], self.info["hub"])
-        port_file = self.workdir / "proxy.port"
-        port_file.unlink(missing_ok=True)
-        self.proxy_proc = subprocess.Popen(
-            [sys.executable, str(HERE / "rpcproxy.py"), "--upstream", self.info["rpc_url"],
-             "--port-file", str(port_file)],
-            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "proxy.log", "wb"),  # noqa: SIM115
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while not port_file.exists() or not port_file.read_text():
-            if time.monotonic() > deadline or self.proxy_proc.poll() is not None:
-                raise RuntimeError("the RPC proxy did not start (see proxy.log)")
-            time.sleep(0.05)
-        self.proxy_url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+        shutil.rmtree(self.usage_dir, ignore_errors=True)
 
-    def url(self, role: str) -> str:
-        return f"{self.proxy_url}/r/{role}"
+    @property
+    def usage_dir(self) -> Path:
+        return self.workdir / "usage"
+
+    def _usage(self) -> dict[str, dict[str, dict[str, int]]]:
+        import usage
+
+        roles = {"scheduler": self.scheduler_client.usage() if self.scheduler_client else {}}
+        for n in range(len(self.workers)):
+            roles[f"worker{n}"] = usage.read(self.usage_dir, f"worker{n}-")
+        return {
+            "calls": {r: dict(u.get("calls", {})) for r, u in roles.items()},
+            "transactions": {r: dict(u.get("transactions", {})) for r, u in roles.items()},
+        }
 
     def stats(self) -> dict[str, Any]:
-        return dict(requests.get(f"{self.proxy_url}/__stats", timeout=10).json())
+        """Chain usage per role since :meth:`reset_stats` (after the workers' next dump)."""
+        import usage
+
+        time.sleep(3 * usage.DUMP_PERIOD)
+        now, base = self._usage(), self._baseline
+        out: dict[str, Any] = {}
+        for kind, roles in now.items():
+            out[kind] = {
+                role: {
+                    k: v - base.get(kind, {}).get(role, {}).get(k, 0)
+                    for k, v in counts.items()
+                    if v - base.get(kind, {}).get(role, {}).get(k, 0)
+                }
+                for role, counts in roles.items()
+            }
+        return out
 
     def reset_stats(self) -> None:
-        requests.post(f"{self.proxy_url}/__reset", data=b"{}", timeout=10)
+        import usage
+
+        time.sleep(3 * usage.DUMP_PERIOD)
+        self._baseline = self._usage()
 
     # -- scheduler
     def env(self) -> dict[str, str]:
@@ -266,7 +284,13 @@ class Pool:
             "WORKERPOOL_POLL_PERIOD": str(self.poll_period),
             "WORKERPOOL_LISTEN_PERIOD": str(self.listen_period),
             "PYTHONPATH": os.pathsep.join(
-                [*os.environ.get("WORKERPOOL_BENCH_PYTHONPATH", "").split(os.pathsep), str(ROOT)]
+                dict.fromkeys(  # patches/: sitecustomize counts the chain usage (usage.py)
+                    [
+                        *os.environ.get("WORKERPOOL_BENCH_PYTHONPATH", "").split(os.pathsep),
+                        str(HERE / "patches"),
+                        str(ROOT),
+                    ]
+                )
             ).strip(os.pathsep),
             "WORKERPOOL_BENCH_TRY": os.environ.get("WORKERPOOL_BENCH_TRY", ""),
             **self.extra_env,
@@ -290,13 +314,14 @@ class Pool:
 
             indexed_mongomock.install()
         redis.Redis.from_url(self.redis_url).flushdb()  # this benchmark's own database
-        env = {**self.env(), "IEXEC_PRIVATE_CHAIN_ADDRESS": self.url("scheduler")}
+        env = {**self.env(), "IEXEC_PRIVATE_CHAIN_ADDRESS": self.info["rpc_url"]}
         settings = Settings.from_env(
             {**env, "IEXEC_START_BLOCK_NUMBER": str(self.client.block_number() + 1)}
         )
         self.store = Store(mongomock.MongoClient()["bench"])
         self.store.ensure_indexes()
-        client = ChainClient(self.url("scheduler"), self.info["hub"], log_chunk=settings.log_range)
+        client = ChainClient(self.info["rpc_url"], self.info["hub"], log_chunk=settings.log_range)
+        self.scheduler_client = client
         self.scheduler = Scheduler(
             settings,
             self.store,
@@ -342,7 +367,8 @@ class Pool:
             worker = self.info["accounts"]["workers"][n]
             env = {
                 **self.env(),
-                "IEXEC_PRIVATE_CHAIN_ADDRESS": self.url(f"worker{n}"),
+                "IEXEC_PRIVATE_CHAIN_ADDRESS": self.info["rpc_url"],
+                "WORKERPOOL_BENCH_USAGE_FILE": str(self.usage_dir / f"worker{n}-{{pid}}.json"),
                 "IEXEC_WORKER_WALLET_PRIVATE_KEY": worker["private_key"],
                 "IEXEC_WORKER_NAME": f"bench-worker-{n}",
                 "IEXEC_WORKER_BASE_DIR": str(self.workdir / f"worker-{n}"),
@@ -385,9 +411,6 @@ class Pool:
         if self._ctx is not None:
             with contextlib.suppress(Exception):
                 self._ctx.__exit__(None, None, None)
-        if self.proxy_proc is not None and self.proxy_proc.poll() is None:
-            self.proxy_proc.terminate()
-            self.proxy_proc.wait(timeout=10)
         if self.info:
             from pool import devnet
 
@@ -398,7 +421,7 @@ class Pool:
         from poco.chain import ChainClient
         from poco.requester import deal_params, match_deal
 
-        requester = ChainClient(self.url("requester"), self.info["hub"])
+        requester = ChainClient(self.info["rpc_url"], self.info["hub"])
         accounts = self.info["accounts"]
         return match_deal(
             requester,
@@ -421,7 +444,6 @@ class Pool:
             "scheduler (+bench driver)": [os.getpid()],
             "workers": [p.pid for p in self.workers],
             "anvil": [anvil] if anvil else [],
-            "rpc proxy": [self.proxy_proc.pid] if self.proxy_proc else [],
         }
 
 
@@ -603,7 +625,8 @@ def stop_py_spy(procs: list[subprocess.Popen[bytes]]) -> None:
 def measure_throughput(
     pool: Pool, volume: int, bare: dict[str, Any], timeout: float, profile_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Measurements 2 and 4: a deal of ``volume`` tasks on the workers, counted at the proxy."""
+    """Measurements 2 and 4: a deal of ``volume`` tasks on the workers, its chain usage counted
+    by the services' own clients."""
     spies = start_py_spy(pool, profile_dir) if profile_dir else []
     meter = CpuMeter(pool.cpu_groups(), alone=frozenset({"scheduler (+bench driver)"}))
     pool.reset_stats()

@@ -133,8 +133,13 @@ class FakeChain:
         self._count("eth_blockNumber")
         return self.head
 
-    def block_timestamp(self, block: int | str = "latest") -> int:
+    def block_timestamp(self, block: int | str = "latest", max_age: float = 0.0) -> int:
+        # as ChainClient: a read of up to max_age seconds ago may answer
+        at = getattr(self, "_read_at", None)
+        if max_age > 0 and at is not None and time.monotonic() - at < max_age:
+            return self.now
         self._count("eth_getBlockByNumber")
+        self._read_at = time.monotonic()
         return self.now
 
     def get_logs(
