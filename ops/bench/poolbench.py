@@ -176,6 +176,14 @@ def bare_sequential(image: str, workdir: Path, runs: int) -> dict[str, Any]:
     }
 
 
+def bare_mean(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One baseline from the bare runs before and after the pool's: the mean of each rate
+    and CPU figure, both runs kept."""
+    keys = ("tasks_per_s", "machine_cpu_ms_per_run", "machine_busy_pct", "engine_cpu_ms_per_run")
+    mean = {k: round((before[k] + after[k]) / 2, 3) for k in keys if k in before and k in after}
+    return {**before, **mean, "before": before, "after": after}
+
+
 def bare_concurrent(image: str, workdir: Path, runs: int, concurrency: int) -> dict[str, Any]:
     meter = CpuMeter({})
     meter.start()
