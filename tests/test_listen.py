@@ -149,8 +149,8 @@ def test_the_standalone_loop_listens_between_two_full_ticks() -> None:
     chain = FakeChain()
     scheduler = make(chain, poll_period=0.4, listen_period=0.05)
     runs: Counter[str] = Counter()
-    scheduler.tick = lambda: runs.update(["tick"]) or TickReport()  # type: ignore[method-assign,func-returns-value]
-    scheduler.listen_tick = lambda: runs.update(["listen"]) or TickReport()  # type: ignore[method-assign,func-returns-value]
+    scheduler.tick = lambda: runs.update(["tick"]) or TickReport()  # type: ignore[method-assign]
+    scheduler.listen_tick = lambda: runs.update(["listen"]) or TickReport()  # type: ignore[method-assign]
     stop = threading.Event()
     loop = threading.Thread(target=scheduler.loop, args=(stop,))
     loop.start()
@@ -172,8 +172,8 @@ def test_listen_period_zero_turns_the_fast_listen_off_in_the_loop(period: str) -
     assert settings.listen_period == 0
     scheduler = make(chain, poll_period=0.2, listen_period=0)
     runs: Counter[str] = Counter()
-    scheduler.tick = lambda: runs.update(["tick"]) or TickReport()  # type: ignore[method-assign,func-returns-value]
-    scheduler.listen_tick = lambda: runs.update(["listen"]) or TickReport()  # type: ignore[method-assign,func-returns-value]
+    scheduler.tick = lambda: runs.update(["tick"]) or TickReport()  # type: ignore[method-assign]
+    scheduler.listen_tick = lambda: runs.update(["listen"]) or TickReport()  # type: ignore[method-assign]
     stop = threading.Event()
     loop = threading.Thread(target=scheduler.loop, args=(stop,))
     loop.start()

@@ -121,7 +121,7 @@ def fleet(devnet: DevnetHandle) -> Iterator[Fleet]:
         store,
         devnet.client,
         devnet.wallet("scheduler"),
-        None,  # type: ignore[arg-type]  # replenish sends no Celery task
+        None,  # replenish sends no Celery task
     )
     yield Fleet(devnet, settings, store, scheduler, _orderbook_client(settings, store, devnet))
 

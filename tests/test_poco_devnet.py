@@ -23,7 +23,7 @@ POOL_PRICE = 10_000_000
 DIGEST = "0x" + "5a" * 32
 
 
-def _match(devnet: DevnetHandle, **kw: object):  # type: ignore[no-untyped-def]
+def _match(devnet: DevnetHandle, **kw: object):
     return match_deal(
         devnet.client,
         app=devnet.app("echo"),

@@ -46,7 +46,7 @@ def test_tag_helpers() -> None:
 def test_order_json_roundtrip_and_signature_recovery() -> None:
     order = WorkerpoolOrder(
         workerpool="0x" + "ab" * 20,
-        workerpoolprice="1000",
+        workerpoolprice="1000",  # type: ignore[arg-type]  # a string as from JSON: coerced
         volume=3,
         tag="tee,scone",
         trust=1,

@@ -275,7 +275,7 @@ def test_reconcile_still_moves_every_kind_of_contributing_task(
     # Then the first reached consensus and its winner is asked to reveal, the second got a
     # new replicate planned
     assert store.task(consensus)["status"] == "CONSENSUS_REACHED"  # type: ignore[index]
-    sent = scheduler.celery.sent  # type: ignore[attr-defined]
+    sent = scheduler.celery.sent
     assert (REVEAL_TASK, [consensus], f"worker.{WORKER_A}") in sent
     assert store.task(lost)["replicatesNeeded"] == 2  # type: ignore[index]
 
@@ -309,7 +309,7 @@ def test_consensus_reads_viewtask_once_and_asks_every_winner(
     # Then viewTask was read once (not again by request_reveals) and both winners are asked
     assert chain.reads["view_task"] == 1
     assert chain.reads["view_contribution"] == 3
-    reveals = [args[0] for name, args, _ in scheduler.celery.sent if name == REVEAL_TASK]  # type: ignore[attr-defined]
+    reveals = [args[0] for name, args, _ in scheduler.celery.sent if name == REVEAL_TASK]
     assert reveals == [tid, tid]
 
     # And a later tick does not read the contributions of winners already asked again

@@ -24,7 +24,7 @@ def test_defaults_and_parsing() -> None:
     )
     assert s.chain_rpc_url == "http://127.0.0.1:8545"
     assert s.categories == (0, 2)
-    assert s.pool_address == "0x" + "Ab" * 20 or s.pool_address.lower() == "0x" + "ab" * 20
+    assert s.pool_address is not None and s.pool_address.lower() == "0x" + "ab" * 20
     assert s.core_port == 18090 and s.reveal_timeout_period == 120000
     # the dataclass defaults and the table defaults agree
     assert Settings() == Settings.from_env({})
@@ -62,10 +62,11 @@ def test_encrypted_keystore_is_the_production_path(tmp_path: Path) -> None:
     import json
 
     from eth_account import Account
+    from eth_typing import HexStr
 
     key = "0x" + "22" * 32
     path = tmp_path / "wallet.json"
-    path.write_text(json.dumps(Account.encrypt(key, "s3cret", iterations=2)))
+    path.write_text(json.dumps(Account.encrypt(HexStr(key), "s3cret", iterations=2)))
     (tmp_path / "pw").write_text("s3cret\n")
     assert scheduler_key(Settings(core_wallet_path=str(path), core_wallet_password="s3cret")) == key
     assert (
