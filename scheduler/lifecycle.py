@@ -71,11 +71,17 @@ IN_FLIGHT = {
 # contributed and finalized) without its report reaching us: the chain is asked. Not sooner:
 # the report of a live worker carries the transaction hash.
 UNREPORTED_GRACE = 15.0
+# the tick's own look at the chain for a task (consensus reached, an unreported contribution)
+# is a safety net behind the reports: once per task per this many seconds, not every tick,
+# so that 10,000 tasks in flight cost no 10,000 eth_calls per tick (ops/bench scale)
+CHAIN_RECHECK = 30.0
 # failures that come from the app or its inputs: re-running elsewhere proves nothing
 APP_FAULTS = {str(s) for s in (R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)}
 QUEUE_CAPABILITY = {queue: name for name, queue in REPLICATE_QUEUES.items()}
 # the projection of the passes that only need the task's id
 _ID = ("chainTaskId",)
+# ... and of the safety-net passes that ask the chain at most every CHAIN_RECHECK
+_CHECKED = ("chainTaskId", "chainCheckedAt")
 # a worker asks for authorization before computing: keep at least this much time
 MIN_TIME_LEFT_RATIO = 1.0  # x the category time reference
 INTERRUPTED_MARGIN = 10.0  # seconds beyond WORKERPOOL_TX_TIMEOUT: see recover_interrupted
@@ -231,6 +237,7 @@ class Lifecycle:
                 "consensusValue": chain.consensus_value,
                 "revealDeadline": chain.reveal_deadline,
                 "winnerCounter": chain.winner_counter,
+                "chainCheckedAt": utcnow(),  # the winners are asked below, from this state
             },
         )
         if task is None:
@@ -361,13 +368,13 @@ class Lifecycle:
         if task["status"] == str(T.FINALIZE_FAILED) and due is not None and due > utcnow():
             return False  # backing off
         chain = self.client.view_task(taskid)
-        now = self.client.block_timestamp()
         if chain.status == ChainTaskStatus.COMPLETED:
             self._complete(taskid, note="found completed on chain")
             return True
         if not (
             chain.reveal_counter == chain.winner_counter
-            or (chain.reveal_counter > 0 and chain.reveal_deadline <= now)
+            # the chain time only when some winners did not reveal
+            or (chain.reveal_counter > 0 and chain.reveal_deadline <= self.client.block_timestamp())
         ):
             return False  # wait for the other winners or the reveal deadline (next tick)
         claimed = self.store.claim_task(
@@ -625,16 +632,30 @@ class Lifecycle:
         self.recover_interrupted()
         self.detect_lost_workers()
         self.reconcile_contributing()
+        # winners whose contribution was never reported are found on chain: a safety net
+        # behind the reports, so at most once per CHAIN_RECHECK per task
         for task in self.store.tasks_in(
-            [TaskStatus(x) for x in REVEAL_PHASE], fields=_ID, ordered=False
+            [TaskStatus(x) for x in REVEAL_PHASE], fields=_CHECKED, ordered=False
         ):
-            self.request_reveals(task["chainTaskId"])
+            if self._chain_check_due(task):
+                self.request_reveals(task["chainTaskId"])
         for task in self.store.tasks_in([T.AT_LEAST_ONE_REVEALED], fields=_ID, ordered=False):
             self.request_upload(task["chainTaskId"])
         for task in self.store.tasks_in(
             [T.RESULT_UPLOADED, T.FINALIZE_FAILED], fields=_ID, ordered=False
         ):
             self.finalize(task["chainTaskId"])
+
+    def _chain_check_due(self, task: dict[str, Any]) -> bool:
+        """Whether a tick's safety-net pass may ask the chain about ``task`` (a document with
+        ``chainTaskId`` and ``chainCheckedAt``) now: once per :data:`CHAIN_RECHECK` seconds.
+        When it may, the time is noted on the task."""
+        now = utcnow()
+        checked = task.get("chainCheckedAt")
+        if checked is not None and (now - checked).total_seconds() < CHAIN_RECHECK:
+            return False
+        self.store.set_task_fields(task["chainTaskId"], {"chainCheckedAt": now})
+        return True
 
     def recover_interrupted(self) -> None:
         """Steps a dead scheduler left half-done: the status claimed (FINALIZING, REOPENING)
@@ -679,7 +700,9 @@ class Lifecycle:
         """Tasks collecting contributions: say why nobody took a task, check consensus when
         a contribution is in, re-plan when no replicate is under way."""
         tasks = self.store.tasks_in(
-            CONTRIBUTING, fields=("chainTaskId", "queue", "waitingReason"), ordered=False
+            CONTRIBUTING,
+            fields=("chainTaskId", "queue", "waitingReason", "chainCheckedAt"),
+            ordered=False,
         )
         replicates = self.store.replicates_of_tasks(
             [t["chainTaskId"] for t in tasks], fields=("status", "updatedAt")
@@ -701,9 +724,10 @@ class Lifecycle:
             if not statuses:
                 self.explain_waiting(task, serving)
             elif str(R.CONTRIBUTED) in statuses:
-                if not self.check_consensus(taskid):
+                # no consensus yet: more replicates may be needed (their replicates failed)
+                if self._chain_check_due(task) and not self.check_consensus(taskid):
                     self.replan(taskid)
-            elif unreported and self.check_consensus(taskid):
+            elif unreported and self._chain_check_due(task) and self.check_consensus(taskid):
                 pass  # a contribution whose report never came reached consensus on chain
             elif not statuses & IN_FLIGHT:
                 # (replan returns at once while a replicate is under way: not even asked)
@@ -793,17 +817,22 @@ class Lifecycle:
         deadline passed and nobody revealed, reopen the task and plan new replicates."""
         period = self.s.settings.reveal_timeout_period / 1000
         for task in self.store.tasks_in(
-            [T.CONSENSUS_REACHED], fields=("chainTaskId", "revealAskedAt", "updatedAt")
+            [T.CONSENSUS_REACHED],
+            fields=("chainTaskId", "revealAskedAt", "updatedAt", "revealDeadline"),
         ):
             taskid = task["chainTaskId"]
+            asked = task.get("revealAskedAt") or task.get("updatedAt")
+            ask_again = asked is not None and (utcnow() - asked).total_seconds() > period
+            deadline = task.get("revealDeadline")
+            if not ask_again and deadline is not None and deadline > now:
+                continue  # nothing due before the reveal deadline: the chain is not asked
             chain = self.client.view_task(taskid)
             if chain.status != ChainTaskStatus.REVEALING:
                 continue
             if chain.reveal_counter == 0 and chain.reveal_deadline <= now:
                 self.reopen(taskid)
                 continue
-            asked = task.get("revealAskedAt") or task.get("updatedAt")
-            if asked is not None and (utcnow() - asked).total_seconds() > period:
+            if ask_again:
                 self.store.replicates.update_many(
                     {"chainTaskId": taskid, "status": str(R.CONTRIBUTED)},
                     {"$set": {"revealRequested": False}},

@@ -349,7 +349,9 @@ def test_a_flaky_rpc_node_loses_nothing_and_duplicates_nothing(
         deal = pool.match(volume=3, params=deal_params("flaky"))
         pool.wait_tasks(deal.taskids(), _completed, timeout=240)
         assert_chain_and_store_agree(pool, deal)
-        assert proxy.counts["refused"] > 10 and proxy.counts["lost"] > 10, proxy.counts
+        # the faults did happen, several times each (a task costs ~6 calls since the chain
+        # reads that cannot change are made once: the counts follow the proxy's seeded draws)
+        assert proxy.counts["refused"] >= 5 and proxy.counts["lost"] >= 5, proxy.counts
         print(f"flaky RPC: {dict(proxy.counts)}")
 
 

@@ -5,6 +5,7 @@ read once is passed along instead of read again (docs/performance.md, hot spots 
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -385,3 +386,40 @@ def test_finalize_reads_the_chain_once_and_records_who_was_proved(
     }
     assert accepted == {WORKER_A: (1, 0), WORKER_B: (0, 1)}
     assert store.replicate(tid, WORKER_B)["status"] == "ABORTED"  # type: ignore[index]
+
+
+# ---- the safety-net passes: the chain once per task per CHAIN_RECHECK -----------------------
+def test_ticks_ask_the_chain_about_a_waiting_task_once_per_recheck_period_not_every_tick(
+    scheduler: Scheduler, store: Store, chain: FakeChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 20 trust-2 tasks with one contribution in and no consensus yet on chain, and 20
+    # tasks past consensus whose winner was asked (its reveal deadline ahead)
+    waiting = add_tasks(store, 20)
+    for tid in waiting:
+        store.tasks.update_one({"chainTaskId": tid}, {"$set": {"replicatesNeeded": 2}})
+        store.create_replicate(tid, WORKER_A, {})
+        store.advance_replicate(tid, WORKER_A, ReplicateStatus.CONTRIBUTED)
+        store.create_replicate(tid, WORKER_B, {})
+        store.advance_replicate(tid, WORKER_B, ReplicateStatus.COMPUTING)
+        chain.tasks[tid] = chain_task(tid, ChainTaskStatus.ACTIVE, [WORKER_A])
+    revealing = add_tasks(store, 20, start=1_000)
+    for tid in revealing:
+        store.create_replicate(tid, WORKER_A, {})
+        store.advance_replicate(tid, WORKER_A, ReplicateStatus.CONTRIBUTED)
+        chain.tasks[tid] = chain_task(tid, ChainTaskStatus.REVEALING, [WORKER_A])
+        chain.contributions[(tid, WORKER_A)] = contribution(ContributionStatus.CONTRIBUTED)
+        assert scheduler.lifecycle.check_consensus(tid)  # the report's path: winner asked
+    chain.reads.clear()
+    # When ticks follow one another (the first is the safety net's look at the waiting ones)
+    scheduler.lifecycle.reconcile(scheduler_report())
+    assert chain.reads["view_task"] == 20
+    chain.reads.clear()
+    for _ in range(3):
+        scheduler.lifecycle.reconcile(scheduler_report())
+    # Then they read no task on chain: only the chain time, once per tick
+    assert chain.reads == Counter({"block_timestamp": 3})
+    # And once CHAIN_RECHECK has passed, each task is looked at once more
+    later = lifecycle_mod.utcnow() + dt.timedelta(seconds=lifecycle_mod.CHAIN_RECHECK + 1)
+    monkeypatch.setattr(lifecycle_mod, "utcnow", lambda: later)
+    scheduler.lifecycle.reconcile(scheduler_report())
+    assert chain.reads["view_task"] == 40
