@@ -26,11 +26,14 @@ RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.tom
     && /opt/workerpool/bin/pip install --quiet -r requirements.txt
 # Then the project itself (its packages only: tests, ops and docs stay out).
 COPY README.md ./
-COPY poco ./poco
-COPY pool ./pool
+COPY cli ./cli
+COPY devnet ./devnet
 COPY scheduler ./scheduler
 COPY workers ./workers
 COPY api ./api
+COPY orders ./orders
+COPY pool ./pool
+COPY poco ./poco
 RUN /opt/workerpool/bin/pip install --quiet --no-deps . \
     && /opt/workerpool/bin/workerpool --help >/dev/null
 COPY ops/compose/healthcheck.py /opt/workerpool/bin/workerpool-healthcheck

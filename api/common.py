@@ -16,6 +16,7 @@ from typing import Any
 from flask import request
 
 from api.errors import bad_request
+from pool.clock import utcnow
 
 HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -94,11 +95,6 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return "0x" + value.hex()
     return value
-
-
-def utcnow() -> dt.datetime:
-    """Now as the store writes it (naive UTC)."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def age_seconds(when: Any, now: dt.datetime | None = None) -> float | None:

@@ -12,12 +12,11 @@ from typing import Any
 
 from flask import Blueprint, render_template
 
-from api.common import jsonable, utcnow
+from api.common import jsonable
 from api.context import ctx
-from api.orders import order_view
+from api.orders import order_store, order_view
 from api.queries import pool_summary, worker_views
-from api.tasks import LIST_PROJECTION
-from pool.orders import OrderStore
+from pool.clock import utcnow
 
 bp = Blueprint("dashboard", __name__)
 
@@ -33,19 +32,9 @@ def index() -> Any:
     try:
         data["summary"] = pool_summary(context)
         store = context.store
-        data["tasks"] = jsonable(
-            list(store.tasks.find({}, LIST_PROJECTION).sort("_id", -1).limit(TASK_ROWS))
-        )
+        data["tasks"] = jsonable(store.page("tasks", {}, 0, TASK_ROWS, with_timeline=False))
         data["workers"] = jsonable(worker_views(context, utcnow())[:200])
-        data["orders"] = jsonable(
-            [
-                order_view(doc)
-                for doc in OrderStore(store.db)
-                .orders.find({}, {"_id": 0, "timeline": 0})
-                .sort([("publishedNs", -1)])
-                .limit(50)
-            ]
-        )
+        data["orders"] = jsonable([order_view(doc) for doc in order_store(context).newest()])
     except Exception as exc:  # the page still loads and the script retries
         error = f"the pool's state could not be read ({type(exc).__name__}); retrying"
     return render_template(

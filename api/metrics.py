@@ -23,18 +23,17 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from api.common import utcnow
 from api.context import ApiContext
 from api.orders import order_rows
 from api.queries import (
     BACKLOG_STAGES,
-    count_by_status,
     listener_position,
     queue_depths,
     transactions,
     worker_views,
     workers_summary,
 )
+from pool.clock import utcnow
 from pool.states import DealStatus, ReplicateStatus, TaskStatus
 
 # seconds: a replicate of the echo app takes < 1 s; category XS allows 300 s, XL 36000 s
@@ -70,7 +69,7 @@ class PoolCollector(Collector):
     def _store_metrics(self) -> Iterator[Metric]:
         store = self.context.store
         out: list[Metric] = []  # built fully before yielding: all or nothing per scrape
-        tasks = count_by_status(store.tasks)
+        tasks = store.count_by_status("tasks")
         gauge = GaugeMetricFamily("workerpool_tasks", "Tasks by status.", labels=["status"])
         for status in TaskStatus:
             gauge.add_metric([str(status)], tasks.get(str(status), 0))
@@ -84,12 +83,12 @@ class PoolCollector(Collector):
         for stage, statuses in BACKLOG_STAGES.items():
             backlog.add_metric([stage], sum(tasks.get(str(s), 0) for s in statuses))
         out.append(backlog)
-        deals = count_by_status(store.deals)
+        deals = store.count_by_status("deals")
         gauge = GaugeMetricFamily("workerpool_deals", "Deals by status.", labels=["status"])
         for deal_status in DealStatus:
             gauge.add_metric([str(deal_status)], deals.get(str(deal_status), 0))
         out.append(gauge)
-        replicates = count_by_status(store.replicates)
+        replicates = store.count_by_status("replicates")
         gauge = GaugeMetricFamily(
             "workerpool_replicates", "Replicates by status.", labels=["status"]
         )
@@ -123,13 +122,7 @@ class PoolCollector(Collector):
         yield from out
 
     def _durations(self) -> Metric:
-        values = [
-            float(doc["duration"])
-            for doc in self.context.store.replicates.find(
-                {"duration": {"$exists": True}}, {"_id": 0, "duration": 1}
-            )
-            if isinstance(doc.get("duration"), int | float)
-        ]
+        values = self.context.store.replicate_durations()
         buckets: list[tuple[str, float]] = []
         for bound in DURATION_BUCKETS:
             buckets.append((_le(bound), float(sum(1 for v in values if v <= bound))))

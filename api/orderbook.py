@@ -30,19 +30,12 @@ from eth_utils import is_address
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from orders.book import ANY, MAX_PAGE_SIZE, MIN_PAGE_SIZE, Orderbook, OrderQuery
+from orders.rules import UNPUBLISH_ORDERHASH, OrderbookError
+from orders.store import OrderStore
 from poco.chain import ChainClient
 from poco.errors import PocoError, TransportError
 from poco.tags import TagError, tag_to_int
-from pool.orders import (
-    ANY,
-    MAX_PAGE_SIZE,
-    MIN_PAGE_SIZE,
-    UNPUBLISH_ORDERHASH,
-    Orderbook,
-    OrderbookError,
-    OrderQuery,
-    OrderStore,
-)
 from pool.settings import Settings
 from pool.store import Store
 

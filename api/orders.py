@@ -1,6 +1,6 @@
 """``/api/v1/orders``: the pool's workerpool orders and the volume each can still sell.
 
-Read-only, from the orderbook's collection (:class:`pool.orders.OrderStore`), whose
+Read-only, from the orderbook's collection (:class:`orders.book.OrderStore`), whose
 statuses and ``remaining`` follow the chain (the orderbook's sync reads ``viewConsumed`` and
 the close/match logs). Publishing and unpublishing are the market-compatible routes of
 ``api/orderbook.py`` and the ``workerpool order`` commands; this is the operator's view of
@@ -15,11 +15,10 @@ from flask import Blueprint, jsonify
 
 from api.common import choice_arg, paginate
 from api.context import ApiContext, ctx
-from pool.orders import OrderStatus, OrderStore, tag_label
+from orders.rules import TRACKED, OrderStatus, tag_label
+from orders.store import OrderStore
 
 bp = Blueprint("orders", __name__, url_prefix="/api/v1")
-
-SORT = [("publishedNs", -1), ("orderHash", 1)]
 
 
 def order_view(doc: dict[str, Any]) -> dict[str, Any]:
@@ -50,28 +49,25 @@ def order_view(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _collection(context: ApiContext) -> Any:
-    return OrderStore(context.store.db).orders
+def order_store(context: ApiContext) -> OrderStore:
+    return OrderStore(context.store.db)
 
 
 def order_rows(context: ApiContext, limit: int = 500) -> list[dict[str, Any]]:
     """Orders still tracked on chain (open, unpublished, dead), for /metrics."""
-    live = [str(OrderStatus.OPEN), str(OrderStatus.UNPUBLISHED), str(OrderStatus.DEAD)]
-    cursor = _collection(context).find({"status": {"$in": live}}, {"_id": 0}).sort(SORT)
-    return [order_view(doc) for doc in cursor.limit(limit)]
+    live = [str(s) for s in TRACKED]
+    return [order_view(doc) for doc in order_store(context).newest(live, limit=limit)]
 
 
 @bp.get("/orders")
 def orders() -> Any:
-    collection = _collection(ctx())
+    book = order_store(ctx())
     status = choice_arg("status", [str(s) for s in OrderStatus])
-    query = {"status": status} if status else {}
+    statuses = [status] if status else None
     return jsonify(
         paginate(
-            lambda: collection.count_documents(query),
-            lambda skip, limit: (
-                collection.find(query, {"_id": 0, "timeline": 0}).sort(SORT).skip(skip).limit(limit)
-            ),
+            lambda: book.count(statuses),
+            lambda skip, limit: book.newest(statuses, skip, limit),
             order_view,
         )
     )

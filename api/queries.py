@@ -7,13 +7,16 @@ workers, so it keeps no counters of its own and any number of API processes agre
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from typing import Any
 
-from api.common import age_seconds, utcnow
+from api.common import age_seconds
 from api.context import ApiContext, ChainFacts
-from pool.celery_app import REPLICATE_QUEUES, SCHEDULER_QUEUE, SEEN_PREFIX
-from pool.states import DealStatus, ReplicateStatus, TaskStatus
+from pool import keys
+from pool.clock import utcnow
+from pool.messages import REPLICATE_QUEUES, SCHEDULER_QUEUE
+from pool.states import DealStatus, ReplicateStatus, TaskStatus, WorkerStatus
 
 T = TaskStatus
 R = ReplicateStatus
@@ -48,10 +51,8 @@ TX_FAILED: dict[tuple[str, str], str] = {
 }
 
 # ---- workers ------------------------------------------------------------------------------
-ALIVE = "ALIVE"
-LOST = "LOST"
-PAUSED = "PAUSED"
-WORKER_STATUSES = [ALIVE, LOST, PAUSED]
+ALIVE, LOST, PAUSED = WorkerStatus.ALIVE, WorkerStatus.LOST, WorkerStatus.PAUSED
+WORKER_STATUSES = [str(s) for s in WorkerStatus]
 
 
 def worker_view(
@@ -78,20 +79,17 @@ def worker_view(
         status = PAUSED
     else:
         status = ALIVE
-    return {**doc, "status": status, "heartbeatAge": age}
+    return {**doc, "status": str(status), "heartbeatAge": age}
 
 
 def worker_views(ctx: ApiContext, now: dt.datetime) -> list[dict[str, Any]]:
     """Every worker, by address, with its derived status. Workers are few (one document per
     node), so they are read whole and filtered here, where the status is known."""
-    docs = list(ctx.store.workers.find({}, {"_id": 0}).sort("address", 1))
+    docs = ctx.store.all_workers()
     seen: list[Any] = [None] * len(docs)
     if docs:
-        try:
-            keys = [f"{SEEN_PREFIX}{doc.get('address', '')}" for doc in docs]
-            seen = list(ctx.redis.mget(keys))
-        except Exception:  # Redis down: Mongo's lastSeen alone
-            pass
+        with contextlib.suppress(Exception):  # Redis down: Mongo's lastSeen alone
+            seen = list(ctx.redis.mget([keys.node_seen(doc.get("address", "")) for doc in docs]))
     views = []
     for doc, raw in zip(docs, seen, strict=True):
         try:
@@ -104,7 +102,7 @@ def worker_views(ctx: ApiContext, now: dt.datetime) -> list[dict[str, Any]]:
 
 def workers_summary(ctx: ApiContext, now: dt.datetime) -> dict[str, Any]:
     """Workers by derived status, and the slots of the live ones (from their heartbeats)."""
-    by_status = {ALIVE: 0, LOST: 0, PAUSED: 0}
+    by_status = {str(s): 0 for s in WorkerStatus}
     slots = busy = 0
     for view in worker_views(ctx, now):
         status = view["status"]
@@ -113,7 +111,7 @@ def workers_summary(ctx: ApiContext, now: dt.datetime) -> dict[str, Any]:
             continue
         slots += int(view.get("slots") or 0)
         busy += min(int(view.get("busySlots") or 0), int(view.get("slots") or 0))
-    alive, lost = by_status[ALIVE], by_status[LOST]
+    alive, lost = by_status[str(ALIVE)], by_status[str(LOST)]
     total = sum(by_status.values())
     return {
         "workers": {"alive": alive, "lost": lost, "other": total - alive - lost, "total": total},
@@ -123,14 +121,6 @@ def workers_summary(ctx: ApiContext, now: dt.datetime) -> dict[str, Any]:
 
 
 # ---- counts ---------------------------------------------------------------------------------
-def count_by_status(collection: Any, match: dict[str, Any] | None = None) -> dict[str, int]:
-    pipeline: list[dict[str, Any]] = []
-    if match:
-        pipeline.append({"$match": match})
-    pipeline.append({"$group": {"_id": "$status", "n": {"$sum": 1}}})
-    return {str(row["_id"]): int(row["n"]) for row in collection.aggregate(pipeline)}
-
-
 def queue_depths(ctx: ApiContext) -> tuple[dict[str, int | None], str | None]:
     """LLEN of each Celery queue (the Redis list named after it); None when Redis is down."""
     try:
@@ -169,8 +159,8 @@ def pool_summary(ctx: ApiContext) -> dict[str, Any]:
     chain: ChainFacts = ctx.chain.facts()
     store = ctx.store
     queues, queue_error = queue_depths(ctx)
-    deals = count_by_status(store.deals)
-    tasks = count_by_status(store.tasks)
+    deals = store.count_by_status("deals")
+    tasks = store.count_by_status("tasks")
     return {
         "address": ctx.settings.pool_address,
         "owner": chain.owner,
@@ -205,26 +195,13 @@ def transactions(ctx: ApiContext) -> tuple[dict[str, int], dict[str, int]]:
     per kind. One initializeArray initializes a batch of tasks: its hash is counted once."""
     sent = {kind: 0 for kind in sorted(set(TX_SENT.values()))}
     failed = {kind: 0 for kind in sorted(set(TX_FAILED.values()))}
-    for name in ("tasks", "replicates"):
-        collection = getattr(ctx.store, name)
-        statuses = [s for (c, s) in TX_SENT if c == name]
-        rows = collection.aggregate(
-            [
-                {"$unwind": "$timeline"},
-                {"$match": {"timeline.status": {"$in": statuses}, "timeline.txHash": {"$gt": ""}}},
-                {"$group": {"_id": {"s": "$timeline.status", "tx": "$timeline.txHash"}}},
-            ]
-        )
-        for row in rows:
-            sent[TX_SENT[(name, row["_id"]["s"])]] += 1
-        fail_statuses = [s for (c, s) in TX_FAILED if c == name]
-        rows = collection.aggregate(
-            [
-                {"$unwind": "$timeline"},
-                {"$match": {"timeline.status": {"$in": fail_statuses}}},
-                {"$group": {"_id": "$timeline.status", "n": {"$sum": 1}}},
-            ]
-        )
-        for row in rows:
-            failed[TX_FAILED[(name, row["_id"])]] += int(row["n"])
+    collections = ("tasks", "replicates")
+    hashes, entries = ctx.store.transactions(
+        {c: [s for (name, s) in TX_SENT if name == c] for c in collections},
+        {c: [s for (name, s) in TX_FAILED if name == c] for c in collections},
+    )
+    for key, n in hashes.items():
+        sent[TX_SENT[key]] += n
+    for key, n in entries.items():
+        failed[TX_FAILED[key]] += n
     return sent, failed

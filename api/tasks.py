@@ -14,9 +14,6 @@ from pool.states import TaskStatus
 
 bp = Blueprint("tasks", __name__, url_prefix="/api/v1")
 
-# the list leaves the timeline out: it grows with every status change
-LIST_PROJECTION = {"_id": 0, "timeline": 0}
-
 
 @bp.get("/tasks")
 def tasks() -> Any:
@@ -30,10 +27,8 @@ def tasks() -> Any:
         query["chainDealId"] = check_hex32(deal, "deal")
     return jsonify(
         paginate(
-            lambda: store.tasks.count_documents(query),
-            lambda skip, limit: (
-                store.tasks.find(query, LIST_PROJECTION).sort("_id", -1).skip(skip).limit(limit)
-            ),
+            lambda: store.count("tasks", query),
+            lambda skip, limit: store.page("tasks", query, skip, limit, with_timeline=False),
         )
     )
 
@@ -46,7 +41,5 @@ def task(taskid: str) -> Any:
     if doc is None:
         raise not_found(f"no task {taskid} for this pool")
     doc.setdefault("timeline", [])
-    doc["replicates"] = list(
-        store.replicates.find({"chainTaskId": taskid}, {"_id": 0}).sort("_id", 1)
-    )
+    doc["replicates"] = store.replicates_in_order(taskid)
     return jsonify(jsonable(doc))

@@ -12,10 +12,11 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from api.common import check_address, choice_arg, jsonable, paginate, utcnow
+from api.common import check_address, choice_arg, jsonable, paginate
 from api.context import ApiContext, ctx
 from api.errors import ApiError, not_found
-from api.queries import LOST, WORKER_STATUSES, count_by_status, worker_views
+from api.queries import LOST, WORKER_STATUSES, worker_views
+from pool.clock import utcnow
 
 bp = Blueprint("workers", __name__, url_prefix="/api/v1")
 
@@ -36,14 +37,12 @@ def worker(address: str) -> Any:
     context = ctx()
     store = context.store
     view = _find(context, address)
-    recent = (
-        store.replicates.find({"worker": address}, {"_id": 0, "timeline": 0})
-        .sort("_id", -1)
-        .limit(RECENT_REPLICATES)
+    recent = store.replicates_of_worker(
+        address, limit=RECENT_REPLICATES, newest_first=True, with_timeline=False
     )
     view["replicates"] = {
-        "byStatus": count_by_status(store.replicates, {"worker": address}),
-        "recent": list(recent),
+        "byStatus": store.count_by_status("replicates", {"worker": address}),
+        "recent": recent,
     }
     return jsonify(jsonable(view))
 
@@ -58,7 +57,7 @@ def forget_worker(address: str) -> Any:
     if view["status"] != LOST:
         raise ApiError(409, "conflict", f"worker {address} is not LOST: it still sends heartbeats")
     # only the document we judged: a heartbeat that arrived meanwhile keeps the worker
-    context.store.workers.delete_one({"address": address, "lastSeen": view.get("lastSeen")})
+    context.store.forget_worker(address, view.get("lastSeen"))
     return jsonify({"deleted": address})
 
 

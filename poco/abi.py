@@ -2,7 +2,7 @@
 
 Only the ABI JSON is kept in the repository (``poco/abi/*.json``, copied verbatim from the
 package's ``abis/contracts`` folder). Bytecode for the devnet deployer is read from a cached
-``npm pack`` of the same version at deploy time (see :mod:`poco.deploy`).
+``npm pack`` of the same version at deploy time (see :mod:`devnet.deploy`).
 """
 
 from __future__ import annotations

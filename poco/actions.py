@@ -119,7 +119,7 @@ def contribute(
             client, wallet.address, taskid, authorization, enclave
         ),
         # the estimate may be made before another contribution lands; ours may then be the
-        # one reaching consensus, which loops over contributors (POCO.md: 311-390k gas)
+        # one reaching consensus, which loops over contributors (docs/protocol.md: 311-390k gas)
         min_gas=CONTRIBUTE_MIN_GAS,
     )
 

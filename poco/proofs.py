@@ -1,6 +1,6 @@
 """Identifiers and proofs of PoCo: dealid, taskid, authorizations, resultHash/resultSeal.
 
-Every formula here was checked against the deployed contracts (see POCO.md section 4):
+Every formula here was checked against the deployed contracts (docs/protocol.md):
 ``packed`` is ``abi.encodePacked`` and maps to ``Web3.solidity_keccak``.
 """
 

@@ -545,7 +545,7 @@ SETTINGS: dict[str, Spec] = {
         "Threads of `workerpool api` (waitress): requests served at once.",
         group="api",
     ),
-    # ---- workerpool orders and the orderbook (pool/orders.py) -----------------------------
+    # ---- workerpool orders and the orderbook (orders/book.py) -----------------------------
     "order_price": Spec(
         "WORKERPOOL_ORDER_PRICE",
         _nonneg_int,

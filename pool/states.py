@@ -1,4 +1,5 @@
-"""Task and replicate statuses (iexec-core naming) and the transitions allowed between them.
+"""Deal, worker, task and replicate statuses (iexec-core naming) and the transitions allowed
+between them.
 
 The store checks every status write against these tables atomically (a conditional update on
 the current status), so two processes racing on one task cannot take it through a transition
@@ -15,6 +16,16 @@ from typing import Any
 class DealStatus(StrEnum):
     ACCEPTED = "ACCEPTED"  # the pool serves it: its tasks are stored
     SKIPPED = "SKIPPED"  # stored with a reason (category, tag, deadline), never run
+
+
+class WorkerStatus(StrEnum):
+    """A worker node as the pool sees it. The scheduler stores ALIVE (a heartbeat came) and
+    LOST (silent for WORKER_LOST_TIMEOUT); PAUSED is derived on reading, while the scheduler
+    refuses the node work after repeated failures (its ``pausedUntil``)."""
+
+    ALIVE = "ALIVE"
+    LOST = "LOST"
+    PAUSED = "PAUSED"
 
 
 class TaskStatus(StrEnum):

@@ -25,6 +25,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
+from pool.clock import utcnow
 from pool.settings import Settings
 from pool.states import (
     REPLICATE_TRANSITIONS,
@@ -32,6 +33,7 @@ from pool.states import (
     InvalidTransition,
     ReplicateStatus,
     TaskStatus,
+    WorkerStatus,
     path_to,
     predecessors,
 )
@@ -40,12 +42,6 @@ log = logging.getLogger(__name__)
 
 # ids per ``$in`` query when many tasks' replicates are read at once (a bounded query size)
 IN_BATCH = 1000
-
-
-def utcnow() -> dt.datetime:
-    # Mongo stores millisecond precision; trim so round-trips compare equal
-    now = dt.datetime.now(dt.UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000, tzinfo=None)
 
 
 def connect(settings: Settings) -> Store:
@@ -81,6 +77,7 @@ class Store:
         self.tasks.create_index("chainDealId")
         self.replicates.create_index([("chainTaskId", 1), ("worker", 1)], unique=True)
         self.replicates.create_index("status")
+        self.replicates.create_index("worker")  # a worker's replicates (API, lost workers)
         self.workers.create_index("address", unique=True)
         self.cursors.create_index("name", unique=True)
 
@@ -202,6 +199,63 @@ class Store:
     def set_task_fields(self, taskid: str, fields: dict[str, Any]) -> None:
         self.tasks.update_one({"chainTaskId": taskid}, {"$set": fields})
 
+    def reserve_replicate(self, taskid: str, needed: int) -> bool:
+        """Count one more replicate granted on ``taskid`` unless the ``needed`` ones already
+        are (atomic: two racing workers never over-subscribe a task). False when full, or
+        when ``needed`` changed meanwhile (re-planned)."""
+        return (
+            self.tasks.find_one_and_update(
+                {
+                    "chainTaskId": taskid,
+                    "replicatesNeeded": needed,
+                    "replicatesGranted": {"$lt": needed},
+                },
+                {"$inc": {"replicatesGranted": 1}},
+            )
+            is not None
+        )
+
+    def release_replicate(self, taskid: str) -> None:
+        """Undo a :meth:`reserve_replicate` whose replicate could not be created."""
+        self.tasks.update_one({"chainTaskId": taskid}, {"$inc": {"replicatesGranted": -1}})
+
+    def plan_more_replicates(
+        self, taskid: str, needed: int, more: int, status: str, note: str
+    ) -> dict[str, Any] | None:
+        """Raise the task's needed replicates (and queued jobs) by ``more``, from ``needed``
+        only, so that of two threads re-planning at once one does; the new document, or None
+        when another one re-planned first."""
+        doc = self.tasks.find_one_and_update(
+            {"chainTaskId": taskid, "replicatesNeeded": needed},
+            {
+                "$inc": {"replicatesNeeded": more, "jobsQueued": more},
+                "$push": {"timeline": {"status": status, "at": utcnow(), "note": note}},
+            },
+            projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if doc is None else dict(doc)
+
+    def backlog(
+        self, queue: str, waiting: Iterable[TaskStatus], planned: Iterable[TaskStatus]
+    ) -> int:
+        """Replicates sold on ``queue`` that no worker has taken yet: all those of tasks in
+        ``waiting`` statuses, the queued but not granted ones of tasks in ``planned``."""
+        total = 0
+        for task in self.tasks.find(
+            {"queue": queue, "status": {"$in": [str(s) for s in waiting]}},
+            {"_id": 0, "replicatesNeeded": 1},
+        ):
+            total += int(task.get("replicatesNeeded") or 1)
+        for task in self.tasks.find(
+            {"queue": queue, "status": {"$in": [str(s) for s in planned]}},
+            {"_id": 0, "jobsQueued": 1, "replicatesGranted": 1},
+        ):
+            total += max(
+                0, int(task.get("jobsQueued") or 0) - int(task.get("replicatesGranted") or 0)
+            )
+        return total
+
     # ---- replicates ---------------------------------------------------------------------
     def create_replicate(self, taskid: str, worker: str, fields: dict[str, Any]) -> bool:
         """Insert the (task, worker) replicate; False when that worker already has one."""
@@ -290,6 +344,64 @@ class Store:
             {"chainTaskId": taskid, "worker": worker.lower()}, {"_id": 0}
         )
 
+    def set_replicate_fields(self, taskid: str, worker: str, fields: dict[str, Any]) -> None:
+        self.replicates.update_one(
+            {"chainTaskId": taskid, "worker": worker.lower()}, {"$set": fields}
+        )
+
+    def mark_reveal_requested(self, taskid: str, worker: str) -> bool:
+        """Note that ``worker`` was asked to reveal; False when it already was (so that of
+        two threads, one sends the request)."""
+        done = self.replicates.update_one(
+            {"chainTaskId": taskid, "worker": worker.lower(), "revealRequested": {"$ne": True}},
+            {"$set": {"revealRequested": True}},
+        )
+        return bool(done.modified_count)
+
+    def reset_reveal_requests(self, taskid: str) -> None:
+        """Winners of ``taskid`` still CONTRIBUTED may be asked to reveal again."""
+        self.replicates.update_many(
+            {"chainTaskId": taskid, "status": str(ReplicateStatus.CONTRIBUTED)},
+            {"$set": {"revealRequested": False}},
+        )
+
+    def abort_replicates(self, taskid: str, statuses: Iterable[str], note: str) -> None:
+        """Every replicate of ``taskid`` in one of ``statuses`` goes to ABORTED."""
+        wanted = set(statuses)
+        for rep in self.replicates_of(taskid):
+            if rep["status"] in wanted:
+                self.advance_replicate(taskid, rep["worker"], ReplicateStatus.ABORTED, note=note)
+
+    def replicates_of_worker(
+        self,
+        worker: str,
+        statuses: Iterable[str] | None = None,
+        *,
+        limit: int = 0,
+        newest_first: bool = False,
+        with_timeline: bool = True,
+    ) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"worker": worker.lower()}
+        if statuses is not None:
+            query["status"] = {"$in": sorted(statuses)}
+        projection = {"_id": 0} if with_timeline else {"_id": 0, "timeline": 0}
+        cursor = self.replicates.find(query, projection)
+        if newest_first:
+            cursor = cursor.sort("_id", -1)
+        if limit:
+            cursor = cursor.limit(limit)
+        return list(cursor)
+
+    def replicate_durations(self) -> list[float]:
+        """Seconds the app ran, of every replicate whose worker reported it."""
+        return [
+            float(doc["duration"])
+            for doc in self.replicates.find(
+                {"duration": {"$exists": True}}, {"_id": 0, "duration": 1}
+            )
+            if isinstance(doc.get("duration"), int | float)
+        ]
+
     def transition_replicate(
         self,
         taskid: str,
@@ -310,6 +422,197 @@ class Store:
             extra,
             None,
         )
+
+    # ---- workers --------------------------------------------------------------------------
+    def worker(self, address: str) -> dict[str, Any] | None:
+        return self.workers.find_one({"address": address.lower()}, {"_id": 0})
+
+    def all_workers(self) -> list[dict[str, Any]]:
+        """Every worker by address (one document per node: few, read whole)."""
+        return list(self.workers.find({}, {"_id": 0}).sort("address", 1))
+
+    def workers_with_status(self, status: WorkerStatus) -> list[dict[str, Any]]:
+        return list(self.workers.find({"status": str(status)}, {"_id": 0}))
+
+    def record_heartbeat(self, address: str, fields: dict[str, Any]) -> str | None:
+        """The node is ALIVE with ``fields``; returns the status it had (None: new)."""
+        previous = self.workers.find_one_and_update(
+            {"address": address.lower()},
+            {
+                "$set": {**fields, "lastSeen": utcnow(), "status": str(WorkerStatus.ALIVE)},
+                "$setOnInsert": {"registeredAt": utcnow()},
+            },
+            projection={"_id": 0, "status": 1},
+            upsert=True,
+        )
+        return None if previous is None else previous.get("status")
+
+    def mark_worker_lost(self, address: str) -> bool:
+        """ALIVE -> LOST; False when it was not ALIVE any more (a heartbeat came, or another
+        scheduler marked it first)."""
+        done = self.workers.update_one(
+            {"address": address.lower(), "status": str(WorkerStatus.ALIVE)},
+            {"$set": {"status": str(WorkerStatus.LOST), "lostAt": utcnow()}},
+        )
+        return bool(done.modified_count)
+
+    def count_serving(self, capability: str) -> int:
+        """ALIVE workers that serve ``capability``."""
+        return int(
+            self.workers.count_documents(
+                {"status": str(WorkerStatus.ALIVE), "capabilities": capability}
+            )
+        )
+
+    def free_slots(self, capability: str, seen_since: dt.datetime) -> int:
+        """Idle slots (``slots - busySlots`` of their last heartbeat) of ALIVE workers heard
+        from since ``seen_since`` that serve ``capability``."""
+        free = 0
+        for worker in self.workers.find(
+            {"status": str(WorkerStatus.ALIVE)},
+            {"_id": 0, "slots": 1, "busySlots": 1, "capabilities": 1, "lastSeen": 1},
+        ):
+            seen = worker.get("lastSeen")
+            if seen is None or seen < seen_since:
+                continue
+            if capability not in (worker.get("capabilities") or ["standard"]):
+                continue
+            free += max(0, int(worker.get("slots") or 0) - int(worker.get("busySlots") or 0))
+        return free
+
+    def worker_succeeded(self, address: str) -> None:
+        self.workers.update_one({"address": address.lower()}, {"$set": {"consecutiveFailures": 0}})
+
+    def worker_failed(self, address: str) -> int:
+        """Count a failure; returns the worker's consecutive failures (0: unknown worker)."""
+        doc = self.workers.find_one_and_update(
+            {"address": address.lower()},
+            {"$inc": {"consecutiveFailures": 1, "failures": 1}},
+            return_document=ReturnDocument.AFTER,
+        )
+        return 0 if doc is None else int(doc.get("consecutiveFailures", 0))
+
+    def pause_worker(self, address: str, until: dt.datetime) -> None:
+        self.workers.update_one(
+            {"address": address.lower()},
+            {"$set": {"pausedUntil": until, "consecutiveFailures": 0}},
+        )
+
+    def count_verdict(self, address: str, proved: bool) -> None:
+        """One more contribution of the worker accepted (proved) or rejected on chain."""
+        self.workers.update_one(
+            {"address": address.lower()}, {"$inc": {"accepted" if proved else "rejected": 1}}
+        )
+
+    def forget_worker(self, address: str, last_seen: Any) -> bool:
+        """Delete the worker's document as it was when judged LOST (same ``lastSeen``): a
+        heartbeat that came meanwhile keeps it."""
+        done = self.workers.delete_one({"address": address.lower(), "lastSeen": last_seen})
+        return bool(done.deleted_count)
+
+    # ---- reads of the status API ------------------------------------------------------------
+    def count_by_status(
+        self, collection: str, match: dict[str, Any] | None = None
+    ) -> dict[str, int]:
+        """Documents of ``collection`` (deals, tasks, replicates) by status."""
+        pipeline: list[dict[str, Any]] = []
+        if match:
+            pipeline.append({"$match": match})
+        pipeline.append({"$group": {"_id": "$status", "n": {"$sum": 1}}})
+        rows = self._collection(collection).aggregate(pipeline)
+        return {str(row["_id"]): int(row["n"]) for row in rows}
+
+    def task_counts_by_deal(self, dealids: list[str]) -> dict[str, dict[str, int]]:
+        """deal id -> task status -> count, for the deals of one page."""
+        if not dealids:
+            return {}
+        rows = self.tasks.aggregate(
+            [
+                {"$match": {"chainDealId": {"$in": dealids}}},
+                {
+                    "$group": {
+                        "_id": {"deal": "$chainDealId", "status": "$status"},
+                        "n": {"$sum": 1},
+                    }
+                },
+            ]
+        )
+        counts: dict[str, dict[str, int]] = {}
+        for row in rows:
+            counts.setdefault(row["_id"]["deal"], {})[row["_id"]["status"]] = int(row["n"])
+        return counts
+
+    def count(self, collection: str, query: dict[str, Any]) -> int:
+        return int(self._collection(collection).count_documents(query))
+
+    def page(
+        self,
+        collection: str,
+        query: dict[str, Any],
+        skip: int,
+        limit: int,
+        *,
+        with_timeline: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Documents of ``collection`` matching ``query``, newest first."""
+        projection = {"_id": 0} if with_timeline else {"_id": 0, "timeline": 0}
+        cursor = self._collection(collection).find(query, projection).sort("_id", -1)
+        return list(cursor.skip(skip).limit(limit))
+
+    def tasks_of_deal(self, dealid: str) -> list[dict[str, Any]]:
+        """The deal's tasks by index, each with its status and last change."""
+        return list(
+            self.tasks.find(
+                {"chainDealId": dealid},
+                {"_id": 0, "chainTaskId": 1, "index": 1, "status": 1, "updatedAt": 1},
+            ).sort("index", 1)
+        )
+
+    def replicates_in_order(self, taskid: str) -> list[dict[str, Any]]:
+        """The task's replicates, first granted first."""
+        return list(self.replicates.find({"chainTaskId": taskid}, {"_id": 0}).sort("_id", 1))
+
+    def transactions(
+        self, sent: dict[str, list[str]], failed: dict[str, list[str]]
+    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+        """Per (collection, status): distinct transaction hashes in the timelines for the
+        statuses of ``sent``, and timeline entries for the statuses of ``failed`` (both
+        collection -> statuses)."""
+        hashes: dict[tuple[str, str], int] = {}
+        entries: dict[tuple[str, str], int] = {}
+        for name, statuses in sent.items():
+            rows = self._collection(name).aggregate(
+                [
+                    {"$unwind": "$timeline"},
+                    {
+                        "$match": {
+                            "timeline.status": {"$in": statuses},
+                            "timeline.txHash": {"$gt": ""},
+                        }
+                    },
+                    {"$group": {"_id": {"s": "$timeline.status", "tx": "$timeline.txHash"}}},
+                ]
+            )
+            for row in rows:
+                key = (name, row["_id"]["s"])
+                hashes[key] = hashes.get(key, 0) + 1
+        for name, statuses in failed.items():
+            rows = self._collection(name).aggregate(
+                [
+                    {"$unwind": "$timeline"},
+                    {"$match": {"timeline.status": {"$in": statuses}}},
+                    {"$group": {"_id": "$timeline.status", "n": {"$sum": 1}}},
+                ]
+            )
+            for row in rows:
+                entries[(name, row["_id"])] = int(row["n"])
+        return hashes, entries
+
+    def _collection(self, name: str) -> Collection[Any]:
+        if name not in ("deals", "tasks", "replicates", "workers"):
+            raise ValueError(f"no collection {name!r} in the store")
+        collection: Collection[Any] = getattr(self, name)
+        return collection
 
 
 def _projection(fields: Iterable[str] | None) -> dict[str, int]:

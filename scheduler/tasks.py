@@ -1,89 +1,93 @@
-"""Celery wiring of the scheduler: the periodic ``scheduler.tick`` and ``scheduler.listen``
-tasks and their beat entries."""
+"""Celery wiring of the scheduler: the receivers of the messages workers send it
+(:mod:`pool.messages`), the periodic ``scheduler.tick`` and ``scheduler.listen`` and their
+beat entries, and the composition of a scheduler process (:func:`create_app`)."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
 from poco.errors import RetryableError
-from pool.celery_app import (
-    AUTHORIZE_TASK,
-    HEARTBEAT_TASK,
+from pool.messages import (
+    AUTHORIZE,
+    HEARTBEAT,
     LISTEN_TASK,
-    REPLICATE_UPDATE_TASK,
+    REPORT,
     SCHEDULER_QUEUE,
     TICK_TASK,
+    Authorization,
+    Message,
+    MessageError,
+    Messenger,
+    P,
     make_celery,
 )
 from pool.settings import Settings
+from scheduler.context import TickReport
 from scheduler.service import Scheduler, build
 
 log = logging.getLogger(__name__)
 
 
-def create_scheduler_app(settings: Settings, scheduler: Scheduler | None = None) -> Celery:
-    """The scheduler's Celery app. ``scheduler`` is built from settings on first use."""
+def create_app(settings: Settings) -> tuple[Celery, Scheduler]:
+    """A scheduler process: its one Celery app, the scheduler built on it, the receivers
+    registered. Fails fast on bad settings, wallet or chain."""
     app = make_celery(settings, "workerpool-scheduler")
-    holder: dict[str, Scheduler] = {} if scheduler is None else {"s": scheduler}
-    lock = threading.Lock()
+    scheduler = build(settings, Messenger(app))
+    register(app, scheduler)
+    return app, scheduler
 
-    def get() -> Scheduler:
-        with lock:
-            if "s" not in holder:
-                holder["s"] = build(settings)
-            return holder["s"]
 
+def register(app: Celery, scheduler: Scheduler) -> None:
+    """Register the scheduler's receivers and its beat schedule on ``app``."""
+    settings = scheduler.settings
     period = settings.poll_period
-
-    @app.task(
-        shared=False,  # bound to this app and its closure only (tests build several apps)
-        name=TICK_TASK,
-        acks_late=False,  # a lost tick is replaced by the next one
-        ignore_result=True,
-        soft_time_limit=max(60, int(period * 30)),
-        time_limit=max(90, int(period * 40)),
-    )
-    def tick() -> dict[str, Any]:
-        report = get().tick()
-        if report.deals_new or report.tasks_initialized or report.jobs_enqueued or report.errors:
-            log.info("tick: %s", report)
-        return report.__dict__
-
     listen_period = settings.listen_period
 
-    @app.task(
-        shared=False,  # bound to this app and its closure only (tests build several apps)
-        name=LISTEN_TASK,
-        acks_late=False,  # a lost listen is replaced by the next one
-        ignore_result=True,
-        soft_time_limit=max(60, int(period * 30)),
-        time_limit=max(90, int(period * 40)),
-    )
-    def listen() -> dict[str, Any]:
-        report = get().listen_tick()
-        if report.deals_new or report.tasks_initialized or report.jobs_enqueued or report.errors:
-            log.info("listen: %s", report)
-        return report.__dict__
+    def periodic(name: str, run: Callable[[], TickReport]) -> None:
+        @app.task(
+            shared=False,  # bound to this app and its closure only (tests build several apps)
+            name=name,
+            acks_late=False,  # a lost tick (or listen) is replaced by the next one
+            ignore_result=True,
+            soft_time_limit=max(60, int(period * 30)),
+            time_limit=max(90, int(period * 40)),
+        )
+        def step() -> dict[str, Any]:
+            report = run()
+            if (
+                report.deals_new
+                or report.tasks_initialized
+                or report.jobs_enqueued
+                or report.errors
+            ):
+                log.info("%s: %s", name, report)
+            return report.__dict__
+
+    periodic(TICK_TASK, scheduler.tick)
+    periodic(LISTEN_TASK, scheduler.listen_tick)
 
     @app.task(
-        shared=False,  # bound to this app and its closure only (tests build several apps)
-        name=AUTHORIZE_TASK,
+        shared=False,
+        name=AUTHORIZE.name,
         ignore_result=False,  # the worker waits for this answer
         acks_late=False,  # a worker whose request is lost asks again
         time_limit=60,
     )
-    def authorize(taskid: str, worker: str, enclave: str) -> dict[str, Any]:
-        return get().lifecycle.authorize(taskid, worker, enclave)
+    def authorize(payload: Any) -> dict[str, Any]:
+        request = received(AUTHORIZE, payload)
+        if request is None:
+            return Authorization(granted=False, reason="malformed request").to_wire()
+        return scheduler.authorizer.authorize(request).to_wire()
 
     @app.task(
-        shared=False,  # bound to this app and its closure only (tests build several apps)
-        name=REPLICATE_UPDATE_TASK,
+        shared=False,
+        name=REPORT.name,
         acks_late=True,  # a report survives a scheduler restart in Redis
         reject_on_worker_lost=True,
         time_limit=300,
@@ -91,14 +95,16 @@ def create_scheduler_app(settings: Settings, scheduler: Scheduler | None = None)
         retry_backoff=True,
         max_retries=10,
     )
-    def replicate_update(
-        taskid: str, worker: str, status: str, details: dict[str, Any] | None = None
-    ) -> None:
-        get().lifecycle.on_report(taskid, worker, status, details)
+    def replicate_update(payload: Any) -> None:
+        report = received(REPORT, payload)
+        if report is not None:
+            scheduler.reports.apply(report)
 
-    @app.task(shared=False, name=HEARTBEAT_TASK, acks_late=False, time_limit=30)
-    def heartbeat(worker: str, info: dict[str, Any]) -> None:
-        get().lifecycle.heartbeat(worker, info)
+    @app.task(shared=False, name=HEARTBEAT.name, acks_late=False, time_limit=30)
+    def heartbeat(payload: Any) -> None:
+        beat = received(HEARTBEAT, payload)
+        if beat is not None:
+            scheduler.fleet.heartbeat(beat)
 
     app.conf.beat_schedule = {
         "scheduler-tick": {
@@ -116,5 +122,12 @@ def create_scheduler_app(settings: Settings, scheduler: Scheduler | None = None)
         }
     pool = (settings.pool_address or "none").lower()
     app.conf.beat_schedule_filename = str(Path(tempfile.gettempdir()) / f"workerpool-beat-{pool}")
-    app.scheduler_service = get
-    return app
+
+
+def received(message: Message[P], payload: Any) -> P | None:
+    """The payload of ``message``, or None (logged) when it is not what the message carries."""
+    try:
+        return message.parse(payload)
+    except MessageError as exc:
+        log.warning("refused %s: %s", message.name, exc)
+        return None

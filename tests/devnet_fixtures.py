@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from devnet import network as devnet_mod
 from poco import chain as chain_mod
 from poco.chain import ChainClient, Wallet
-from pool import devnet as devnet_mod
 
 
 def free_port() -> int:

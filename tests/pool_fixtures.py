@@ -17,22 +17,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mongomock_ng as mongomock
 import pytest
 import redis
 from celery.contrib.testing.worker import start_worker
 from devnet_fixtures import DevnetHandle
 
+from devnet.network import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC, WORKER_COUNT
+from devnet.requester import MatchedDeal, match_deal
 from poco import chain as chain_mod
-from poco.requester import MatchedDeal, match_deal
 from poco.types import ChainTaskStatus
-from pool.celery_app import SCHEDULER_QUEUE
-from pool.devnet import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC, WORKER_COUNT
+from pool import keys
+from pool.messages import SCHEDULER_QUEUE, Messenger, make_celery
 from pool.settings import Settings
 from pool.store import Store
 from pool.wallets import chain_client
-from scheduler.service import TICK_LOCK, Scheduler, lock_ttl
-from scheduler.tasks import create_scheduler_app
+from scheduler.context import SchedulerContext
+from scheduler.service import Scheduler, lock_ttl
+from scheduler.tasks import register
+from testing.store import memory_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +85,7 @@ class RunningPool:
         if log not in self.logs:
             self.logs.append(log)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pool.cli", "worker", "--loglevel", "INFO"],
+            [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"],
             env=env,
             cwd=ROOT,
             stdout=log.open("ab"),
@@ -213,16 +215,17 @@ class SchedulerProcess:
     def start(self) -> Scheduler:
         chain_mod.reset_nonces()  # a new process starts with no nonce counter
         client = chain_client(self.settings)
-        scheduler = Scheduler(
+        app = make_celery(self.settings, "workerpool-scheduler")
+        ctx = SchedulerContext(
             self.settings,
             self.store,
             client,
             client.wallet(self.devnet.key("scheduler")),
-            None,  # set below: the app the consumer thread runs
+            Messenger(app),
             redis.Redis.from_url(self.redis_url),
         )
-        app = create_scheduler_app(self.settings, scheduler)
-        scheduler.celery = app
+        scheduler = Scheduler(ctx)
+        register(app, scheduler)
         self._stop = stop = threading.Event()
         self.crashed = crashed = threading.Event()
 
@@ -269,7 +272,7 @@ class SchedulerProcess:
         self.stop()
         # the dead tick held the lock at the moment of the crash; nobody deletes it
         ttl_ms = int(lock_ttl(self.settings) * 1000)
-        lock.set(TICK_LOCK, "killed-scheduler", px=ttl_ms, nx=True)
+        lock.set(keys.TICK_LOCK, "killed-scheduler", px=ttl_ms, nx=True)
 
 
 @contextmanager
@@ -287,8 +290,7 @@ def pool_running(
     settings = Settings.from_env(
         {**env, "IEXEC_START_BLOCK_NUMBER": str(devnet.client.block_number() + 1)}
     )
-    store = Store(mongomock.MongoClient()[db])
-    store.ensure_indexes()
+    store = memory_store(db)
     process = SchedulerProcess(devnet, settings, store, redis_url)
     scheduler = process.start()
     pool = RunningPool(devnet, scheduler, store, env, tmp, process=process)

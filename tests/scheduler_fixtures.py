@@ -6,22 +6,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import mongomock_ng as mongomock
 import pytest
 from devnet_fixtures import DevnetHandle
 
 from poco.chain import ChainClient
-from pool.celery_app import make_celery
+from pool.messages import Messenger, make_celery
 from pool.settings import Settings
 from pool.store import Store
+from scheduler.context import SchedulerContext
 from scheduler.service import Scheduler
+from testing.store import memory_store
 
 
 @pytest.fixture
 def store() -> Store:
-    s = Store(mongomock.MongoClient()["workerpool-test"])
-    s.ensure_indexes()
-    return s
+    return memory_store()
 
 
 @pytest.fixture
@@ -44,13 +43,14 @@ def make_scheduler(
         client = ChainClient(
             settings.chain_rpc_url or "", settings.hub_address or "", log_chunk=settings.log_range
         )
-        return Scheduler(
+        ctx = SchedulerContext(
             settings,
             target_store or store,
             client,
             client.wallet(devnet.key("scheduler")),
-            make_celery(settings),
+            Messenger(make_celery(settings)),
             redis_client,
         )
+        return Scheduler(ctx)
 
     return make

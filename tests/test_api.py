@@ -28,11 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from api.docs import openapi_document
+from devnet.requester import MatchedDeal, deal_params
+from orders.client import OrderbookClient
+from orders.rules import template_from_settings
 from poco.orders import random_salt
-from poco.requester import MatchedDeal, deal_params
-from pool.celery_app import REPLICATE_QUEUES, SCHEDULER_QUEUE
-from pool.order_cli import OrderbookClient
-from pool.orders import template_from_settings
+from pool.messages import REPLICATE_QUEUES, SCHEDULER_QUEUE
 
 pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]
 

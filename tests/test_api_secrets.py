@@ -20,8 +20,8 @@ from api_support import serve
 from pool_fixtures import RunningPool
 
 from api.app import create_app
-from poco.requester import deal_params
-from pool.devnet import PUBLIC_TEST_MNEMONIC
+from devnet.network import PUBLIC_TEST_MNEMONIC
+from devnet.requester import deal_params
 
 pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]
 

@@ -31,10 +31,11 @@ from api.context import ChainProbe
 from api.docs import openapi_document
 from api.queries import worker_view
 from api.security import SecretFilter, secret_values
-from pool.cli import main
+from cli.main import main
+from pool.clock import utcnow
 from pool.settings import Settings
 from pool.states import TaskStatus
-from pool.store import Store, utcnow
+from pool.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "0x" + "ab" * 20
@@ -386,7 +387,7 @@ def test_api_command_serves_the_app_with_waitress(redis_url: str, tmp_path: Path
     log = tmp_path / "api.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pool.cli", "api"],
+            [sys.executable, "-m", "cli", "api"],
             env=env,
             cwd=ROOT,
             stdout=out,

@@ -211,7 +211,7 @@ def test_every_variable_the_code_reads_is_in_env_example() -> None:
     code = gen.code_variables()
     missing = {name: where for name, where in code.items() if name not in documented}
     assert not missing, f"read by the code but not in .env.example: {missing}"
-    # the scan finds reads outside the settings table (pool/devnet.py reads two)
+    # the scan finds reads outside the settings table (devnet/network.py reads two)
     assert {"WORKERPOOL_TOOLS_DIR", "XDG_CACHE_HOME"} <= set(code)
 
 

@@ -19,10 +19,10 @@ from playwright.sync_api import expect, sync_playwright
 from pool_fixtures import RunningPool
 
 from api.app import create_app
+from devnet.requester import deal_params
+from orders.client import OrderbookClient
+from orders.rules import template_from_settings
 from poco.orders import random_salt
-from poco.requester import deal_params
-from pool.order_cli import OrderbookClient
-from pool.orders import template_from_settings
 
 pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]
 

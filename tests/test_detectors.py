@@ -10,18 +10,34 @@ from typing import Any
 import pytest
 from devnet_fixtures import DevnetHandle
 
+from devnet.requester import match_deal
 from poco import actions
-from poco.requester import match_deal
 from poco.types import ChainTaskStatus, ContributionStatus
-from pool.celery_app import REPLICATE_QUEUES, worker_queue
-from pool.store import Store, utcnow
-from scheduler.lifecycle import UNREPORTED_GRACE
+from pool.clock import utcnow
+from pool.messages import (
+    REPLICATE_QUEUES,
+    Authorization,
+    AuthorizeRequest,
+    ReplicateReport,
+    worker_queue,
+)
+from pool.states import ReplicateStatus
+from pool.store import Store
+from scheduler.reconcile import UNREPORTED_GRACE
 from scheduler.service import Scheduler
 
 pytestmark = pytest.mark.devnet
 
 TIMEREF = 300  # category XS
 DIGEST = "0x" + "7e" * 32
+
+
+def authorize(scheduler: Scheduler, taskid: str, worker: str) -> Authorization:
+    return scheduler.authorizer.authorize(AuthorizeRequest(taskid, worker))
+
+
+def report(scheduler: Scheduler, taskid: str, worker: str, status: str, **fields: Any) -> None:
+    scheduler.reports.apply(ReplicateReport(taskid, worker, ReplicateStatus(status), **fields))
 
 
 def _deal(devnet: DevnetHandle, **kw: Any) -> Any:
@@ -79,10 +95,10 @@ def test_consensus_nobody_reveals_is_reopened_and_replanned(
     scheduler.tick()
     # Given a worker that is authorized, contributes, and then never reveals
     worker = devnet.worker_wallet(6)
-    grant = scheduler.lifecycle.authorize(taskid, worker.address)
-    assert grant["granted"]
-    actions.contribute(worker, taskid, DIGEST, grant["signature"])
-    scheduler.lifecycle.on_report(taskid, worker.address, "CONTRIBUTED")
+    grant = authorize(scheduler, taskid, worker.address)
+    assert grant.granted
+    actions.contribute(worker, taskid, DIGEST, grant.signature)
+    report(scheduler, taskid, worker.address, "CONTRIBUTED")
     assert store.task(taskid)["status"] == "CONSENSUS_REACHED"  # type: ignore[index]
     assert redis_client.llen(worker_queue(worker.address)) == 1  # the reveal request
     jobs_before = redis_client.llen(REPLICATE_QUEUES["standard"])
@@ -134,28 +150,32 @@ def test_a_repeated_reveal_report_does_not_undo_an_upload_and_a_failed_upload_is
 ) -> None:
     devnet = chain_snapshot
     scheduler = make_scheduler(reveal_timeout_period=1000)
-    lifecycle = scheduler.lifecycle
     deal = _deal(devnet)
     (taskid,) = deal.taskids()
     scheduler.tick()
     worker = devnet.worker_wallet(7)
-    grant = lifecycle.authorize(taskid, worker.address)
-    actions.contribute(worker, taskid, DIGEST, grant["signature"])
-    lifecycle.on_report(taskid, worker.address, "CONTRIBUTED")
+    grant = authorize(scheduler, taskid, worker.address)
+    actions.contribute(worker, taskid, DIGEST, grant.signature)
+    report(scheduler, taskid, worker.address, "CONTRIBUTED")
     actions.reveal(worker, taskid, DIGEST)
-    lifecycle.on_report(taskid, worker.address, "REVEALED")
-    lifecycle.on_report(taskid, worker.address, "RESULT_UPLOADING")
+    report(scheduler, taskid, worker.address, "REVEALED")
+    report(scheduler, taskid, worker.address, "RESULT_UPLOADING")
     assert store.task(taskid)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
     # When a late or repeated REVEALED report arrives (a resumed node reveals again)
-    lifecycle.on_report(taskid, worker.address, "REVEALED", {"note": "already revealed"})
+    report(scheduler, taskid, worker.address, "REVEALED", note="already revealed")
     # Then the upload under way is not undone
     assert store.task(taskid)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
     assert store.replicate(taskid, worker.address)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
     # When the upload really fails (the node says so) and no other winner exists
     queue = worker_queue(worker.address)
     before = redis_client.llen(queue)
-    lifecycle.on_report(
-        taskid, worker.address, "REVEALED", {"reason": "upload failed: ipfs", "uploadFailed": True}
+    report(
+        scheduler,
+        taskid,
+        worker.address,
+        "REVEALED",
+        reason="upload failed: ipfs",
+        upload_failed=True,
     )
     doc = store.task(taskid)
     assert doc is not None and doc["status"] == "AT_LEAST_ONE_REVEALED"
@@ -180,11 +200,11 @@ def test_a_contribute_and_finalize_whose_report_was_lost_is_found_on_chain(
     (taskid,) = deal.taskids()
     scheduler.tick()
     worker = devnet.worker_wallet(8)
-    grant = scheduler.lifecycle.authorize(taskid, worker.address)
-    assert grant["fastPath"] is True
+    grant = authorize(scheduler, taskid, worker.address)
+    assert grant.fast_path is True
     # Given the worker finished the task in one transaction and only CONTRIBUTING reached us
-    scheduler.lifecycle.on_report(taskid, worker.address, "CONTRIBUTING")
-    actions.contribute_and_finalize(worker, taskid, DIGEST, b"the-link", grant["signature"])
+    report(scheduler, taskid, worker.address, "CONTRIBUTING")
+    actions.contribute_and_finalize(worker, taskid, DIGEST, b"the-link", grant.signature)
     # When the scheduler ticks before the grace for a report: it waits for the report
     scheduler.tick()
     assert store.task(taskid)["status"] == "RUNNING"  # type: ignore[index]
@@ -211,6 +231,6 @@ def test_trust_above_one_or_the_setting_off_keeps_the_classic_path(
     scheduler = make_scheduler(contribute_and_finalize=False)
     scheduler.tick()
     worker = devnet.worker_wallet(9)
-    assert scheduler.lifecycle.authorize(trust1.taskids()[0], worker.address)["fastPath"] is False
+    assert authorize(scheduler, trust1.taskids()[0], worker.address).fast_path is False
     classic = make_scheduler()
-    assert classic.lifecycle.authorize(trust2.taskids()[0], worker.address)["fastPath"] is False
+    assert authorize(classic, trust2.taskids()[0], worker.address).fast_path is False

@@ -16,9 +16,9 @@ import requests
 from devnet_fixtures import DevnetHandle
 from pool_fixtures import RunningPool
 
-from poco.requester import deal_params
+from devnet.requester import deal_params
+from poco.results import parse_result_link
 from poco.types import ChainTaskStatus
-from pool.publishers import parse_result_link
 
 pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]
 
@@ -82,7 +82,7 @@ def test_trust1_deal_of_volume3_completes_with_published_results_and_rewards(
         assert chain.contributors == (worker,) and chain.reveal_counter == 1
         reps = pool.store.replicates_of(taskid)
         assert [r["status"] for r in reps] == ["COMPLETED"] and reps[0]["worker"] == worker.lower()
-    # And the escrow moved as POCO.md says: worker 99 % of the price, app owner its price
+    # And the escrow moved as docs/protocol.md says: worker 99 % of the price, app owner its price
     after = _stakes(devnet, devnet.address("requester"), devnet.address("app_provider"), worker)
     assert [a - b for a, b in zip(after, before, strict=True)] == [
         -3 * (APP_PRICE + POOL_PRICE),

@@ -34,8 +34,8 @@ from devnet_fixtures import DevnetHandle
 from faulty_rpc import FaultyRpcProxy
 from pool_fixtures import Crash, RunningPool, pool_running
 
+from devnet.requester import MatchedDeal, deal_params
 from poco import actions
-from poco.requester import MatchedDeal, deal_params
 from poco.tags import encode_tag
 from poco.types import ChainTaskStatus, ContributionStatus
 
@@ -128,7 +128,7 @@ def test_scheduler_killed_between_storing_a_deal_and_advancing_the_cursor(
     _wait(pool.process.crashed.is_set, 30, "the injected crash")  # type: ignore[union-attr]
     # Given the deal and its tasks are stored and the cursor is still before its block
     assert store.tasks.count_documents({"chainDealId": deal.dealid}) == 2
-    cursor = store.get_cursor(pool.scheduler.cursor_name)
+    cursor = store.get_cursor(pool.scheduler.deals.cursor_name)
     assert cursor is None or cursor < deal.receipt.block_number
     # When a new scheduler starts (the dead one's tick lock still held)
     monkeypatch.setattr(store, "advance_cursor", original)
@@ -136,7 +136,7 @@ def test_scheduler_killed_between_storing_a_deal_and_advancing_the_cursor(
     # Then it reads the same block again, stores nothing twice, and the deal completes
     pool.wait_tasks(deal.taskids(), _completed, timeout=120)
     assert_chain_and_store_agree(pool, deal)
-    assert store.get_cursor(pool.scheduler.cursor_name) >= deal.receipt.block_number  # type: ignore[operator]
+    assert store.get_cursor(pool.scheduler.deals.cursor_name) >= deal.receipt.block_number  # type: ignore[operator]
 
 
 def test_scheduler_killed_between_contribute_and_finalize(

@@ -11,10 +11,10 @@ import docker
 import pytest
 from pool_fixtures import RunningPool
 
-from poco.requester import deal_params
+from devnet.network import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC
+from devnet.requester import deal_params
 from poco.tags import encode_tag
 from poco.types import ChainTaskStatus, ContributionStatus
-from pool.devnet import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC
 from workers.identity import LeaseLost, derive, lease_index
 
 pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from testing.runner import FakeRunner
 from workers import results
 from workers.inputs import (
     ArgsError,
@@ -33,7 +34,7 @@ from workers.inputs import (
     split_args,
 )
 from workers.results import ComputedFile, ResultError
-from workers.runner import AppImageError, AppRun, FakeRunner, RunOutcome
+from workers.runner import AppImageError, AppRun, RunOutcome
 
 MB = 1024 * 1024
 TASK_ID = "0x" + "ab" * 32

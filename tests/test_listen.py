@@ -10,36 +10,23 @@ import time
 from collections import Counter
 from typing import Any
 
-import mongomock_ng as mongomock
 import pytest
 
-from pool.celery_app import LISTEN_TASK, SCHEDULER_QUEUE, TICK_TASK
+from pool.messages import LISTEN_TASK, SCHEDULER_QUEUE, TICK_TASK, make_celery
 from pool.settings import Settings
-from pool.store import Store
-from scheduler.service import Scheduler, TickReport
-from scheduler.tasks import create_scheduler_app
+from scheduler.context import SchedulerContext, TickReport
+from scheduler.service import Scheduler
+from scheduler.tasks import register
+from testing.celery import fake_messenger
+from testing.chain import FakeChain, FakeWallet
+from testing.store import memory_store
 
 POOL = "0x" + "11" * 20
 
 
-class FakeChain:
+def fake_chain() -> FakeChain:
     """A chain whose head the test moves; no SchedulerNotice ever."""
-
-    def __init__(self) -> None:
-        self.head = 100
-        self.calls: Counter[str] = Counter()
-
-    def block_number(self) -> int:
-        self.calls["block_number"] += 1
-        return self.head
-
-    def block_timestamp(self, block: int | str = "latest", max_age: float = 0.0) -> int:
-        self.calls["block_timestamp"] += 1
-        return 1_000_000
-
-    def get_logs(self, *args: Any, **kwargs: Any) -> list[Any]:
-        self.calls["get_logs"] += 1
-        return []
+    return FakeChain(head=100, now=1_000_000)
 
 
 def make(chain: FakeChain, **overrides: Any) -> Scheduler:
@@ -50,15 +37,15 @@ def make(chain: FakeChain, **overrides: Any) -> Scheduler:
         start_block=50,
         **overrides,
     )
-    store = Store(mongomock.MongoClient()["workerpool-listen"])
-    store.ensure_indexes()
-    wallet = type("FakeWallet", (), {"address": POOL, "client": chain})()
-    return Scheduler(settings, store, chain, wallet, None, None)  # type: ignore[arg-type]
+    messages, _ = fake_messenger()
+    wallet = FakeWallet(chain)
+    ctx = SchedulerContext(settings, memory_store("workerpool-listen"), chain, wallet, messages)  # type: ignore[arg-type]
+    return Scheduler(ctx)
 
 
 def test_the_beat_runs_the_listen_between_ticks_and_not_when_turned_off() -> None:
-    settings = Settings(pool_address=POOL, listen_period=0.5, poll_period=2.0)
-    app = create_scheduler_app(settings, scheduler=object())  # type: ignore[arg-type]
+    app = make_celery(Settings(pool_address=POOL))
+    register(app, make(fake_chain(), listen_period=0.5, poll_period=2.0))
     beat = app.conf.beat_schedule
     assert beat["scheduler-tick"]["task"] == TICK_TASK
     assert beat["scheduler-listen"]["task"] == LISTEN_TASK
@@ -67,35 +54,36 @@ def test_the_beat_runs_the_listen_between_ticks_and_not_when_turned_off() -> Non
     assert LISTEN_TASK in app.tasks
     assert app.conf.task_routes[LISTEN_TASK] == {"queue": SCHEDULER_QUEUE}
 
-    off = create_scheduler_app(Settings(pool_address=POOL, listen_period=0), object())  # type: ignore[arg-type]
+    off = make_celery(Settings(pool_address=POOL))
+    register(off, make(fake_chain(), listen_period=0))
     assert "scheduler-listen" not in off.conf.beat_schedule
 
 
 def test_a_listen_reads_only_the_head_while_the_chain_does_not_move() -> None:
-    chain = FakeChain()
+    chain = fake_chain()
     scheduler = make(chain)
     # the first listen reads the logs up to the head (and moves the cursor there)
     first = scheduler.listen_tick()
     assert not first.skipped_tick and first.head == 100
-    assert chain.calls == Counter({"block_number": 1, "get_logs": 1})
-    assert scheduler.store.get_cursor(scheduler.cursor_name) == 100
+    assert chain.calls == Counter({"eth_blockNumber": 1, "eth_getLogs": 1})
+    assert scheduler.store.get_cursor(scheduler.deals.cursor_name) == 100
 
     # while no block comes, a listen is one eth_blockNumber and nothing else
     chain.calls.clear()
     for _ in range(5):
         scheduler.listen_tick()
-    assert chain.calls == Counter({"block_number": 5})
+    assert chain.calls == Counter({"eth_blockNumber": 5})
 
     # a new block: its logs are read (and the head not asked twice)
     chain.head = 101
     chain.calls.clear()
     scheduler.listen_tick()
-    assert chain.calls == Counter({"block_number": 1, "get_logs": 1})
-    assert scheduler.store.get_cursor(scheduler.cursor_name) == 101
+    assert chain.calls == Counter({"eth_blockNumber": 1, "eth_getLogs": 1})
+    assert scheduler.store.get_cursor(scheduler.deals.cursor_name) == 101
 
 
 def test_a_listen_never_runs_inside_a_tick_and_a_tick_waits_for_a_listen() -> None:
-    chain = FakeChain()
+    chain = fake_chain()
     scheduler = make(chain, listen_period=0.5, poll_period=1.0)
     inside = threading.Event()
     release = threading.Event()
@@ -106,7 +94,7 @@ def test_a_listen_never_runs_inside_a_tick_and_a_tick_waits_for_a_listen() -> No
         inside.set()
         release.wait(10)
 
-    scheduler.lifecycle.reconcile = slow_reconcile  # type: ignore[method-assign]
+    scheduler.reconciler.reconcile = slow_reconcile  # type: ignore[method-assign]
     # Given a full tick in the middle of its reconcile step
     ticking = threading.Thread(target=scheduler.tick)
     ticking.start()
@@ -128,7 +116,7 @@ def test_a_listen_never_runs_inside_a_tick_and_a_tick_waits_for_a_listen() -> No
         inside.set()
         release.wait(10)
 
-    scheduler.initialize = slow_initialize  # type: ignore[method-assign]
+    scheduler.initializer.initialize = slow_initialize  # type: ignore[method-assign]
     chain.head = 300
     listening = threading.Thread(target=scheduler.listen_tick)
     listening.start()
@@ -146,7 +134,7 @@ def test_a_listen_never_runs_inside_a_tick_and_a_tick_waits_for_a_listen() -> No
 
 
 def test_the_standalone_loop_listens_between_two_full_ticks() -> None:
-    chain = FakeChain()
+    chain = fake_chain()
     scheduler = make(chain, poll_period=0.4, listen_period=0.05)
     runs: Counter[str] = Counter()
     scheduler.tick = lambda: runs.update(["tick"]) or TickReport()  # type: ignore[method-assign]
@@ -165,7 +153,7 @@ def test_the_standalone_loop_listens_between_two_full_ticks() -> None:
 
 @pytest.mark.parametrize("period", ["0"])
 def test_listen_period_zero_turns_the_fast_listen_off_in_the_loop(period: str) -> None:
-    chain = FakeChain()
+    chain = fake_chain()
     settings = Settings.from_env(
         {"POOL_ADDRESS": POOL, "WORKERPOOL_LISTEN_PERIOD": period, "WORKERPOOL_POLL_PERIOD": "0.2"}
     )

@@ -24,21 +24,21 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from api.orderbook import orderbook_blueprint
+from cli.main import main
+from devnet.requester import match_deal
+from orders.challenge import (
+    CHALLENGE_TEXT,
+    authorization_header,
+    challenge_typed_data,
+    typed_data_hash,
+)
+from orders.client import OrderbookClient
+from orders.rules import OrderbookError
+from orders.store import OrderStore
+from orders.sync import sync_orders
 from poco import actions
 from poco.errors import TransactionReverted
 from poco.orders import WorkerpoolOrder, random_salt
-from poco.requester import match_deal
-from pool.cli import main
-from pool.order_cli import OrderbookClient
-from pool.orders import (
-    CHALLENGE_TEXT,
-    OrderbookError,
-    OrderStore,
-    authorization_header,
-    challenge_typed_data,
-    sync_orders,
-    typed_data_hash,
-)
 from pool.settings import Settings
 from pool.store import Store
 
@@ -739,7 +739,7 @@ def test_cli_names_missing_or_malformed_settings(tmp_path: Path) -> None:
 
 
 def test_default_orderbook_is_the_pools_own_api() -> None:
-    from pool.order_cli import orderbook_url
+    from cli.orders import orderbook_url
 
     assert orderbook_url(Settings()) == "http://127.0.0.1:18090"
     assert orderbook_url(Settings(api_host="0.0.0.0", core_port=8080)) == "http://127.0.0.1:8080"

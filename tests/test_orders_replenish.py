@@ -14,20 +14,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import mongomock_ng as mongomock
 import pytest
 from devnet_fixtures import DevnetHandle
 from flask import Flask
 from pool_fixtures import RunningPool
 
 from api.orderbook import orderbook_blueprint
+from devnet.requester import match_deal
+from orders.replenish import Replenisher, ReplenishResult
+from orders.store import OrderStore
+from poco.chain import Wallet
 from poco.orders import WorkerpoolOrder
-from poco.requester import match_deal
-from pool.orders import OrderStore
+from pool.clock import utcnow
 from pool.settings import Settings
-from pool.store import Store, utcnow
-from scheduler.replenish import Replenisher, ReplenishResult
-from scheduler.service import Scheduler, TickReport
+from pool.store import Store
+from scheduler.context import TickReport
+from testing.store import memory_store
 
 pytestmark = pytest.mark.devnet
 
@@ -39,13 +41,14 @@ class Fleet:
     devnet: DevnetHandle
     settings: Settings
     store: Store
-    scheduler: Scheduler
+    wallet: Wallet  # the scheduler's
     api: Any  # a Flask test client on the orderbook
+    current: Settings | None = None  # the settings of the last replenisher() asked for
 
     def replenisher(self, **settings: Any) -> Replenisher:
-        if settings:
-            self.scheduler.settings = dataclasses.replace(self.settings, **settings)
-        return Replenisher.from_scheduler(self.scheduler)
+        if settings or self.current is None:
+            self.current = dataclasses.replace(self.settings, **settings)
+        return Replenisher(self.current, self.store, self.devnet.client, self.wallet)
 
     def worker(
         self,
@@ -114,16 +117,9 @@ def _orderbook_client(settings: Settings, store: Store, devnet: DevnetHandle) ->
 @pytest.fixture
 def fleet(devnet: DevnetHandle) -> Iterator[Fleet]:
     settings = _settings(devnet)
-    store = Store(mongomock.MongoClient()["replenish"])
-    store.ensure_indexes()
-    scheduler = Scheduler(
-        settings,
-        store,
-        devnet.client,
-        devnet.wallet("scheduler"),
-        None,  # replenish sends no Celery task
-    )
-    yield Fleet(devnet, settings, store, scheduler, _orderbook_client(settings, store, devnet))
+    store = memory_store("replenish")
+    wallet = devnet.wallet("scheduler")
+    yield Fleet(devnet, settings, store, wallet, _orderbook_client(settings, store, devnet))
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +284,9 @@ def test_a_real_worker_capacity_is_sold_bought_and_run(running_pool: RunningPool
     settings = dataclasses.replace(
         pool.scheduler.settings, order_price=PRICE, replenish_orders=1, orderbook_sync_interval=1e-6
     )
-    replenisher = Replenisher(settings, pool.store, pool.devnet.client, pool.scheduler.wallet)
+    replenisher = Replenisher(settings, pool.store, pool.devnet.client, pool.scheduler.ctx.wallet)
     api = _orderbook_client(settings, pool.store, pool.devnet)
-    fleet = Fleet(pool.devnet, settings, pool.store, pool.scheduler, api)
+    fleet = Fleet(pool.devnet, settings, pool.store, pool.scheduler.ctx.wallet, api)
     # Given one worker node with 2 slots (WORKERPOOL_WORKER_SLOTS=2)
     pool.start_worker(0)
     result = replenisher.replenish()

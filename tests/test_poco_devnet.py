@@ -8,12 +8,12 @@ import threading
 import pytest
 from devnet_fixtures import DevnetHandle
 
+from devnet.requester import match_deal
 from poco import actions
 from poco.chain import ChainClient
 from poco.errors import TransactionReverted
 from poco.orders import AppOrder, RequestOrder, WorkerpoolOrder, random_salt
 from poco.proofs import deal_id, result_hash, sign_authorization, task_id
-from poco.requester import match_deal
 from poco.types import ChainTaskStatus, ContributionStatus
 
 pytestmark = pytest.mark.devnet

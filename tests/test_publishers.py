@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pool.publishers import (
+from poco.results import parse_result_link, result_link
+from workers.publishers import (
     IPFS,
     LOCAL,
     IpfsPublisher,
@@ -28,8 +29,6 @@ from pool.publishers import (
     PublishError,
     ResultPublisher,
     make_publisher,
-    parse_result_link,
-    result_link,
 )
 
 TASK_ID = "0x" + "ab" * 32

@@ -24,6 +24,7 @@ import docker
 import pytest
 from docker.errors import ImageNotFound, NotFound
 
+from testing.runner import FakeRunner
 from workers import inputs, results
 from workers.results import ResultError
 from workers.runner import (
@@ -32,7 +33,6 @@ from workers.runner import (
     ContainerRunner,
     DockerRunner,
     EngineError,
-    FakeRunner,
     RunOutcome,
 )
 

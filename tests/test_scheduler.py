@@ -8,21 +8,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mongomock_ng as mongomock
 import pytest
 from devnet_fixtures import DevnetHandle, free_port
 
+from devnet.network import Devnet, ensure_tools
+from devnet.network import up as devnet_up
+from devnet.requester import match_deal
 from poco.chain import ChainClient
 from poco.errors import TransportError
-from poco.requester import match_deal
 from poco.types import ChainTaskStatus
-from pool.celery_app import REPLICATE_QUEUES, make_celery
-from pool.devnet import Devnet, ensure_tools
-from pool.devnet import up as devnet_up
+from pool.messages import REPLICATE_QUEUES, Messenger, make_celery
 from pool.settings import Settings
 from pool.states import InvalidTransition, TaskStatus
 from pool.store import Store
+from scheduler.context import SchedulerContext
 from scheduler.service import Scheduler
+from testing.store import memory_store
 
 pytestmark = pytest.mark.devnet
 
@@ -85,8 +86,8 @@ def test_the_fast_listen_picks_a_deal_up_without_a_full_tick(
     def no_full_tick(*_: Any, **__: Any) -> None:
         raise AssertionError("the fast listen ran a step of the full tick")
 
-    monkeypatch.setattr(scheduler.lifecycle, "reconcile", no_full_tick)
-    monkeypatch.setattr(scheduler, "requeue_lost_jobs", no_full_tick)
+    monkeypatch.setattr(scheduler.reconciler, "reconcile", no_full_tick)
+    monkeypatch.setattr(scheduler.planner, "requeue_lost_jobs", no_full_tick)
     # Given a deal of volume 2 matched after the last listen
     deal = _match(devnet, volume=2)
     # When the fast listen runs (not the tick)
@@ -103,7 +104,7 @@ def test_the_fast_listen_picks_a_deal_up_without_a_full_tick(
     assert scheduler.listen_tick().deals_new == 0
     calls: list[str] = []
     for name in ("get_logs", "view_deal", "view_task", "block_timestamp"):
-        monkeypatch.setattr(scheduler.client, name, lambda *a, _n=name, **k: calls.append(_n))
+        monkeypatch.setattr(scheduler.ctx.client, name, lambda *a, _n=name, **k: calls.append(_n))
     assert scheduler.listen_tick().deals_new == 0 and calls == []
 
 
@@ -188,7 +189,7 @@ def test_crash_between_storing_a_deal_and_advancing_the_cursor_loses_nothing(
     with pytest.raises(Killed):
         scheduler.tick()
     assert store.deal(deal.dealid) is not None
-    assert store.get_cursor(scheduler.cursor_name) is None
+    assert store.get_cursor(scheduler.deals.cursor_name) is None
     monkeypatch.undo()
     # When a fresh scheduler process starts on the same store (the Redis lock expired)
     redis_client.delete("workerpool:scheduler:tick")
@@ -199,7 +200,7 @@ def test_crash_between_storing_a_deal_and_advancing_the_cursor_loses_nothing(
     assert store.tasks.count_documents({"chainDealId": deal.dealid}) == 2
     assert report.tasks_initialized == 2
     assert redis_client.llen(STANDARD) == 2
-    assert store.get_cursor(restarted.cursor_name) == report.head
+    assert store.get_cursor(restarted.deals.cursor_name) == report.head
 
 
 def test_rpc_failing_for_one_poll_loses_nothing(
@@ -216,7 +217,7 @@ def test_rpc_failing_for_one_poll_loses_nothing(
         raise TransportError("chain node unreachable (injected)")
 
     # Given the RPC fails during one poll
-    monkeypatch.setattr(scheduler.client, "get_logs", down)
+    monkeypatch.setattr(scheduler.ctx.client, "get_logs", down)
     report = scheduler.tick()
     assert report.errors and store.deal(deal.dealid) is None
     monkeypatch.undo()
@@ -250,16 +251,16 @@ def test_a_gap_of_5000_blocks_is_read_in_ranges(
             log_range=1000,
         )
         chain = ChainClient(info["rpc_url"], info["hub"], log_chunk=1000)
-        store = Store(mongomock.MongoClient()["gap"])
-        store.ensure_indexes()
-        scheduler = Scheduler(
+        store = memory_store("gap")
+        ctx = SchedulerContext(
             settings,
             store,
             chain,
             chain.wallet(handle.key("scheduler")),
-            make_celery(settings),
+            Messenger(make_celery(settings)),
             redis_client,
         )
+        scheduler = Scheduler(ctx)
         ranges: list[tuple[int, int]] = []
         original = chain.get_logs
 

@@ -81,7 +81,7 @@ def test_encrypted_keystore_is_the_production_path(tmp_path: Path) -> None:
 
 def test_docs_settings_is_generated_from_the_table() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pool.cli", "settings", "--markdown"],
+        [sys.executable, "-m", "cli", "settings", "--markdown"],
         capture_output=True,
         text=True,
         check=True,

@@ -13,9 +13,12 @@ from typing import Any
 
 import fakeredis
 
+from pool import keys
+from pool.messages import Messenger
 from pool.settings import Settings
-from workers.node import WorkerNode, seen_key
-from workers.runner import FakeRunner
+from testing.celery import FakeCelery, fake_messenger
+from testing.runner import FakeRunner
+from workers.node import WorkerNode
 
 ADDRESS = "0x00000000000000000000000000000000000000aa"
 
@@ -35,19 +38,19 @@ class HangingRunner(FakeRunner):
 
 
 def test_heartbeats_go_on_while_the_janitor_waits_for_docker(tmp_path: Path) -> None:
-    sent: list[Any] = []
-    celery = SimpleNamespace(send_task=lambda name, **kw: sent.append((name, kw)))
+    messages, celery = fake_messenger()
+    sent = celery.messages
     runner = HangingRunner()
     node = WorkerNode(
         Settings(redis_url="redis://127.0.0.1:1/0", worker_name="t"),
         None,  # type: ignore[arg-type]  # no chain needed for liveness
         SimpleNamespace(address=ADDRESS),  # type: ignore[arg-type]
-        celery,
+        messages,
         runner,
         None,  # type: ignore[arg-type]
+        redis=fakeredis.FakeRedis(),
         workdir=tmp_path,
     )
-    node.redis = fakeredis.FakeRedis()
     stop = threading.Event()
     threads = [
         threading.Thread(target=node.heartbeat_forever, args=(0.05, stop), daemon=True),
@@ -61,7 +64,7 @@ def test_heartbeats_go_on_while_the_janitor_waits_for_docker(tmp_path: Path) -> 
         before = len(sent)
         time.sleep(0.5)
         # Then the node still writes its liveness and sends heartbeats
-        seen = float(node.redis.get(seen_key(ADDRESS)))
+        seen = float(node.redis.get(keys.node_seen(ADDRESS)))
         assert time.time() - seen < 0.3
         assert len(sent) - before >= 4
     finally:
@@ -86,12 +89,12 @@ class ChainSaysActive:
         return read
 
 
-def _node(tmp_path: Path, client: Any, sent: list[Any]) -> WorkerNode:
+def _node(tmp_path: Path, client: Any, celery: FakeCelery) -> WorkerNode:
     return WorkerNode(
         Settings(redis_url="redis://127.0.0.1:1/0", worker_name="t"),
         client,
         SimpleNamespace(address=ADDRESS),  # type: ignore[arg-type]
-        SimpleNamespace(send_task=lambda name, **kw: sent.append((name, kw))),
+        Messenger(celery),
         FakeRunner(),
         None,  # type: ignore[arg-type]
         workdir=tmp_path,
@@ -105,9 +108,9 @@ def test_resume_takes_only_what_a_previous_life_left_not_the_first_jobs_of_this_
     old = "0x" + "01" * 32
     (tmp_path / ADDRESS / old).mkdir(parents=True)
     (tmp_path / ADDRESS / old / "state.json").write_text("not json: a torn write")
-    sent: list[Any] = []
+    celery = FakeCelery()
     chain = ChainSaysActive()
-    node = _node(tmp_path, chain, sent)
+    node = _node(tmp_path, chain, celery)
     # And a first job of this life that got its authorization before resume ran (resume
     # runs on a thread beside the jobs)
     new = "0x" + "02" * 32
@@ -117,5 +120,5 @@ def test_resume_takes_only_what_a_previous_life_left_not_the_first_jobs_of_this_
     outcomes = node.resume()
     # Then it looked at the leftover only (unreadable: skipped), never at the running job:
     # no chain read, no report, its directory untouched
-    assert node.leftovers == [old] and outcomes == [] and chain.read == [] and sent == []
+    assert node.leftovers == [old] and outcomes == [] and chain.read == [] and not celery.messages
     assert (tmp_path / ADDRESS / new / "state.json").exists()

@@ -1,41 +1,27 @@
 """Who a worker node is: a keystore, a raw devnet key, or a mnemonic index leased in Redis.
 
 Scaled nodes (``docker compose up --scale worker=N``) share one mnemonic. Each node leases a
-free derivation index with ``SET NX PX`` on ``workerpool:worker-index:<i>`` and renews it with
-every heartbeat; only the holder's token can renew it, so two live nodes never share an index,
-and an index whose node died frees itself after the lease time for a restarted node.
+free derivation index (a :class:`pool.leases.Lease` on ``workerpool:worker-index:<i>``) and
+renews it with every heartbeat; only the holder's token can renew it, so two live nodes never
+share an index, and an index whose node died frees itself after the lease time for a
+restarted node.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from eth_account import Account
 
+from pool import keys
+from pool.leases import Lease
 from pool.settings import Settings, SettingsError
 from pool.wallets import worker_key
 
 log = logging.getLogger(__name__)
-
-LEASE_PREFIX = "workerpool:worker-index:"
-
-# renew only if we still hold it (compare-and-pexpire)
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 class LeaseLost(RuntimeError):
@@ -44,34 +30,34 @@ class LeaseLost(RuntimeError):
 
 @dataclass
 class IndexLease:
-    redis: Any
+    """The lease of one mnemonic derivation index (:class:`pool.leases.Lease`)."""
+
     index: int
-    token: str
-    ttl_ms: int
+    lease: Lease
 
     @property
     def key(self) -> str:
-        return f"{LEASE_PREFIX}{self.index}"
+        return self.lease.key
 
     def renew(self) -> None:
-        if int(self.redis.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)):
+        if self.lease.renew():
             return
         # expired (e.g. Redis restarted or a long pause): take it back if still free
-        if self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms):
+        if self.lease.take():
             log.warning("worker index %d lease had expired; re-acquired", self.index)
             return
         raise LeaseLost(f"worker index {self.index} is now held by another node")
 
     def release(self) -> None:
-        self.redis.eval(_RELEASE, 1, self.key, self.token)
+        self.lease.release()
 
 
 def lease_index(redis: Any, first: int, count: int, ttl_ms: int) -> IndexLease:
     """Lease the lowest free index in [first, first + count)."""
-    token = uuid.uuid4().hex
     for index in range(first, first + count):
-        if redis.set(f"{LEASE_PREFIX}{index}", token, nx=True, px=ttl_ms):
-            return IndexLease(redis, index, token, ttl_ms)
+        lease = Lease.acquire(redis, keys.worker_index(index), ttl_ms)
+        if lease is not None:
+            return IndexLease(index, lease)
     raise SettingsError(
         f"no free worker index in [{first}, {first + count}): raise WORKERPOOL_WORKER_INDEX_COUNT"
     )

@@ -22,31 +22,22 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from celery import Celery
+from typing import Any, Unpack
 
 from poco import actions
 from poco.chain import ChainClient, Wallet
 from poco.errors import PocoError, TransactionReverted
 from poco.orders import ZERO_ADDRESS
+from poco.results import result_link
 from poco.types import ChainTaskStatus, ContributionStatus
-from pool.celery_app import (
-    AUTHORIZE_TASK,
-    CONTRIBUTE_TASK,
-    HEARTBEAT_TASK,
-    REPLICATE_UPDATE_TASK,
-    REVEAL_TASK,
-    SCHEDULER_QUEUE,
-    SEEN_PREFIX,
-    worker_queue,
-)
-from pool.publishers import PublishError, ResultPublisher, result_link
+from pool import keys
+from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
 from pool.settings import Settings
 from pool.states import ReplicateStatus
 from workers import inputs as inputs_mod
 from workers import results as results_mod
 from workers.identity import IndexLease, LeaseLost
+from workers.publishers import PublishError, ResultPublisher
 from workers.runner import AppImageError, AppRun, ContainerRunner, EngineError, RunnerError
 
 log = logging.getLogger(__name__)
@@ -83,16 +74,21 @@ class WorkerNode:
         settings: Settings,
         client: ChainClient,
         wallet: Wallet,
-        celery: Celery,
+        messages: Messenger,
         runner: ContainerRunner,
         publisher: ResultPublisher,
+        *,
+        redis: Any = None,
+        lease: IndexLease | None = None,
         workdir: Path | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.wallet = wallet
         self.address = wallet.address
-        self.celery = celery
+        self.messages = messages
+        self.redis = redis  # liveness keys (None: the scheduler reads heartbeat messages only)
+        self.lease = lease  # the mnemonic index this node holds, renewed with each heartbeat
         self.runner = runner
         self.publisher = publisher
         self.name = settings.worker_name or socket.gethostname()
@@ -104,53 +100,39 @@ class WorkerNode:
         self.leftovers = sorted(p.parent.name for p in self.workdir.glob("0x*/state.json"))
         self.busy = 0
         self.broker_id = hashlib.sha256(settings.redis_url.encode()).hexdigest()[:16]
-        self.redis: Any = None  # set by the CLI: liveness key and index lease renewal
-        self.lease: IndexLease | None = None
         self._busy_lock = threading.Lock()
         self.authorization_timeout = 30.0
 
     # ---- messages to the scheduler ----------------------------------------------------------
-    def report(self, taskid: str, status: ReplicateStatus, **details: Any) -> None:
-        self.celery.send_task(
-            REPLICATE_UPDATE_TASK,
-            args=[taskid, self.address, str(status), details],
-            queue=SCHEDULER_QUEUE,
-        )
+    def report(self, taskid: str, status: ReplicateStatus, **fields: Unpack[ReportFields]) -> None:
+        """Tell the scheduler this node's replicate of ``taskid`` is now ``status``
+        (``fields``: what :class:`~pool.messages.ReplicateReport` carries beside it)."""
+        self.messages.report(ReplicateReport(taskid, self.address, status, **fields))
 
     def heartbeat(self) -> None:
-        self.celery.send_task(
-            HEARTBEAT_TASK,
-            args=[self.address, self.info()],
-            queue=SCHEDULER_QUEUE,
-            expires=60,
-        )
+        self.messages.heartbeat(self.info())
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "capabilities": list(self.settings.worker_capabilities),
-            "slots": self.settings.worker_slots,
-            "busySlots": self.busy,
-            "version": VERSION,
-            "cpus": os.cpu_count(),
-            "memoryMb": _memory_mb(),
-        }
+    def info(self) -> Heartbeat:
+        return Heartbeat(
+            worker=self.address,
+            name=self.name,
+            capabilities=tuple(self.settings.worker_capabilities),
+            slots=self.settings.worker_slots,
+            busy_slots=self.busy,
+            version=VERSION,
+            cpus=os.cpu_count(),
+            memory_mb=_memory_mb(),
+        )
 
     def authorize(self, taskid: str) -> tuple[str, bool]:
         """The scheduler's signed authorization for this node on ``taskid``, and whether it
         asks for the one-transaction path (``contributeAndFinalize``, trust-1 tasks)."""
-        result = self.celery.send_task(
-            AUTHORIZE_TASK, args=[taskid, self.address, ZERO_ADDRESS], queue=SCHEDULER_QUEUE
+        answer = self.messages.authorize(
+            AuthorizeRequest(taskid, self.address, ZERO_ADDRESS), self.authorization_timeout
         )
-        try:
-            answer: dict[str, Any] = result.get(
-                timeout=self.authorization_timeout, disable_sync_subtasks=False
-            )
-        finally:
-            result.forget()
-        if not answer.get("granted"):
-            raise JobRefused(str(answer.get("reason", "refused")), bool(answer.get("requeue")))
-        return str(answer["signature"]), bool(answer.get("fastPath"))
+        if not answer.granted:
+            raise JobRefused(answer.reason or "refused", answer.requeue)
+        return answer.signature, answer.fast_path
 
     # ---- the replicate job ------------------------------------------------------------------
     def run_replicate(self, taskid: str, deadline: int | None = None) -> JobOutcome:
@@ -278,8 +260,8 @@ class WorkerNode:
                 taskid,
                 R.COMPUTE_FAILED,
                 outcome.reason(),
-                logTail=outcome.log_tail,
-                exitCode=outcome.exit_code,
+                log_tail=outcome.log_tail,
+                exit_code=outcome.exit_code,
             )
         try:
             results_mod.write_logs(out_dir, outcome.stdout, outcome.stderr)
@@ -292,7 +274,7 @@ class WorkerNode:
                 max_bytes=self.settings.app_output_limit_mb * MB,
             )
         except results_mod.ResultError as exc:
-            return self._fail(taskid, R.COMPUTE_FAILED, str(exc), logTail=outcome.log_tail)
+            return self._fail(taskid, R.COMPUTE_FAILED, str(exc), log_tail=outcome.log_tail)
         state = {
             "digest": digest,
             "zip": str(zip_path),
@@ -302,9 +284,9 @@ class WorkerNode:
             "fastPath": fast,
         }
         _write_json(task_dir / "state.json", state)
-        self.report(taskid, R.COMPUTED, resultDigest=digest, duration=outcome.duration)
+        self.report(taskid, R.COMPUTED, result_digest=digest, duration=outcome.duration)
         # the compute slot ends here: contributing is the control process's job
-        self.celery.send_task(CONTRIBUTE_TASK, args=[taskid], queue=worker_queue(self.address))
+        self.messages.contribute(self.address, taskid)
         return JobOutcome(taskid, str(R.COMPUTED))
 
     def contribute(self, taskid: str) -> JobOutcome:
@@ -333,7 +315,7 @@ class WorkerNode:
             return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
         if self.settings.fault_inject == "crash-after-contribute":
             _crash(f"after contributing to {taskid}, before reporting it")
-        self.report(taskid, R.CONTRIBUTED, txHash=receipt.tx_hash)
+        self.report(taskid, R.CONTRIBUTED, tx_hash=receipt.tx_hash)
         return JobOutcome(taskid, str(R.CONTRIBUTED))
 
     def _contribute_and_finalize(self, taskid: str, state: dict[str, Any]) -> JobOutcome:
@@ -367,9 +349,9 @@ class WorkerNode:
         self.report(
             taskid,
             R.COMPLETED,
-            txHash=receipt.tx_hash if receipt else None,
-            resultLink=link,
-            callbackData=callback_data,
+            tx_hash=receipt.tx_hash if receipt else None,
+            result_link=link,
+            callback_data=callback_data,
             finalized=True,
         )
         return JobOutcome(taskid, str(R.COMPLETED))
@@ -390,10 +372,16 @@ class WorkerNode:
         return multiaddr.decode(), "0x" + checksum.hex()
 
     def _fail(
-        self, taskid: str, status: ReplicateStatus, reason: str, **details: Any
+        self,
+        taskid: str,
+        status: ReplicateStatus,
+        reason: str,
+        *,
+        log_tail: str | None = None,
+        exit_code: int | None = None,
     ) -> JobOutcome:
         log.warning("task %s: %s: %s", taskid, status, reason)
-        self.report(taskid, status, reason=reason[:2000], **details)
+        self.report(taskid, status, reason=reason[:2000], log_tail=log_tail, exit_code=exit_code)
         return JobOutcome(taskid, str(status), reason)
 
     # ---- reveal and upload, asked by the scheduler --------------------------------------------
@@ -418,14 +406,14 @@ class WorkerNode:
                 self.report(taskid, R.REVEALED, note="already revealed on chain")
                 return JobOutcome(taskid, str(R.REVEALED))
             return self._fail(taskid, R.REVEAL_FAILED, str(exc))
-        self.report(taskid, R.REVEALED, txHash=receipt.tx_hash)
+        self.report(taskid, R.REVEALED, tx_hash=receipt.tx_hash)
         return JobOutcome(taskid, str(R.REVEALED))
 
     def upload(self, taskid: str) -> JobOutcome:
         state = self._state(taskid)
         self.report(taskid, R.RESULT_UPLOADING)
         link, callback_data = self._result_link(taskid, state)
-        self.report(taskid, R.RESULT_UPLOADED, resultLink=link, callbackData=callback_data)
+        self.report(taskid, R.RESULT_UPLOADED, result_link=link, callback_data=callback_data)
         return JobOutcome(taskid, str(R.RESULT_UPLOADED))
 
     def _result_link(self, taskid: str, state: dict[str, Any]) -> tuple[str, str]:
@@ -487,15 +475,15 @@ class WorkerNode:
                 return JobOutcome(taskid, str(R.CONTRIBUTED), "waiting for consensus")
             if mine.result_hash != task.consensus_value or now >= task.reveal_deadline:
                 return JobOutcome(taskid, "DROPPED", "not a winner, or reveal deadline passed")
-            self.celery.send_task(REVEAL_TASK, args=[taskid], queue=worker_queue(self.address))
+            self.messages.reveal(self.address, taskid)
             return JobOutcome(taskid, str(R.REVEALING), "reveal sent")
         if mine.status != ContributionStatus.UNSET or task.status != ChainTaskStatus.ACTIVE:
             return JobOutcome(taskid, "DROPPED", f"contribution {mine.status.name}, too late")
         if task.contribution_deadline <= now:
             return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
         if state.get("digest"):
-            self.report(taskid, R.COMPUTED, resultDigest=state["digest"], note="resumed")
-            self.celery.send_task(CONTRIBUTE_TASK, args=[taskid], queue=worker_queue(self.address))
+            self.report(taskid, R.COMPUTED, result_digest=state["digest"], note="resumed")
+            self.messages.contribute(self.address, taskid)
             return JobOutcome(taskid, str(R.CONTRIBUTING), "contribute sent")
         if task.contribution_deadline - now < task.timeref * RECOMPUTE_TIME_RATIO:
             return JobOutcome(taskid, "DROPPED", "too little time left to compute again")
@@ -526,8 +514,8 @@ class WorkerNode:
                 if self.redis is not None:
                     # liveness straight into Redis: the scheduler judges LOST on this, not on
                     # heartbeat messages that may wait behind other work in its queue
-                    self.redis.set(alive_key(self.address), self.name, px=int(period * 3000))
-                    self.redis.set(seen_key(self.address), repr(time.time()), ex=86400)
+                    self.redis.set(keys.node_alive(self.address), self.name, px=int(period * 3000))
+                    self.redis.set(keys.node_seen(self.address), repr(time.time()), ex=86400)
                 self.heartbeat()
             except LeaseLost:
                 raise
@@ -557,21 +545,12 @@ class WorkerNode:
         workers = label_values(WORKER_LABEL, mine) if label_values else set()
         for worker in workers:
             # ours: the runner keeps the containers it runs now; a peer's: only if it is dead
-            if worker != self.address.lower() and self.redis.exists(alive_key(worker)):
+            if worker != self.address.lower() and self.redis.exists(keys.node_alive(worker)):
                 continue
             removed += self.runner.remove_leftovers({WORKER_LABEL: worker, **mine})
         if removed:
             log.warning("removed %d orphan app container(s)", removed)
         return removed
-
-
-def alive_key(address: str) -> str:
-    return f"workerpool:node-alive:{address.lower()}"
-
-
-def seen_key(address: str) -> str:
-    """Wall-clock time of the node's last heartbeat (the scheduler reads it, see pool)."""
-    return f"{SEEN_PREFIX}{address.lower()}"
 
 
 def _crash(where: str) -> None:

@@ -1,4 +1,4 @@
-"""Celery wiring of a worker node: two Celery workers per node.
+"""Celery wiring of a worker node: two Celery workers per node, each composed here.
 
 * the **compute** worker consumes the replicate queues of the node's capabilities with one
   thread per slot: a slot is held from pulling the image until COMPUTED, nothing more;
@@ -21,20 +21,22 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from poco.errors import RetryableError
-from pool.celery_app import (
-    CONTRIBUTE_TASK,
+from pool.messages import (
+    CONTRIBUTE,
     REPLICATE_QUEUES,
-    REPLICATE_TASK,
-    REVEAL_TASK,
-    UPLOAD_TASK,
+    REVEAL,
+    RUN_REPLICATE,
+    UPLOAD,
+    Messenger,
     make_celery,
-    worker_queue,
 )
-from pool.publishers import PublishError
 from pool.settings import Settings, SettingsError
 from pool.states import ReplicateStatus
-from workers.identity import LeaseLost
+from pool.wallets import chain_client
+from workers.identity import IndexLease, LeaseLost
 from workers.node import JobRefused, WorkerNode
+from workers.publishers import PublishError, make_publisher
+from workers.runner import DockerRunner
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +56,72 @@ def compute_queues(settings: Settings) -> list[str]:
     return queues
 
 
-def create_compute_app(settings: Settings, node: WorkerNode) -> Celery:
+def build_node(
+    settings: Settings,
+    private_key: str,
+    messages: Messenger,
+    *,
+    redis: Any = None,
+    lease: IndexLease | None = None,
+) -> WorkerNode:
+    """A node from settings: chain client, wallet, Docker runner, result publisher."""
+    client = chain_client(settings)
+    wallet = client.wallet(private_key)
+    local_dir = Path(
+        settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"
+    )
+    publisher = make_publisher(
+        settings.result_storage,
+        ipfs_api_url=f"http://{settings.ipfs_host}:{settings.ipfs_port}",
+        local_dir=local_dir,
+        base_url=settings.public_url or f"http://{settings.api_host}:{settings.core_port}",
+    )
+    return WorkerNode(
+        settings, client, wallet, messages, DockerRunner(), publisher, redis=redis, lease=lease
+    )
+
+
+def create_compute_app(
+    settings: Settings, private_key: str, redis: Any, lease: IndexLease | None
+) -> tuple[Celery, WorkerNode]:
+    """The compute process: its Celery app, the node built on it, the receivers registered."""
     app = make_celery(settings, "workerpool-worker")
+    node = build_node(settings, private_key, Messenger(app), redis=redis, lease=lease)
+    register_compute(app, node)
+    return app, node
+
+
+def create_control_app(settings: Settings, private_key: str) -> tuple[Celery, WorkerNode]:
+    """The control process: its Celery app, the node built on it, the receivers registered."""
+    app = make_celery(settings, "workerpool-worker-control")
+    node = build_node(settings, private_key, Messenger(app))
+    register_control(app, node)
+    return app, node
+
+
+def register_compute(app: Celery, node: WorkerNode) -> None:
+    """The replicate job's receiver, and the node's heartbeat, janitor and resume threads
+    started when the Celery worker is ready."""
+    settings = node.settings
 
     @app.task(
         shared=False,
-        name=REPLICATE_TASK,
+        name=RUN_REPLICATE.name,
         bind=True,
         acks_late=True,  # a node killed mid-job leaves the job in Redis
         reject_on_worker_lost=True,
         max_retries=MAX_REQUEUES,
     )
-    def run_replicate(self: Any, taskid: str, deadline: int | None = None) -> dict[str, Any]:
+    def run_replicate(self: Any, payload: Any) -> dict[str, Any]:
+        job = RUN_REPLICATE.parse(payload)
         try:
-            outcome = node.run_replicate(taskid, deadline)
+            outcome = node.run_replicate(job.taskid, job.deadline)
         except JobRefused as exc:
             # back to the queue, so that another worker can take it
             raise self.retry(countdown=REQUEUE_DELAY, exc=exc) from exc
         except RetryableError as exc:
             raise self.retry(countdown=REQUEUE_DELAY * 2, exc=exc) from exc
-        log.info("replicate %s: %s %s", taskid, outcome.status, outcome.reason)
+        log.info("replicate %s: %s %s", job.taskid, outcome.status, outcome.reason)
         return outcome.__dict__
 
     stop = threading.Event()
@@ -108,36 +156,35 @@ def create_compute_app(settings: Settings, node: WorkerNode) -> Celery:
     def stop_heartbeat(**_: Any) -> None:
         stop.set()
 
-    return app
 
-
-def create_control_app(settings: Settings, node: WorkerNode) -> Celery:
-    app = make_celery(settings, "workerpool-worker-control")
+def register_control(app: Celery, node: WorkerNode) -> None:
+    """The receivers of the node's own queue: contribute, reveal, upload."""
 
     @app.task(
         shared=False,
-        name=CONTRIBUTE_TASK,
+        name=CONTRIBUTE.name,
         acks_late=True,
         autoretry_for=(RetryableError,),
         retry_backoff=True,
         max_retries=10,
     )
-    def contribute(taskid: str) -> dict[str, Any]:
-        return node.contribute(taskid).__dict__
+    def contribute(payload: Any) -> dict[str, Any]:
+        return node.contribute(CONTRIBUTE.parse(payload).taskid).__dict__
 
     @app.task(
         shared=False,
-        name=REVEAL_TASK,
+        name=REVEAL.name,
         acks_late=True,
         autoretry_for=(RetryableError,),
         retry_backoff=True,
         max_retries=10,
     )
-    def reveal(taskid: str) -> dict[str, Any]:
-        return node.reveal(taskid).__dict__
+    def reveal(payload: Any) -> dict[str, Any]:
+        return node.reveal(REVEAL.parse(payload).taskid).__dict__
 
-    @app.task(shared=False, name=UPLOAD_TASK, bind=True, acks_late=True, max_retries=5)
-    def upload(self: Any, taskid: str) -> dict[str, Any]:
+    @app.task(shared=False, name=UPLOAD.name, bind=True, acks_late=True, max_retries=5)
+    def upload(self: Any, payload: Any) -> dict[str, Any]:
+        taskid = UPLOAD.parse(payload).taskid
         try:
             return node.upload(taskid).__dict__
         except PublishError as exc:
@@ -145,36 +192,6 @@ def create_control_app(settings: Settings, node: WorkerNode) -> Celery:
                 raise self.retry(countdown=2**self.request.retries, exc=exc) from exc
             # give up: back to REVEALED, so that the scheduler asks another winner
             node.report(
-                taskid, ReplicateStatus.REVEALED, reason=f"upload failed: {exc}", uploadFailed=True
+                taskid, ReplicateStatus.REVEALED, reason=f"upload failed: {exc}", upload_failed=True
             )
             return {"taskid": taskid, "status": "REVEALED", "reason": str(exc)}
-
-    return app
-
-
-def build_node(settings: Settings, private_key: str) -> WorkerNode:
-    from pool.publishers import make_publisher
-    from pool.wallets import chain_client
-    from workers.runner import DockerRunner
-
-    client = chain_client(settings)
-    wallet = client.wallet(private_key)
-    local_dir = Path(
-        settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"
-    )
-    publisher = make_publisher(
-        settings.result_storage,
-        ipfs_api_url=f"http://{settings.ipfs_host}:{settings.ipfs_port}",
-        local_dir=local_dir,
-        base_url=settings.public_url or f"http://{settings.api_host}:{settings.core_port}",
-    )
-    return WorkerNode(settings, client, wallet, make_celery(settings), DockerRunner(), publisher)
-
-
-__all__ = [
-    "build_node",
-    "compute_queues",
-    "create_compute_app",
-    "create_control_app",
-    "worker_queue",
-]

@@ -11,12 +11,9 @@ function of the product it stands for.
   of 0.2 s (the product should block on ``container.wait`` instead of polling).
 * ``fees-cache``: ``poco.chain.Wallet._fees`` reuses the fees it read for 2 s instead of
   reading the latest block and the priority fee before every transaction.
-* ``init-once``: ``scheduler.service.Scheduler.initialize`` reads the RECEIVED tasks once per
-  tick (ids only) and sends them in batches, instead of one sorted query per batch.
-* ``reconcile-batch``: ``scheduler.lifecycle.Lifecycle.reconcile`` reads the contributing
-  tasks with a projection (id, queue, waitingReason: not whole documents with their
-  timelines), their replicates in one ``$in`` query per 1,000 tasks, and counts the serving
-  workers once per queue, instead of two queries per running task per tick.
+
+The prototypes of ``init-once`` and ``reconcile-batch`` (docs/performance.md) were removed once
+the product did the same (``scheduler/initialize.py``, ``scheduler/reconcile.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import os
 import time
 from typing import Any
 
-ALL = ("chainid-cache", "runner-poll", "fees-cache", "init-once", "reconcile-batch")
+ALL = ("chainid-cache", "runner-poll", "fees-cache")
 
 
 def apply(names: str | list[str] | tuple[str, ...] | None = None) -> list[str]:
@@ -83,83 +80,3 @@ def _fees_cache() -> None:
         return value
 
     chain.Wallet._fees = fees  # type: ignore[method-assign]
-
-
-def _init_once() -> None:
-    from pool.states import TaskStatus
-    from scheduler import service
-
-    def initialize(self: Any, report: Any) -> None:
-        leftovers = self.store.tasks_in([TaskStatus.INITIALIZING])
-        for task in leftovers:
-            self._reconcile_initializing(task)
-        pending = list(
-            self.store.tasks.find(
-                {"status": str(TaskStatus.RECEIVED)},
-                {"_id": 0, "chainTaskId": 1, "chainDealId": 1, "index": 1, "finalDeadline": 1},
-            ).sort([("finalDeadline", 1), ("chainTaskId", 1)])
-        )
-        size = self.settings.init_batch_size
-        for start in range(0, len(pending), size):
-            batch = pending[start : start + size]
-            for task in batch:
-                self.store.transition_task(task["chainTaskId"], TaskStatus.INITIALIZING)
-            self._initialize_batch(batch, report)
-
-    service.Scheduler.initialize = initialize  # type: ignore[method-assign]
-
-
-def _reconcile_batch() -> None:
-    from pool.states import TaskStatus
-    from scheduler import lifecycle as lc
-
-    R, T = lc.R, lc.T
-
-    def reconcile(self: Any, report: Any) -> None:
-        now = self.client.block_timestamp()
-        self.claim_expired(now, report)
-        self.contribution_timeouts(now)
-        self.reveal_timeouts(now)
-        self.upload_timeouts()
-        self.detect_lost_workers()
-        tasks = list(
-            self.store.tasks.find(
-                {"status": {"$in": [str(x) for x in lc.CONTRIBUTING]}},
-                {"_id": 0, "chainTaskId": 1, "queue": 1, "waitingReason": 1},
-            )
-        )
-        ids = [t["chainTaskId"] for t in tasks]
-        reps: dict[str, list[dict[str, Any]]] = {}
-        for start in range(0, len(ids), 1000):
-            for r in self.store.replicates.find(
-                {"chainTaskId": {"$in": ids[start : start + 1000]}},
-                {"_id": 0, "chainTaskId": 1, "status": 1},
-            ):
-                reps.setdefault(r["chainTaskId"], []).append(r)
-        serving: dict[str, int] = {}
-        for task in tasks:
-            taskid = task["chainTaskId"]
-            mine = reps.get(taskid, [])
-            if not mine:
-                queue = task["queue"]
-                if queue not in serving:
-                    capability = lc.QUEUE_CAPABILITY.get(queue, queue)
-                    serving[queue] = self.store.workers.count_documents(
-                        {"status": "ALIVE", "capabilities": capability}
-                    )
-                reason = "" if serving[queue] else f"waiting: no live worker serves {queue}"
-                if task.get("waitingReason", "") != reason:
-                    self.store.set_task_fields(taskid, {"waitingReason": reason})
-            elif any(r["status"] == str(R.CONTRIBUTED) for r in mine):
-                if not self.check_consensus(taskid):
-                    self.replan(taskid)
-            elif not any(r["status"] in lc.IN_FLIGHT for r in mine):
-                self.replan(taskid)  # replan() itself returns at once while one is in flight
-        for task in self.store.tasks_in([TaskStatus(x) for x in lc.REVEAL_PHASE]):
-            self.request_reveals(task["chainTaskId"])
-        for task in self.store.tasks_in([T.AT_LEAST_ONE_REVEALED]):
-            self.request_upload(task["chainTaskId"])
-        for task in self.store.tasks_in([T.RESULT_UPLOADED, T.FINALIZE_FAILED]):
-            self.finalize(task["chainTaskId"])
-
-    lc.Lifecycle.reconcile = reconcile  # type: ignore[method-assign]

@@ -230,8 +230,8 @@ class Pool:
 
     # -- devnet, chain usage
     def start_chain(self) -> None:
+        from devnet import network as devnet
         from poco.chain import ChainClient
-        from pool import devnet
 
         shutil.rmtree(self.devnet_dir, ignore_errors=True)  # a fresh chain every run
         self.info, _, _ = devnet.up(self.devnet_dir, port=self.chain_port)
@@ -310,11 +310,12 @@ class Pool:
         from celery.contrib.testing.worker import start_worker
 
         from poco.chain import ChainClient
-        from pool.celery_app import SCHEDULER_QUEUE
+        from pool.messages import SCHEDULER_QUEUE, Messenger, make_celery
         from pool.settings import Settings
         from pool.store import Store
+        from scheduler.context import SchedulerContext
         from scheduler.service import Scheduler
-        from scheduler.tasks import create_scheduler_app
+        from scheduler.tasks import register
 
         if self.store_kind == "indexed":
             sys.path.insert(0, str(HERE))
@@ -330,16 +331,17 @@ class Pool:
         self.store.ensure_indexes()
         client = ChainClient(self.info["rpc_url"], self.info["hub"], log_chunk=settings.log_range)
         self.scheduler_client = client
-        self.scheduler = Scheduler(
+        app = make_celery(settings, "workerpool-scheduler")
+        ctx = SchedulerContext(
             settings,
             self.store,
             client,
             client.wallet(self.info["accounts"]["scheduler"]["private_key"]),
-            None,  # type: ignore[arg-type]
+            Messenger(app),
             redis.Redis.from_url(self.redis_url),
         )
-        app = create_scheduler_app(settings, self.scheduler)
-        self.scheduler.celery = app
+        self.scheduler = Scheduler(ctx)
+        register(app, self.scheduler)
         self._ctx = start_worker(
             app,
             pool="threads",
@@ -355,7 +357,7 @@ class Pool:
             if report.errors:
                 self.tick_errors.extend(report.errors)
 
-        def ticking() -> None:  # as pool/standalone.py does: full tick and fast listen
+        def ticking() -> None:  # as cli/standalone.py does: full tick and fast listen
             loop = getattr(self.scheduler, "loop", None)
             if loop is not None:
                 loop(self._stop, on_report)
@@ -384,7 +386,7 @@ class Pool:
             log = open(self.workdir / f"worker-{n}.log", "wb")  # noqa: SIM115
             self.workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "pool.cli", "worker", "--loglevel", "WARNING"],
+                    [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"],
                     env=env,
                     cwd=ROOT,
                     stdout=log,
@@ -420,14 +422,14 @@ class Pool:
             with contextlib.suppress(Exception):
                 self._ctx.__exit__(None, None, None)
         if self.info:
-            from pool import devnet
+            from devnet import network as devnet
 
             devnet.Devnet(self.devnet_dir).stop()
 
     # -- deals
     def match(self, volume: int) -> Any:
+        from devnet.requester import deal_params, match_deal
         from poco.chain import ChainClient
-        from poco.requester import deal_params, match_deal
 
         requester = ChainClient(self.info["rpc_url"], self.info["hub"])
         accounts = self.info["accounts"]
@@ -444,7 +446,7 @@ class Pool:
         )
 
     def cpu_groups(self) -> dict[str, list[int]]:
-        from pool import devnet
+        from devnet import network as devnet
 
         anvil = devnet.Devnet(self.devnet_dir).pid()
         return {

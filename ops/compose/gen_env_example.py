@@ -28,7 +28,7 @@ from pool.settings import SETTINGS  # noqa: E402 - after the path fix above
 
 WIDTH = 92
 # the packages whose environment reads count as "variables the code reads"
-SOURCE_PACKAGES = ("poco", "pool", "scheduler", "workers", "api")
+SOURCE_PACKAGES = ("cli", "devnet", "scheduler", "workers", "api", "orders", "pool", "poco")
 
 
 @dataclass(frozen=True)

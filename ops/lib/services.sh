@@ -175,7 +175,7 @@ start_dockerd() {
 }
 
 # ensure_ipfs: js-ipfs (npm ipfs@$WP_IPFS_VERSION) in $WP_IPFS_DIR, installed only when
-# missing or another version. No Kubo binary installs on these machines (ENV-FACTS.md);
+# missing or another version. No Kubo binary installs from Debian, PyPI or npm here;
 # js-ipfs serves the same /api/v0 RPC API and computes the same CIDs. The mortice
 # override is needed on node 20 (the daemon crashes on Promise.withResolvers without it).
 # npm installs into a temporary folder that is renamed into place, under a lock, so a

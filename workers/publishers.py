@@ -1,14 +1,8 @@
 """Result publishers: where a worker puts a task's result archive, and where the API finds it.
 
 A task's result is a zip archive. The worker that wins the upload publishes it and the
-scheduler finalizes the task on chain with a *results link* that says where it lives, in
-iexec's own format (iexec-commons-poco ``ResultUtils``/``IpfsResultUtils``)::
-
-    { "storage": "ipfs", "location": "/ipfs/QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o" }
-
-:func:`result_link` writes exactly that string (iexec builds it with ``String.format``, spaces
-included, so links written by us and by iexec-worker are byte-identical on chain);
-:func:`parse_result_link` accepts any JSON object with those two keys.
+scheduler finalizes the task on chain with a *results link* that says where it lives
+(:mod:`poco.results`).
 
 Two publishers implement :class:`ResultPublisher`:
 
@@ -56,9 +50,6 @@ IPFS = "ipfs"
 LOCAL = "local"
 STORAGE_KINDS = (IPFS, LOCAL)
 
-# iexec-commons-poco: String.format("{ \"storage\": \"%s\", \"location\": \"%s\" }", ...)
-_RESULT_LINK_FORMAT = '{{ "storage": "{storage}", "location": "{location}" }}'
-
 _TASK_ID_RE = re.compile(r"0x[0-9a-fA-F]{64}")
 # /ipfs/<cid>[/<path>]: base58btc CIDv0 (Qm…) or a multibase CIDv1; no spaces, quotes, '..'.
 _IPFS_LOCATION_RE = re.compile(r"/ipfs/([A-Za-z0-9]{46,100})(/[A-Za-z0-9._~-]+)*")
@@ -77,44 +68,6 @@ class PublishError(Exception):
         super().__init__(message)
         self.message = message
         self.retryable = retryable
-
-
-# --- results link (what goes on chain) ------------------------------------------------------
-
-
-def result_link(storage: str, location: str) -> str:
-    """The results link exactly as iexec writes it, so on-chain bytes match iexec-worker's.
-
-    iexec formats it with ``String.format`` and escapes nothing; a value holding a quote, a
-    backslash or a control character would give invalid JSON, so it is refused here instead.
-    """
-    for name, value in (("storage", storage), ("location", location)):
-        if not value or any(c in value for c in '"\\') or any(ord(c) < 0x20 for c in value):
-            raise ValueError(f"result link {name} {value!r} is empty or not JSON-safe")
-    return _RESULT_LINK_FORMAT.format(storage=storage, location=location)
-
-
-def parse_result_link(data: bytes | str) -> tuple[str, str]:
-    """``(storage, location)`` of a results link; any JSON spacing or key order is accepted.
-
-    Raises ValueError when ``data`` is not a JSON object with string ``storage`` and
-    ``location`` (e.g. a TEE task's callback data, which is not a link).
-    """
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"result link is not UTF-8: {exc}") from exc
-    try:
-        obj = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"result link is not JSON: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ValueError("result link is not a JSON object")
-    storage, location = obj.get("storage"), obj.get("location")
-    if not isinstance(storage, str) or not isinstance(location, str) or not storage:
-        raise ValueError("result link needs string 'storage' and 'location'")
-    return storage, location
 
 
 def check_task_id(task_id: str) -> str:

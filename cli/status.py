@@ -9,16 +9,14 @@ dashboard shows, needs no database credentials, and also works in the embedded m
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any
 
 import click
 import requests
 
-from pool.settings import Settings, SettingsError
-
-UNREACHABLE = 3
+from cli.errors import Unreachable, refusals
+from pool.settings import Settings
 
 
 class StatusError(Exception):
@@ -154,20 +152,20 @@ def render(data: dict[str, Any]) -> str:
 def command(api_url: str | None, task_count: int, as_json: bool, watch: float | None) -> None:
     """Show the pool's summary, latest tasks, workers and orders (from the status API)."""
     if api_url is None:
-        try:
+        with refusals():
             api_url = default_api_url(Settings.from_env())
-        except SettingsError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
     api_url = api_url.rstrip("/")
     while True:
         try:
             data = fetch(api_url, task_count)
         except StatusError as exc:
-            click.echo(f"error: the status API does not answer: {exc}", err=True)
-            click.echo("(start it with `workerpool api`, or `workerpool standalone`)", err=True)
+            message = (
+                f"the status API does not answer: {exc}\n"
+                "(start it with `workerpool api`, or `workerpool standalone`)"
+            )
             if watch is None:
-                sys.exit(UNREACHABLE)
+                raise Unreachable(message) from exc
+            click.echo(f"error: {message}", err=True)
         else:
             text = json.dumps(data, indent=2) if as_json else render(data)
             if watch is not None:

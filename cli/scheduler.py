@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from pool.celery_app import SCHEDULER_QUEUE
-from pool.settings import Settings, SettingsError
+from cli.errors import refusals
+from pool.messages import SCHEDULER_QUEUE
+from pool.settings import Settings
 
 
 @click.command("scheduler")
@@ -25,20 +24,15 @@ from pool.settings import Settings, SettingsError
 @click.option("--loglevel", default="INFO", show_default=True)
 def command(concurrency: int, beat: bool, beat_only: bool, loglevel: str) -> None:
     """Run the scheduler: chain listener, task initialization and replicate planning."""
-    from scheduler.service import build
-    from scheduler.tasks import create_scheduler_app
+    from scheduler.tasks import create_app
 
-    try:
+    with refusals():
         settings = Settings.from_env()
-        scheduler = build(settings)  # fail fast on bad settings, wallet or chain
-    except (SettingsError, Exception) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        app, scheduler = create_app(settings)  # fails fast on bad settings, wallet or chain
     click.echo(
         f"scheduler for pool {settings.pool_address} on {settings.chain_rpc_url} "
-        f"(wallet {scheduler.wallet.address})"
+        f"(wallet {scheduler.ctx.wallet.address})"
     )
-    app = create_scheduler_app(settings, scheduler)
     if beat_only:
         app.start(["beat", "--loglevel", loglevel])
         return

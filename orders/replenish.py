@@ -2,7 +2,7 @@
 
 With ``WORKERPOOL_REPLENISH_ORDERS=N`` (N ≥ 1) each scheduler tick:
 
-1. syncs order statuses with the chain (:meth:`pool.orders.Orderbook.sync`, throttled);
+1. syncs order statuses with the chain (:meth:`orders.book.Orderbook.sync`, throttled);
 2. measures **capacity**: the free slots of ALIVE workers heard from within
    ``WORKER_LOST_TIMEOUT`` that serve the order's queue (``slots - busySlots`` from their
    heartbeats), minus the replicates already sold and waiting for a slot (tasks not yet
@@ -17,17 +17,12 @@ With ``WORKERPOOL_REPLENISH_ORDERS=N`` (N ≥ 1) each scheduler tick:
    new ones at ``WORKERPOOL_ORDER_PRICE`` (with the other ``WORKERPOOL_ORDER_*`` terms) whose
    volumes share the difference, capped by what the owner's stake can cover.
 
-Orders go through :class:`~pool.orders.Orderbook` like any publication, so they obey the same
+Orders go through :class:`~orders.book.Orderbook` like any publication, so they obey the same
 checks and limits; a refusal is reported, never raised into the tick.
 
-Wiring (``scheduler/service.py``)::
-
-    from scheduler.replenish import Replenisher
-    self.replenisher = Replenisher.from_scheduler(self)      # in Scheduler.__init__
-    steps = (..., self.lifecycle.reconcile, self.replenisher.replenish)   # in tick()
-
-``replenish(report)`` does nothing when the policy is off, appends refusals to
-``report.errors`` and returns a :class:`ReplenishResult`.
+The scheduler keeps one :class:`Replenisher` and runs ``replenish(report)`` as the last step
+of its tick (``scheduler/service.py``): it does nothing when the policy is off, appends
+refusals to ``report.errors`` and returns a :class:`ReplenishResult`.
 """
 
 from __future__ import annotations
@@ -37,22 +32,22 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from orders.book import Orderbook
+from orders.rules import (
+    UNPUBLISH_ORDERHASH,
+    OrderbookError,
+    OrderStatus,
+    required_stake,
+    template_from_settings,
+)
+from orders.store import OrderStore
 from poco import actions
 from poco.chain import ChainClient, Wallet
 from poco.consensus import replicates_needed
 from poco.errors import PocoError
 from poco.orders import WorkerpoolOrder, random_salt
-from pool.celery_app import queue_for_tag
-from pool.orders import (
-    UNPUBLISH_ORDERHASH,
-    Orderbook,
-    OrderbookError,
-    OrderStatus,
-    OrderStore,
-    required_stake,
-    template_from_settings,
-    utcnow,
-)
+from pool.clock import utcnow
+from pool.messages import queue_for_tag
 from pool.settings import Settings, SettingsError
 from pool.states import TaskStatus
 from pool.store import Store
@@ -94,44 +89,15 @@ class Replenisher:
         self.book = Orderbook(settings, self.orders, client)
         self._indexed = False
 
-    @classmethod
-    def from_scheduler(cls, scheduler: Any) -> Replenisher:
-        return cls(scheduler.settings, scheduler.store, scheduler.client, scheduler.wallet)
-
     # ---- capacity ----------------------------------------------------------------------------
     def free_slots(self, capability: str) -> int:
         """Idle slots of live workers that serve ``capability`` (their last heartbeat)."""
-        lost_after = float(getattr(self.settings, "worker_lost_timeout", 30.0))
-        fresh = utcnow() - dt.timedelta(seconds=lost_after)  # naive UTC, as the store keeps it
-        free = 0
-        for worker in self.store.workers.find(
-            {"status": "ALIVE"},
-            {"_id": 0, "slots": 1, "busySlots": 1, "capabilities": 1, "lastSeen": 1},
-        ):
-            seen = worker.get("lastSeen")
-            if seen is None or seen < fresh:
-                continue
-            if capability not in (worker.get("capabilities") or ["standard"]):
-                continue
-            free += max(0, int(worker.get("slots") or 0) - int(worker.get("busySlots") or 0))
-        return free
+        fresh = utcnow() - dt.timedelta(seconds=self.settings.worker_lost_timeout)
+        return self.store.free_slots(capability, fresh)
 
     def backlog(self, queue: str) -> int:
         """Replicates sold on ``queue`` that no worker has taken yet."""
-        waiting = 0
-        for task in self.store.tasks.find(
-            {"queue": queue, "status": {"$in": [str(s) for s in NOT_PLANNED]}},
-            {"_id": 0, "replicatesNeeded": 1},
-        ):
-            waiting += int(task.get("replicatesNeeded") or 1)
-        for task in self.store.tasks.find(
-            {"queue": queue, "status": {"$in": [str(s) for s in PLANNED]}},
-            {"_id": 0, "jobsQueued": 1, "replicatesGranted": 1},
-        ):
-            waiting += max(
-                0, int(task.get("jobsQueued") or 0) - int(task.get("replicatesGranted") or 0)
-            )
-        return waiting
+        return self.store.backlog(queue, NOT_PLANNED, PLANNED)
 
     # ---- the step ----------------------------------------------------------------------------
     def replenish(self, report: Any = None) -> ReplenishResult:
@@ -225,8 +191,3 @@ class Replenisher:
             return
         self.book.unpublish(UNPUBLISH_ORDERHASH, self.wallet.address, order_hash=order_hash)
 
-
-def replenish(scheduler: Any, report: Any = None) -> ReplenishResult:
-    """One replenish step for ``scheduler`` (builds a :class:`Replenisher` each call: prefer
-    keeping one on the scheduler, see the module docstring)."""
-    return Replenisher.from_scheduler(scheduler).replenish(report)

@@ -1,7 +1,7 @@
 """Deploy the real PoCo v6.1.0 (native mode) on a fresh chain, from the npm package's files.
 
 This follows ``deploy/0_deploy.ts`` of PoCo v6.1.0 with plain CREATE instead of the CreateX
-factory (facts and gotchas: shared POCO.md): the EIP-2535 base facets come from the package's
+factory (facts and gotchas: docs/protocol.md): the EIP-2535 base facets come from the package's
 ``deployments/arbitrumSepolia/*.json`` (not in ``artifacts/``), the PoCo facets from
 ``artifacts/``, ``IexecLibOrders_v5`` is linked into the facets that need it, the registries are
 initialized, ``configure`` sets the EIP-712 domain, and the XS..XL categories are created.

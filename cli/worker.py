@@ -21,7 +21,8 @@ import tempfile
 
 import click
 
-from pool.settings import Settings, SettingsError
+from cli.errors import refusals
+from pool.settings import Settings
 
 PR_SET_PDEATHSIG = 1
 
@@ -31,61 +32,70 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _celery_argv(queues: str, concurrency: int, loglevel: str, name: str) -> list[str]:
+    return [
+        "worker",
+        "-Q",
+        queues,
+        "--pool",
+        "threads",
+        "-c",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+        "-n",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
 @click.command("worker")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--control", is_flag=True, hidden=True, help="Internal: the node's control process.")
 def command(loglevel: str, control: bool) -> None:
     """Run a worker node: compute replicates in Docker, contribute, reveal, upload results."""
+    if control:
+        run_control(loglevel)
+    else:
+        run_compute(loglevel)
+
+
+def run_control(loglevel: str) -> None:
+    """The control process: the key comes on stdin from the compute process."""
+    from pool.messages import worker_queue
+    from workers.tasks import create_control_app
+
+    key = sys.stdin.readline().strip()
+    with refusals(ValueError):
+        app, node = create_control_app(Settings.from_env(), key)
+    app.worker_main(
+        _celery_argv(
+            worker_queue(node.address), 4, loglevel, f"control-{node.address.lower()[:10]}"
+        )
+    )
+
+
+def run_compute(loglevel: str) -> None:
     import redis
 
-    from pool.celery_app import worker_queue
     from workers import identity
-    from workers.tasks import build_node, compute_queues, create_compute_app, create_control_app
+    from workers.tasks import compute_queues, create_compute_app
 
-    try:
+    with refusals(ValueError):
         settings = Settings.from_env()
-        if control:
-            key = sys.stdin.readline().strip()
-            node = build_node(settings, key)
-        else:
-            queues = compute_queues(settings)
-            if not settings.worker_dir:  # both processes must share the work directory
-                settings = dataclasses.replace(
-                    settings, worker_dir=tempfile.mkdtemp(prefix="workerpool-worker-")
-                )
-            client = redis.Redis.from_url(settings.redis_url)
-            key, lease = identity.resolve(settings, client)
-            node = build_node(settings, key)
-            node.redis, node.lease = client, lease
-    except (SettingsError, Exception) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-
-    if control:
-        app = create_control_app(settings, node)
-        node.celery = app
-        app.worker_main(
-            [
-                "worker",
-                "-Q",
-                worker_queue(node.address),
-                "--pool",
-                "threads",
-                "-c",
-                "4",
-                "--loglevel",
-                loglevel,
-                "-n",
-                f"control-{node.address.lower()[:10]}@%h",
-                "--without-gossip",
-                "--without-mingle",
-            ]
-        )
-        return
+        queues = compute_queues(settings)
+        if not settings.worker_dir:  # both processes must share the work directory
+            settings = dataclasses.replace(
+                settings, worker_dir=tempfile.mkdtemp(prefix="workerpool-worker-")
+            )
+        client = redis.Redis.from_url(settings.redis_url)
+        key, lease = identity.resolve(settings, client)
+        app, node = create_compute_app(settings, key, client, lease)
 
     env = {**os.environ, "IEXEC_WORKER_BASE_DIR": settings.worker_dir}
     child = subprocess.Popen(
-        [sys.executable, "-m", "pool.cli", "worker", "--control", "--loglevel", loglevel],
+        [sys.executable, "-m", "cli", "worker", "--control", "--loglevel", loglevel],
         stdin=subprocess.PIPE,
         env=env,
         preexec_fn=_die_with_parent,
@@ -99,34 +109,23 @@ def command(loglevel: str, control: bool) -> None:
             child.terminate()
 
     atexit.register(stop_child)
-    lease_note = f", index {node.lease.index}" if node.lease else ""
+    lease_note = f", index {lease.index}" if lease else ""
     click.echo(
         f"worker {node.name} ({node.address}{lease_note}) serving {', '.join(queues)} "
         f"with {settings.worker_slots} slot(s); control pid {child.pid}"
     )
-    app = create_compute_app(settings, node)
-    node.celery = app
     try:
         app.worker_main(
-            [
-                "worker",
-                "-Q",
+            _celery_argv(
                 ",".join(queues),
-                "--pool",
-                "threads",
-                "-c",
-                str(settings.worker_slots),
-                "--loglevel",
+                settings.worker_slots,
                 loglevel,
-                "-n",
-                f"worker-{node.address.lower()[:10]}@%h",
-                "--without-gossip",
-                "--without-mingle",
-            ]
+                f"worker-{node.address.lower()[:10]}",
+            )
         )
     finally:
-        if node.lease is not None:
-            node.lease.release()
+        if lease is not None:
+            lease.release()
         if child.poll() is None:
             child.terminate()
             try:

@@ -16,11 +16,11 @@ from typing import Any
 import click
 import requests
 
+from devnet.network import Devnet
+from devnet.requester import deal_params, match_deal
 from poco.chain import ChainClient
-from poco.requester import deal_params, match_deal
+from poco.results import parse_result_link
 from poco.types import ChainTaskStatus
-from pool.devnet import Devnet
-from pool.publishers import parse_result_link
 
 FINAL = {"COMPLETED", "FAILED"}
 

@@ -10,12 +10,12 @@ only used by ``workerpool standalone``, the one-process demo.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import click
 
-from pool.settings import Settings, SettingsError
+from cli.errors import refusals
+from pool.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,8 @@ def command(threads: int | None) -> None:
     from api.app import create_app
     from api.security import SecretFilter, secret_values
 
-    try:
+    with refusals():
         settings = Settings.from_env()
-    except SettingsError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
     # (logging is configured by the `workerpool` group: -v for INFO, -vv for DEBUG)
     secret_filter = SecretFilter(secret_values(settings))
     for handler in logging.getLogger().handlers:

@@ -29,9 +29,9 @@ from typing import Any, cast
 from eth_account import Account
 from web3 import Web3
 
+from devnet.deploy import Artifacts, Deployer
 from poco import POCO_VERSION, actions
 from poco.chain import ChainClient, Receipt, Wallet
-from poco.deploy import Artifacts, Deployer
 
 log = logging.getLogger(__name__)
 

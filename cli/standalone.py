@@ -2,36 +2,54 @@
 
 This is the embedded mode of the demo: with ``MONGO_URL=mongomock://`` the store lives in
 memory, so every service that reads it must share the process. It is the one place where two
-services are composed; they are imported here by name, at run time, and still talk to worker
-nodes only through Redis. Production runs ``workerpool scheduler`` and ``workerpool api``
-separately against MongoDB.
+services are composed: the API reads the scheduler's store, and the scheduler still talks to
+worker nodes only through Redis. Production runs ``workerpool scheduler`` and ``workerpool
+api`` separately against MongoDB.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
+import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
-from werkzeug.serving import make_server
+import click
 
-from pool.celery_app import SCHEDULER_QUEUE
+from cli.errors import refusals
+from pool.messages import SCHEDULER_QUEUE
 from pool.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def run(settings: Settings, results_dir: Path, concurrency: int = 4) -> None:
-    service = importlib.import_module("scheduler.service")
-    tasks = importlib.import_module("scheduler.tasks")
-    api = importlib.import_module("api.app")
+@click.command("standalone")
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the local result publisher served under /results (default: a temp dir).",
+)
+def command(results_dir: Path | None) -> None:
+    """Scheduler + status API in one process (embedded mode: MONGO_URL=mongomock://)."""
+    with refusals():
+        settings = Settings.from_env()
+    directory = results_dir or Path(
+        settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    run(settings, directory)
 
-    scheduler: Any = service.build(settings)
-    app = tasks.create_scheduler_app(settings, scheduler)
-    scheduler.celery = app
-    flask_app = api.create_app(settings, scheduler.store, results_dir)
+
+def run(settings: Settings, results_dir: Path, concurrency: int = 4) -> None:
+    from werkzeug.serving import make_server
+
+    from api.app import create_app as create_api
+    from scheduler.tasks import create_app as create_scheduler
+
+    with refusals():
+        app, scheduler = create_scheduler(settings)
+    flask_app = create_api(settings, scheduler.store, results_dir)
     server = make_server(settings.api_host, settings.core_port, flask_app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True, name="api").start()
     log.info("API on http://%s:%d", settings.api_host, settings.core_port)

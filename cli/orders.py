@@ -8,7 +8,7 @@
     workerpool order show <orderHash>
     workerpool orderbook workerpool [ADDRESS]              published orders, remaining volume
 
-Every command runs the same preflight checks as the orderbook API (:mod:`pool.orders`) before
+Every command runs the same preflight checks as the orderbook API (:mod:`orders.book`) before
 it signs, sends or spends anything, so a mistake is reported here with the field to fix rather
 than as a revert when a requester tries to buy the order. The orderbook is reached over HTTP
 in the iExec market API's shape, so ``--orderbook`` may point at any market-compatible one.
@@ -16,32 +16,23 @@ in the iExec market API's shape, so ``--orderbook`` may point at any market-comp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-import requests
 from eth_account import Account
 from eth_utils import to_checksum_address
 
-from poco import actions
-from poco.chain import ChainClient
-from poco.errors import PocoError
-from poco.orders import WorkerpoolOrder, random_salt
-from poco.tags import TagError, encode_tag
-from pool.orders import (
+from cli.errors import REFUSALS, CommandError, refusals
+from orders.client import OrderbookClient
+from orders.rules import (
     UNPUBLISH_ALL,
     UNPUBLISH_LAST,
     UNPUBLISH_ORDERHASH,
     OrderbookError,
     PreflightError,
-    authorization_header,
-    challenge_typed_data,
     check_order,
     check_terms,
     parse_order,
@@ -51,7 +42,12 @@ from pool.orders import (
     verify_order_signature,
     workerpool_owner,
 )
-from pool.settings import Settings, SettingsError
+from poco import actions
+from poco.chain import ChainClient
+from poco.errors import PocoError
+from poco.orders import WorkerpoolOrder, random_salt
+from poco.tags import TagError, encode_tag
+from pool.settings import Settings
 from pool.wallets import chain_client, scheduler_key
 
 log = logging.getLogger(__name__)
@@ -75,155 +71,20 @@ STILL_VALID = (
 )
 
 
-# ---- the orderbook over HTTP --------------------------------------------------------------------
-class OrderbookClient:
-    """A client of the market API's workerpool order routes, with its challenge login."""
-
-    def __init__(
-        self,
-        url: str,
-        chain_id: int,
-        *,
-        timeout: float = 30.0,
-        session: requests.Session | None = None,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.chain_id = chain_id
-        self.timeout = timeout
-        self.session = session or requests.Session()
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, Any] | None = None,
-        body: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        query = {"chainId": self.chain_id, **(params or {})}
-        try:
-            response = self.session.request(
-                method,
-                f"{self.url}{path}",
-                params=query,
-                json=body,
-                headers=headers,
-                timeout=self.timeout,
-            )
-        except requests.RequestException as exc:
-            raise OrderbookError(f"cannot reach the orderbook at {self.url}: {exc}", 503) from exc
-        try:
-            data = response.json()
-        except ValueError as exc:
-            raise OrderbookError(
-                f"{method} {self.url}{path}: HTTP {response.status_code}, not a JSON answer",
-                response.status_code,
-            ) from exc
-        if not response.ok or not isinstance(data, dict) or not data.get("ok"):
-            message = data.get("error") if isinstance(data, dict) else None
-            raise OrderbookError(
-                f"orderbook refused: {message or f'HTTP {response.status_code}'}",
-                response.status_code,
-            )
-        return data
-
-    def authorization(self, private_key: str) -> str:
-        """Sign the orderbook's challenge; refuse anything that is not exactly a challenge.
-
-        The server chooses what we sign with the pool owner's key, so the typed data is
-        rebuilt from our own template and compared: a hostile orderbook cannot make us sign
-        an order or a token permit in disguise.
-        """
-        address = Account.from_key(private_key).address
-        data = self._call("GET", "/challenge", params={"address": address})["data"]
-        text = (data.get("message") or {}).get("challenge") if isinstance(data, dict) else None
-        if not isinstance(text, str):
-            raise OrderbookError("the orderbook's challenge has no message.challenge text")
-        expected = challenge_typed_data(self.chain_id, text)
-        served = {**data, "domain": {**data.get("domain", {})}}
-        with contextlib.suppress(TypeError, ValueError):
-            served["domain"]["chainId"] = int(served["domain"].get("chainId"))
-        if served != expected:
-            raise OrderbookError(
-                "the orderbook's challenge is not an iExec Gateway login challenge for chain "
-                f"{self.chain_id}; refusing to sign it"
-            )
-        return authorization_header(expected, private_key)
-
-    def publish(self, order: dict[str, Any], private_key: str) -> dict[str, Any]:
-        headers = {"Authorization": self.authorization(private_key)}
-        published: dict[str, Any] = self._call(
-            "POST", "/workerpoolorders", body={"order": order}, headers=headers
-        )["published"]
-        return published
-
-    def unpublish(
-        self,
-        private_key: str,
-        target: str,
-        *,
-        order_hash: str | None = None,
-        workerpool: str | None = None,
-    ) -> list[str]:
-        body: dict[str, Any] = {"target": target}
-        if order_hash:
-            body["orderHash"] = order_hash
-        if workerpool:
-            body["workerpool"] = workerpool
-        headers = {"Authorization": self.authorization(private_key)}
-        hashes: list[str] = self._call("PUT", "/workerpoolorders", body=body, headers=headers)[
-            "unpublished"
-        ]
-        return hashes
-
-    def order(self, order_hash: str) -> dict[str, Any]:
-        return self._call("GET", f"/workerpoolorders/{order_hash}")
-
-    def orders(self, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
-        """Every order matching ``filters``, page by page."""
-        page = 0
-        seen = 0
-        while True:
-            params = {k: v for k, v in filters.items() if v is not None}
-            data = self._call(
-                "GET",
-                "/workerpoolorders",
-                params={**params, "pageIndex": page, "pageSize": page_size},
-            )
-            batch = data.get("orders") or []
-            yield from batch
-            seen += len(batch)
-            if not batch or seen >= int(data.get("count", 0)):
-                return
-            page += 1
-
-
 # ---- shared plumbing ---------------------------------------------------------------------------
-def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 def _settings() -> Settings:
-    try:
+    with refusals():
         return Settings.from_env()
-    except SettingsError as exc:
-        _fail(str(exc))
 
 
 def _client(settings: Settings) -> ChainClient:
-    try:
+    with refusals():
         return chain_client(settings)
-    except SettingsError as exc:
-        _fail(str(exc))
 
 
 def _key(settings: Settings) -> str:
-    try:
+    with refusals():
         return scheduler_key(settings)
-    except SettingsError as exc:
-        _fail(str(exc))
 
 
 def orderbook_url(settings: Settings, override: str | None = None) -> str:
@@ -248,15 +109,15 @@ def _read_order(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
-        _fail(f"cannot read {path}: {exc.strerror or exc}")
+        raise CommandError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
-        _fail(f"{path} is not JSON: {exc}")
+        raise CommandError(f"{path} is not JSON: {exc}") from exc
     if isinstance(data, dict) and isinstance(data.get("order"), dict):
         data = data["order"]
     if isinstance(data, dict) and isinstance(data.get("workerpoolorder"), dict):
         data = data["workerpoolorder"]
     if not isinstance(data, dict):
-        _fail(f"{path} does not hold a workerpool order (a JSON object)")
+        raise CommandError(f"{path} does not hold a workerpool order (a JSON object)")
     return data
 
 
@@ -269,11 +130,11 @@ def _run(fn: Any) -> Any:
     try:
         return fn()
     except PreflightError as exc:
-        _fail(f"preflight check failed: {exc.message}")
+        raise CommandError(f"preflight check failed: {exc.message}") from exc
     except OrderbookError as exc:
-        _fail(exc.message)
-    except (PocoError, SettingsError, TagError) as exc:
-        _fail(str(exc))
+        raise CommandError(exc.message) from exc
+    except REFUSALS as exc:
+        raise CommandError(str(exc)) from exc
 
 
 # ---- workerpool order ---------------------------------------------------------------------------
@@ -302,7 +163,7 @@ def order_init(out: Path, force: bool, **overrides: Any) -> None:
     """Write a workerpool order template, filled from the pool's settings, to a JSON file."""
     settings = _settings()
     if out.exists() and not force:
-        _fail(f"{out} exists (use --force to overwrite it)")
+        raise CommandError(f"{out} exists (use --force to overwrite it)")
 
     def build() -> dict[str, Any]:
         template = template_from_settings(settings).to_dict()
@@ -407,7 +268,7 @@ def order_publish(file: Path, orderbook: str | None) -> None:
 def order_unpublish(order_hash: str | None, all_: bool, last: bool, orderbook: str | None) -> None:
     """Withdraw an order from the orderbook (it stays valid on chain until cancelled)."""
     if sum(bool(x) for x in (order_hash, all_, last)) != 1:
-        _fail("give an orderHash, or --all, or --last")
+        raise CommandError("give an orderHash, or --all, or --last")
     settings = _settings()
     client = _client(settings)
     key = _key(settings)
@@ -415,10 +276,8 @@ def order_unpublish(order_hash: str | None, all_: bool, last: bool, orderbook: s
     if order_hash:
         hashes = _run(lambda: book.unpublish(key, UNPUBLISH_ORDERHASH, order_hash=order_hash))
     else:
-        try:
+        with refusals():
             settings.require("pool_address")
-        except SettingsError as exc:
-            _fail(str(exc))
         target = UNPUBLISH_ALL if all_ else UNPUBLISH_LAST
         hashes = _run(lambda: book.unpublish(key, target, workerpool=str(settings.pool_address)))
     for h in hashes:
@@ -526,7 +385,7 @@ def orderbook_workerpool(
     settings = _settings()
     pool = address or settings.pool_address
     if not pool:
-        _fail("give a workerpool ADDRESS or set POOL_ADDRESS")
+        raise CommandError("give a workerpool ADDRESS or set POOL_ADDRESS")
     client = _client(settings)
     book = _orderbook(settings, url, client)
     entries = _run(

@@ -1,0 +1,1 @@
+"""The ``workerpool`` command: the entry points over the services."""

@@ -1,0 +1,150 @@
+"""Replicate jobs: plan a task's first replicates, queue them, plan more when the ones
+granted cannot reach consensus, and rebuild jobs that Redis lost."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from poco.consensus import more_replicates_needed, simulate
+from poco.types import ChainTaskStatus, ContributionStatus
+from pool.messages import ReplicateJob
+from pool.states import ReplicateStatus, TaskStatus
+from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext, TickReport
+
+log = logging.getLogger(__name__)
+
+R = ReplicateStatus
+T = TaskStatus
+
+# failures that come from the app or its inputs: re-running elsewhere proves nothing
+APP_FAULTS = frozenset(
+    str(s) for s in (R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)
+)
+
+
+class Planner:
+    def __init__(self, ctx: SchedulerContext) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+
+    def plan(self, report: TickReport) -> None:
+        """The tick's step: enqueue the replicate jobs each initialized task needs."""
+        for task in self.store.tasks_in([T.INITIALIZED]):
+            needed = task["replicatesNeeded"]
+            # record the jobs first: a crash after this loses queued jobs, which recovery
+            # rebuilds from Mongo, but never enqueues twice
+            doc = self.store.transition_task(
+                task["chainTaskId"], T.RUNNING, inc={"jobsQueued": needed}
+            )
+            for _ in range(needed):
+                self.enqueue(doc)
+                report.jobs_enqueued += 1
+
+    def enqueue(self, task: dict[str, Any]) -> None:
+        self.ctx.messages.run_replicate(
+            ReplicateJob(task["chainTaskId"], task["contributionDeadline"]), task["queue"]
+        )
+        self.store.set_task_fields(task["chainTaskId"], {"enqueuedAt": time.time()})
+
+    def requeue_lost_jobs(self, report: TickReport) -> int:
+        """Rebuild replicate jobs that Redis lost (a restart without persistence): a task
+        still owed jobs (needed > granted) whose queue has been empty for a while gets them
+        again. A duplicate is harmless: the authorization refuses what a task does not need."""
+        redis = self.ctx.redis
+        if redis is None:
+            return 0
+        grace = max(30.0, 10 * self.ctx.settings.poll_period)
+        now = time.time()
+        empty: dict[str, bool] = {}
+        added = 0
+        running = self.store.tasks_in(
+            [T.RUNNING, T.REOPENED],
+            fields=(
+                "chainTaskId",
+                "queue",
+                "contributionDeadline",
+                "replicatesNeeded",
+                "replicatesGranted",
+                "enqueuedAt",
+            ),
+            ordered=False,
+        )
+        for task in running:
+            owed = task.get("replicatesNeeded", 0) - task.get("replicatesGranted", 0)
+            if owed <= 0 or now - task.get("enqueuedAt", now) < grace:
+                continue
+            queue = task["queue"]
+            if queue not in empty:
+                empty[queue] = int(redis.llen(queue)) == 0
+            if not empty[queue]:
+                continue
+            log.warning(
+                "task %s: %d job(s) missing from %s; queued again", task["chainTaskId"], owed, queue
+            )
+            for _ in range(owed):
+                self.enqueue(task)
+            added += owed
+        report.jobs_enqueued += added
+        return added
+
+    def replan(self, taskid: str) -> int:
+        """Plan more replicates when the ones granted cannot reach consensus: contributions
+        that disagree, or replicates lost with their worker. Bounded BOINC-style by
+        WORKERPOOL_MAX_REPLICATES and WORKERPOOL_MAX_ERRONEOUS. Returns the jobs added."""
+        task = self.store.task(taskid)
+        if task is None or task["status"] not in {str(s) for s in CONTRIBUTING}:
+            return 0
+        reps = self.store.replicates_of(taskid)
+        if any(r["status"] in IN_FLIGHT for r in reps):
+            return 0  # wait for the replicates under way
+        if any(r["status"] in APP_FAULTS for r in reps):
+            return 0  # the app fails by itself: running it elsewhere proves nothing
+        if task.get("replicatesNeeded", 0) > task.get("replicatesGranted", 0):
+            return 0  # jobs are still waiting in the queue for a worker
+        client = self.ctx.client
+        chain = client.view_task(taskid)
+        if chain.status != ChainTaskStatus.ACTIVE:
+            return 0
+        contributions = []
+        for worker in chain.contributors:
+            c = client.view_contribution(taskid, worker)
+            if c.status != ContributionStatus.REJECTED:  # rejected by a reopen: out of the count
+                contributions.append((c.result_hash, 2**c.weight))
+        more = more_replicates_needed(contributions, task["trust"])
+        if more == 0:
+            return 0
+        groups, _ = simulate(contributions)
+        erroneous = len(contributions) - max(
+            (sum(1 for h, _ in contributions if h == best) for best in groups), default=0
+        )
+        settings = self.ctx.settings
+        limit = ""
+        if len(reps) + more > settings.max_replicates:
+            limit = f"{len(reps) + more} replicates would exceed WORKERPOOL_MAX_REPLICATES"
+        elif erroneous > settings.max_erroneous:
+            limit = f"{erroneous} disagreeing contributions exceed WORKERPOOL_MAX_ERRONEOUS"
+        if limit:
+            if task.get("planningStopped") != limit:
+                self.store.set_task_fields(taskid, {"planningStopped": limit})
+                log.error("task %s: no more replicates: %s", taskid, limit)
+            return 0
+        doc = self.store.plan_more_replicates(
+            taskid,
+            task["replicatesNeeded"],
+            more,
+            task["status"],
+            f"planned {more} more replicate(s)",
+        )
+        if doc is None:
+            return 0  # another thread re-planned first
+        for _ in range(more):
+            self.enqueue(doc)
+        log.info(
+            "task %s: planned %d more replicate(s) (%d contributions so far)",
+            taskid,
+            more,
+            len(contributions),
+        )
+        return more
