@@ -23,7 +23,6 @@ from pool.clock import iso, utcnow
 log = logging.getLogger(__name__)
 
 
-
 # statuses an order may leave for each one (checked atomically on every status write)
 _FROM: dict[OrderStatus, tuple[OrderStatus, ...]] = {
     OrderStatus.OPEN: (OrderStatus.UNPUBLISHED, OrderStatus.DEAD),  # (re)publication
@@ -288,5 +287,3 @@ def entry(doc: Mapping[str, Any]) -> dict[str, Any]:
         "signer": doc["signer"],
         "publicationTimestamp": doc["publicationTimestamp"],
     }
-
-
