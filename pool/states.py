@@ -86,7 +86,10 @@ TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     ),
     T.RUNNING: frozenset({T.CONSENSUS_REACHED, T.FINALIZED, T.CONTRIBUTION_TIMEOUT, *_DEADLINE}),
     T.CONSENSUS_REACHED: frozenset({T.AT_LEAST_ONE_REVEALED, T.REOPENING, *_DEADLINE}),
-    T.AT_LEAST_ONE_REVEALED: frozenset({T.RESULT_UPLOADING, T.FINALIZING, *_DEADLINE}),
+    # -> RESULT_UPLOADED: the uploader's report came after its upload was given up as timed out
+    T.AT_LEAST_ONE_REVEALED: frozenset(
+        {T.RESULT_UPLOADING, T.RESULT_UPLOADED, T.FINALIZING, *_DEADLINE}
+    ),
     # RESULT_UPLOADING -> AT_LEAST_ONE_REVEALED: the uploader failed, ask another winner
     T.RESULT_UPLOADING: frozenset({T.RESULT_UPLOADED, T.AT_LEAST_ONE_REVEALED, *_DEADLINE}),
     T.RESULT_UPLOADED: frozenset({T.FINALIZING, *_DEADLINE}),
