@@ -60,5 +60,3 @@ def authorization_header(typed: Mapping[str, Any], private_key: str | bytes) -> 
 def random_text(length: int = 32) -> str:
     alphabet = string.ascii_letters + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(length))
-
-

@@ -34,7 +34,6 @@ UNPUBLISH_TARGETS = (UNPUBLISH_ORDERHASH, UNPUBLISH_LAST, UNPUBLISH_ALL)
 MONGO_INT_MAX = (1 << 63) - 1  # numbers above it do not fit a BSON int64
 
 
-
 class OrderStatus(StrEnum):
     OPEN = "open"
     UNPUBLISHED = "unpublished"
@@ -45,8 +44,6 @@ class OrderStatus(StrEnum):
 
 # orders whose fate on chain is still open: the sync watches them
 TRACKED = (OrderStatus.OPEN, OrderStatus.UNPUBLISHED, OrderStatus.DEAD)
-
-
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -236,5 +233,3 @@ def verify_order_signature(
             status=403,
         )
     raise PreflightError("sign", "the signature is refused by the contract's verifySignature")
-
-

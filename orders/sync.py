@@ -162,5 +162,3 @@ def _kill_uncovered(order_store: OrderStore, client: ChainClient, now: dt.dateti
                     int(doc["order"]["workerpoolprice"]), int(doc["remaining"])
                 )
     return dead
-
-
