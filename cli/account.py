@@ -290,3 +290,34 @@ def _check_gas(settings: Settings, client: Any, address: str, transactions: int,
             f"{funds.format_gwei(gas.price)} gwei ({funds.format_eth(need)} ETH); send it "
             "some of the chain's coin first"
         )
+
+
+@click.command("register-pool")
+@click.option(
+    "--description",
+    default="workerpool",
+    show_default=True,
+    help="The pool's description in the registry (with the owner, it fixes the address).",
+)
+def register_pool(description: str) -> None:
+    """Register the workerpool the scheduler wallet owns (once; again: prints its address)."""
+    from poco import actions
+    from pool.wallets import scheduler_key
+
+    settings = _settings()
+    with refusals():
+        key = scheduler_key(settings)
+    client = _client(settings)
+    wallet = client.wallet(key)
+    _check_gas(settings, client, wallet.address, 1, 0)
+    with refusals():
+        address, receipt = actions.create_workerpool(wallet, description)
+    if receipt is None:
+        click.echo(f"workerpool {address} already exists (owner {wallet.address}, {description!r})")
+        click.echo(f"  POOL_ADDRESS={address}")
+        return
+    click.echo(
+        f"workerpool {address} registered in block {receipt.block_number} ({receipt.tx_hash})"
+    )
+    click.echo(f"  POOL_ADDRESS={address}")
+    click.echo(f"  IEXEC_START_BLOCK_NUMBER={receipt.block_number}")

@@ -12,7 +12,7 @@ import logging
 
 import click
 
-from cli.account import account
+from cli.account import account, register_pool
 from cli.api import command as api_command
 from cli.devnet import demo_command, devnet
 from cli.errors import refusals
@@ -66,6 +66,7 @@ for _command in (
     devnet,
     demo_command,
     account,
+    register_pool,
 ):
     main.add_command(_command)
 

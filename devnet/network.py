@@ -279,13 +279,8 @@ def _has_code(client: ChainClient, address: str) -> bool:
     return len(client.rpc("get_code", lambda: client.eth.get_code(address))) > 0
 
 
-def _ensure_workerpool(client: ChainClient, registry_address: str, scheduler: Wallet) -> str:
-    registry = client.contract("WorkerpoolRegistry", registry_address)
-    owner = scheduler.address
-    predicted = registry.functions.predictWorkerpool(owner, WORKERPOOL_DESCRIPTION).call()
-    if not _has_code(client, predicted):
-        scheduler.transact(registry.functions.createWorkerpool(owner, WORKERPOOL_DESCRIPTION))
-    return str(predicted)
+def _ensure_workerpool(scheduler: Wallet) -> str:
+    return actions.create_workerpool(scheduler, WORKERPOOL_DESCRIPTION)[0]
 
 
 def _ensure_app(
@@ -395,7 +390,7 @@ def up(
     accounts["workers"] = [account_entry(FIRST_WORKER_INDEX + i) for i in range(WORKER_COUNT)]
     scheduler = client.wallet(accounts["scheduler"]["private_key"])
     app_provider = client.wallet(accounts["app_provider"]["private_key"])
-    workerpool = _ensure_workerpool(client, registries["workerpool_registry"], scheduler)
+    workerpool = _ensure_workerpool(scheduler)
     apps = {
         name: {
             "address": _ensure_app(client, registries["app_registry"], app_provider, name, image),

@@ -116,6 +116,28 @@ def withdraw(wallet: Wallet, nrlc: int, *, progress: Progress | None = None) -> 
     return receipt
 
 
+def create_workerpool(wallet: Wallet, description: str) -> tuple[str, Receipt | None]:
+    """Register a workerpool owned by the sender in the hub's WorkerpoolRegistry; returns its
+    address and the receipt (None when this owner already registered one with this
+    description: the registry creates it with CREATE2, so the address is known beforehand and
+    a second creation would revert)."""
+    client = wallet.client
+    registry_address = client.rpc(
+        "workerpoolregistry", lambda: str(client.hub.functions.workerpoolregistry().call())
+    )
+    registry = client.contract("WorkerpoolRegistry", registry_address)
+    owner = wallet.address
+    predicted = str(
+        client.rpc(
+            "predictWorkerpool",
+            lambda: registry.functions.predictWorkerpool(owner, description).call(),
+        )
+    )
+    if client.rpc("get_code", lambda: bytes(client.eth.get_code(predicted))):
+        return predicted, None
+    return predicted, _send(wallet, registry.functions.createWorkerpool(owner, description))
+
+
 def match_orders(
     wallet: Wallet,
     apporder: AppOrder,

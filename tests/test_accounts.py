@@ -335,3 +335,59 @@ def test_the_api_command_refuses_another_chain_and_starts_when_the_node_is_down(
     started = runner.invoke(main, ["api"], env=down)
     assert started.exit_code == 0, started.output
     assert served and served[0].chain_id == 421614
+
+
+def test_the_scheduler_warns_at_start_of_low_gas_and_of_orders_its_stake_cannot_back(
+    chain_snapshot: DevnetHandle, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from orders.store import OrderStore
+    from scheduler.service import build, funds_warnings
+    from testing.celery import fake_messenger
+
+    devnet = chain_snapshot
+    messages, _ = fake_messenger()
+    # Given a funded scheduler with no order: nothing to say
+    scheduler = build(settings, messages)
+    assert funds_warnings(scheduler.ctx) == []
+    # When an order it published needs more pool stake than it has free
+    owner = devnet.address("scheduler")
+    stake = devnet.client.view_account(owner).stake
+    OrderStore(scheduler.store.db).orders.insert_one(
+        {
+            "orderHash": "0x" + "0e" * 32,
+            "status": "open",
+            "keys": {"signer": owner.lower()},
+            "order": {"workerpoolprice": stake},
+            "remaining": 4,  # 30 % x 4 = 1.2 x the stake
+        }
+    )
+    (warning,) = funds_warnings(scheduler.ctx)
+    assert "does not cover its 1 published order(s)" in warning
+    assert f"deposit {funds.format_rlc(stake * 120 // 100 - stake)} RLC more" in warning
+    # And a scheduler starting with too little gas says so in its log
+    devnet.rpc("anvil_setBalance", [owner, hex(10**15)])
+    with caplog.at_level("WARNING", logger="scheduler.service"):
+        build(dataclasses.replace(settings, gas_price_budget_gwei=1.0), messages)
+    assert f"scheduler wallet: gas balance is very low: {owner} holds 0.001 ETH" in caplog.text
+
+
+def test_register_pool_creates_the_workerpool_once_and_says_where_to_start(
+    chain_snapshot: DevnetHandle,
+) -> None:
+    devnet = chain_snapshot
+    env = _env(devnet)
+    runner = CliRunner()
+    first = runner.invoke(main, ["register-pool", "--description", "a test pool"], env=env)
+    assert first.exit_code == 0, first.output
+    address = first.output.split()[1]
+    block = devnet.client.block_number()
+    assert f"  POOL_ADDRESS={address}\n  IEXEC_START_BLOCK_NUMBER={block}\n" in first.output
+    assert devnet.client.workerpool_owner(address) == devnet.address("scheduler")
+    again = runner.invoke(main, ["register-pool", "--description", "a test pool"], env=env)
+    assert again.exit_code == 0 and f"workerpool {address} already exists" in again.output
+    assert devnet.client.block_number() == block  # nothing sent
+    # the devnet's own pool is the one its description names
+    devnet_pool = runner.invoke(
+        main, ["register-pool", "--description", "workerpool devnet pool"], env=env
+    )
+    assert f"workerpool {devnet.info['workerpool']} already exists" in devnet_pool.output

@@ -159,8 +159,7 @@ EXAMPLE_VALUES: dict[str, tuple[str, str]] = {
     ),
     "IEXEC_HUB_ADDRESS": (
         "",
-        "Empty: IEXEC_CHAIN's hub (arbitrum-mainnet: "
-        "0x098bFCb1E50ebcA0BaA92C12eA0c3F045A1aD9f0).",
+        "Empty: IEXEC_CHAIN's hub (arbitrum-mainnet: 0x098bFCb1E50ebcA0BaA92C12eA0c3F045A1aD9f0).",
     ),
     "POOL_ADDRESS": ("", "REQUIRED: `iexec workerpool deploy` prints it (docs/deploy.md)."),
     "IEXEC_CHAIN_ID": ("", "Empty: IEXEC_CHAIN's id (arbitrum-mainnet: 42161)."),
