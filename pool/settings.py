@@ -194,8 +194,8 @@ SETTINGS: dict[str, Spec] = {
         "IEXEC_CHAIN_ID",
         _nonneg_int,
         "0",
-        "Expected chain id (default: IEXEC_CHAIN's); 0 accepts whatever the node reports. "
-        "Every service checks it at start-up.",
+        "Expected chain id (default: IEXEC_CHAIN's); 0 without IEXEC_CHAIN accepts whatever "
+        "the node reports. Every service checks it at start-up.",
     ),
     "start_block": Spec(
         "IEXEC_START_BLOCK_NUMBER",
