@@ -114,6 +114,10 @@ def run_compute(loglevel: str) -> None:
         f"worker {node.name} ({node.address}{lease_note}) serving {', '.join(queues)} "
         f"with {settings.worker_slots} slot(s); control pid {child.pid}"
     )
+    with refusals():
+        gas = node.gas()
+    if gas.empty:  # iexec-worker exits here; this node waits for a refill, giving jobs back
+        click.echo(f"warning: {gas.describe(node.address)}: jobs go back to the queue", err=True)
     try:
         app.worker_main(
             _celery_argv(

@@ -57,3 +57,12 @@ class TransactionReverted(PermanentError):
         if tx_hash:
             parts.append(f"tx {tx_hash}")
         super().__init__("; ".join(parts))
+
+
+class InsufficientFunds(PermanentError):
+    """A wallet or a PoCo account holds less than an operation needs (gas, RLC, stake); the
+    message says what is missing and how much. Raised before anything is sent."""
+
+
+class NetworkMismatch(PermanentError):
+    """The chain node is not the chain the settings name (chain id, or no PoCo at the hub)."""

@@ -232,6 +232,8 @@ class Heartbeat(Payload):
     version: str
     cpus: int | None = None
     memory_mb: int | None = None
+    # why the node gave jobs back lately (no gas, not enough stake); None: it takes them
+    refusing: str | None = None
 
 
 # ---- messages ----------------------------------------------------------------------------------

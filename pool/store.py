@@ -466,14 +466,15 @@ class Store:
 
     def free_slots(self, capability: str, seen_since: dt.datetime) -> int:
         """Idle slots (``slots - busySlots`` of their last heartbeat) of ALIVE workers heard
-        from since ``seen_since`` that serve ``capability``."""
+        from since ``seen_since`` that serve ``capability``; a node that says it gives jobs
+        back (no gas, too little stake) offers none."""
         free = 0
         for worker in self.workers.find(
             {"status": str(WorkerStatus.ALIVE)},
-            {"_id": 0, "slots": 1, "busySlots": 1, "capabilities": 1, "lastSeen": 1},
+            {"_id": 0, "slots": 1, "busySlots": 1, "capabilities": 1, "lastSeen": 1, "refusing": 1},
         ):
             seen = worker.get("lastSeen")
-            if seen is None or seen < seen_since:
+            if seen is None or seen < seen_since or worker.get("refusing"):
                 continue
             if capability not in (worker.get("capabilities") or ["standard"]):
                 continue

@@ -27,9 +27,10 @@ from typing import Any, Unpack
 from poco import actions
 from poco.chain import ChainClient, Wallet
 from poco.errors import PocoError, TransactionReverted
+from poco.funds import GasCheck, format_rlc, gas_check
 from poco.orders import ZERO_ADDRESS
 from poco.results import result_link
-from poco.types import ChainTaskStatus, ContributionStatus
+from poco.types import ChainTaskStatus, ContributionStatus, Deal
 from pool import keys
 from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
 from pool.settings import Settings
@@ -51,6 +52,10 @@ MB = 1024 * 1024
 # before the contribution deadline (the scheduler's own rule for a new authorization)
 RECOMPUTE_TIME_RATIO = 1.0
 _CONTRIBUTED = (ContributionStatus.CONTRIBUTED, ContributionStatus.PROVED)
+# the node's gas balance is read at most this often for the check before each job
+FUNDS_TTL = 5.0
+# a refusal stays in the heartbeat (the scheduler and the API show it) this long
+REFUSAL_SHOWN = 60.0
 
 
 class JobRefused(Exception):
@@ -102,6 +107,8 @@ class WorkerNode:
         self.broker_id = hashlib.sha256(settings.redis_url.encode()).hexdigest()[:16]
         self._busy_lock = threading.Lock()
         self.authorization_timeout = 30.0
+        self._gas: tuple[float, GasCheck] | None = None
+        self._refusal: tuple[float, str] | None = None  # (monotonic time, reason)
 
     # ---- messages to the scheduler ----------------------------------------------------------
     def report(self, taskid: str, status: ReplicateStatus, **fields: Unpack[ReportFields]) -> None:
@@ -113,6 +120,8 @@ class WorkerNode:
         self.messages.heartbeat(self.info())
 
     def info(self) -> Heartbeat:
+        refusal = self._refusal
+        refusing = refusal[1] if refusal and time.monotonic() - refusal[0] < REFUSAL_SHOWN else None
         return Heartbeat(
             worker=self.address,
             name=self.name,
@@ -122,6 +131,7 @@ class WorkerNode:
             version=VERSION,
             cpus=os.cpu_count(),
             memory_mb=_memory_mb(),
+            refusing=refusing,
         )
 
     def authorize(self, taskid: str) -> tuple[str, bool]:
@@ -133,6 +143,59 @@ class WorkerNode:
         if not answer.granted:
             raise JobRefused(answer.reason or "refused", answer.requeue)
         return answer.signature, answer.fast_path
+
+    # ---- funds: gas and stake ----------------------------------------------------------------
+    def gas(self, max_age: float = FUNDS_TTL) -> GasCheck:
+        """The node's gas balance against one transaction's cost (iexec-worker's
+        ``hasEnoughGas``), read at most every ``max_age`` seconds."""
+        cached = self._gas
+        if cached is not None and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        budget = int(self.settings.gas_price_budget_gwei * 10**9)
+        check = gas_check(self.client, self.address, budget)
+        self._gas = (time.monotonic(), check)
+        if check.empty:
+            log.error("%s", check.describe(self.address))
+        elif check.low:
+            log.warning("%s", check.describe(self.address))
+        return check
+
+    def expects_fast_path(self, deal: Deal) -> bool:
+        """Whether this node's replicate of ``deal`` should go through contributeAndFinalize,
+        which locks no worker stake (PoCo: trust-1 deals only; the scheduler grants it unless
+        WORKERPOOL_CONTRIBUTE_AND_FINALIZE=false, which pools set alike on every service)."""
+        return deal.trust == 1 and self.settings.contribute_and_finalize
+
+    def stake_shortfall(self, deal: Deal) -> str:
+        """Why this node's free stake cannot cover the worker stake ``contribute`` locks for
+        ``deal`` ("" when it can)."""
+        if deal.worker_stake <= 0:
+            return ""
+        stake = self.client.view_account(self.address).stake
+        if stake >= deal.worker_stake:
+            return ""
+        return (
+            f"stake too low: {self.address} has {format_rlc(stake)} RLC of free stake, a "
+            f"contribution to deal {deal.dealid} locks {format_rlc(deal.worker_stake)} RLC; "
+            "deposit more (workerpool account deposit)"
+        )
+
+    def cannot_take(self, deal: Deal) -> str:
+        """Why this node must not take a job of ``deal`` now ("" when it may), checked before
+        it asks for an authorization, as iexec-worker does before asking for a replicate: gas
+        for at least one transaction, and the free stake a contribution locks (none for
+        contributeAndFinalize)."""
+        gas = self.gas()
+        if gas.empty:
+            return gas.describe(self.address)
+        if self.expects_fast_path(deal):
+            return ""
+        return self.stake_shortfall(deal)
+
+    def refuse(self, taskid: str, reason: str) -> None:
+        """Remember and log why this node gave a job back (the heartbeat carries it)."""
+        self._refusal = (time.monotonic(), reason)
+        log.warning("task %s: job given back for another node: %s", taskid, reason)
 
     # ---- the replicate job ------------------------------------------------------------------
     def run_replicate(self, taskid: str, deadline: int | None = None) -> JobOutcome:
@@ -146,12 +209,23 @@ class WorkerNode:
             return JobOutcome(taskid, "DROPPED", f"task is {task.status.name} on chain")
         if task.contribution_deadline <= now:
             return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
+        deal = self.client.view_deal(task.dealid)
+        problem = self.cannot_take(deal)
+        if problem:
+            self.refuse(taskid, problem)
+            raise JobRefused(problem, requeue=True)
         try:
             authorization, fast = self.authorize(taskid)
         except JobRefused as exc:
             if exc.requeue:
                 raise
             return JobOutcome(taskid, "DROPPED", str(exc))
+        if not fast and self.expects_fast_path(deal):
+            # the scheduler asked for the classic contribute after all: it locks stake
+            short = self.stake_shortfall(deal)
+            if short:
+                self.refuse(taskid, short)
+                return self._fail(taskid, R.ABORTED, short)
         with self._busy_lock:
             self.busy += 1
         try:
@@ -301,6 +375,9 @@ class WorkerNode:
             log.warning("FAULT INJECTION: contributing a wrong digest for %s", taskid)
             state["digest"] = digest
             _write_json(self.workdir / taskid / "state.json", state)
+        gas = self.gas()
+        if gas.empty:  # iexec-worker: OUT_OF_GAS before contribute, rather than a node error
+            return self._fail(taskid, R.CONTRIBUTE_FAILED, gas.describe(self.address))
         if state.get("fastPath"):
             return self._contribute_and_finalize(taskid, state)
         self.report(taskid, R.CONTRIBUTING)
@@ -398,6 +475,9 @@ class WorkerNode:
             state = self._state(taskid)
         except PocoError as exc:
             return self._fail(taskid, R.REVEAL_FAILED, str(exc))
+        gas = self.gas()
+        if gas.empty:
+            return self._fail(taskid, R.REVEAL_FAILED, gas.describe(self.address))
         self.report(taskid, R.REVEALING)
         try:
             receipt = actions.reveal(self.wallet, taskid, state["digest"])
@@ -524,12 +604,17 @@ class WorkerNode:
             stop.wait(period)
 
     def janitor_forever(self, period: float, stop: threading.Event) -> None:
-        """Remove orphan app containers every ``period`` seconds until ``stop``."""
+        """Remove orphan app containers every ``period`` seconds until ``stop``, and look at
+        the node's gas (logged when it runs low or out, as iexec-worker does)."""
         while not stop.is_set():
             try:
                 self.remove_orphans()
             except Exception as exc:  # Docker slow or down: try again next period
                 log.warning("orphan container clean-up failed: %s", exc)
+            try:
+                self.gas(max_age=period)
+            except Exception as exc:  # the chain does not answer: the next job checks again
+                log.warning("gas balance unknown: %s", exc)
             stop.wait(period)
 
     def remove_orphans(self) -> int:

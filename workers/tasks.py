@@ -32,7 +32,7 @@ from pool.messages import (
 )
 from pool.settings import Settings, SettingsError
 from pool.states import ReplicateStatus
-from pool.wallets import chain_client
+from pool.wallets import checked_chain_client
 from workers.identity import IndexLease, LeaseLost
 from workers.node import JobRefused, WorkerNode
 from workers.publishers import PublishError, make_publisher
@@ -64,8 +64,9 @@ def build_node(
     redis: Any = None,
     lease: IndexLease | None = None,
 ) -> WorkerNode:
-    """A node from settings: chain client, wallet, Docker runner, result publisher."""
-    client = chain_client(settings)
+    """A node from settings: chain client (checked to be the chain the settings name),
+    wallet, Docker runner, result publisher."""
+    client = checked_chain_client(settings)
     wallet = client.wallet(private_key)
     local_dir = Path(
         settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"
