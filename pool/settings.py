@@ -485,8 +485,17 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_PUBLIC_URL",
         _str,
         "",
-        "Base URL under which the API is reachable (local result links use it).",
+        "Base URL under which the API is reachable (scheme://host[:port], no path): local "
+        "result links, the task routes' links and the pool-discovery route answer with it.",
         group="results",
+    ),
+    "logs_availability_days": Spec(
+        "IEXEC_LOGS_AVAILABILITY_PERIOD_IN_DAYS",
+        _pos_int,
+        "3",
+        "Days a task's compute logs are kept for its requester after the task's final "
+        "deadline; then they are deleted (iexec-core's default).",
+        group="api",
     ),
     # ---- storage and broker -------------------------------------------------------------
     "mongo_url": Spec(
@@ -710,6 +719,7 @@ class Settings:
     result_storage: str = "ipfs"
     local_results_dir: str = ""
     public_url: str = ""
+    logs_availability_days: int = 3
     mongo_url: str = ""
     mongo_host: str = "127.0.0.1"
     mongo_port: int = 27017
