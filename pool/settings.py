@@ -471,7 +471,8 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_RESULT_STORAGE",
         _str,
         "ipfs",
-        "Where results are published: ipfs (Kubo RPC API) or local (files served by the API).",
+        "Where results are published: ipfs (Kubo RPC API) or local (files served by the API: "
+        "a devnet convenience, the iExec SDK cannot download such results).",
         group="results",
     ),
     "local_results_dir": Spec(

@@ -25,6 +25,7 @@ from pool.settings import Settings
 from pool.states import ReplicateStatus, ReplicateStatusCause, TaskStatus
 from pool.store import MAX_TASK_LOGS, Store
 from workers.inputs import refusal
+from workers.runner import capped_log, cut_notice
 
 POOL = "0x" + "ab" * 20
 HUB = "0x" + "ef" * 20
@@ -401,3 +402,12 @@ def test_a_report_with_a_cause_outside_iexecs_enum_is_refused() -> None:
     assert ok.cause == ReplicateStatusCause.TASK_DESCRIPTION_INVALID
     with pytest.raises(MessageError, match="ReplicateStatusCause"):
         ReplicateReport.from_wire({**wire, "cause": "MY_OWN_CAUSE"})
+
+
+def test_a_compute_log_past_the_cap_keeps_its_end_and_says_it_was_cut() -> None:
+    small = b"line\n" * 10
+    assert capped_log(small, 1000) == small.decode()
+    big = b"".join(f"line {n}\n".encode() for n in range(10_000))
+    text = capped_log(big, 1000)
+    assert text.startswith(cut_notice(1000)) and text.endswith("line 9999\n")
+    assert len(text.encode()) <= 1000

@@ -309,7 +309,7 @@ def cut_notice(limit: int) -> str:
     return f"[workerpool: output cut: only its last {limit} bytes are kept]\n"
 
 
-def _capped_log(data: bytes, limit: int) -> str:
+def capped_log(data: bytes, limit: int) -> str:
     """A stream of the app as the requester gets it (``stdout.txt``, the compute logs): at
     most ``limit`` bytes; when more was written (or the engine gave only its last lines), the
     end of it under a first line that says so."""
@@ -689,7 +689,7 @@ class DockerRunner:
             log.warning("could not read the logs of %s: %s", container.name, exc)
             return "", "", ""
         limit = self.max_log_bytes
-        return _capped_log(out, limit), _capped_log(err, limit), _tail_text(both, LOG_TAIL_BYTES)
+        return capped_log(out, limit), capped_log(err, limit), _tail_text(both, LOG_TAIL_BYTES)
 
     @staticmethod
     def _kill_container(container: Container) -> None:
