@@ -5,6 +5,7 @@ callbacks delivered on chain, and results fetched through the IPFS gateway."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from api.app import create_app
 from devnet.network import cache_dir
 from devnet.requester import deal_params
 from orders.challenge import authorization_header
+from poco.actions import CONTRIBUTE_AND_FINALIZE_GAS, FINALIZE_GAS
 from poco.results import parse_result_link
 from poco.types import ChainTaskStatus
 from pool.settings import Settings
@@ -230,6 +232,13 @@ def test_sdk_reads_core_routes_and_only_the_requester_gets_logs(
     )
     assert location.removeprefix("/ipfs/") in _pins(ipfs_api_url)
 
+    # The logs are kept until IEXEC_LOGS_AVAILABILITY_PERIOD_IN_DAYS after the final deadline
+    final = (pool.store.task(done) or {})["finalDeadline"]
+    kept = pool.store.task_logs.find_one({"chainTaskId": done}) or {}
+    assert kept["expiresAt"] == dt.datetime.fromtimestamp(final, dt.UTC).replace(
+        tzinfo=None
+    ) + dt.timedelta(days=3)
+
 
 def test_discovery_route_answers_for_this_pool_and_404_for_another(
     running_pool: RunningPool, api: str
@@ -357,6 +366,19 @@ def test_callback_data_reaches_the_consumer_for_trust_1_and_2_and_a_reverting_on
     assert burning.functions.burnt().call() == 0  # its loop was undone with its call
     trust2 = pool.store.task(taskids["two"]) or {}
     assert [e["status"] for e in trust2["timeline"]][-2:] == ["FINALIZED", "COMPLETED"]
+    # each transaction that ran a callback carried the gas PoCo hands it, and more
+    callback_gas = devnet.client.callback_gas()
+    assert callback_gas == 100_000
+    finalize = next(e["txHash"] for e in trust2["timeline"] if e["status"] == "FINALIZED")
+    assert devnet.client.w3.eth.get_transaction(finalize)["gas"] >= (
+        FINALIZE_GAS + callback_gas * 64 // 63
+    )
+    for name in ("one", "reverts", "burns"):
+        (rep,) = pool.store.replicates_of(taskids[name])
+        tx = next(e["txHash"] for e in rep["timeline"] if e["status"] == "COMPLETED")
+        assert devnet.client.w3.eth.get_transaction(tx)["gas"] >= (
+            CONTRIBUTE_AND_FINALIZE_GAS + callback_gas * 64 // 63
+        )
 
 
 def test_consumer_bytecode_is_its_source_compiled(node_modules: Path) -> None:
