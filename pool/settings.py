@@ -490,14 +490,6 @@ SETTINGS: dict[str, Spec] = {
         "result links, the task routes' links and the pool-discovery route answer with it.",
         group="results",
     ),
-    "logs_availability_days": Spec(
-        "IEXEC_LOGS_AVAILABILITY_PERIOD_IN_DAYS",
-        _pos_int,
-        "3",
-        "Days a task's compute logs are kept for its requester after the task's final "
-        "deadline; then they are deleted (iexec-core's default).",
-        group="api",
-    ),
     # ---- storage and broker -------------------------------------------------------------
     "mongo_url": Spec(
         "MONGO_URL",
@@ -553,6 +545,14 @@ SETTINGS: dict[str, Spec] = {
         _pos_int,
         "8",
         "Threads of `workerpool api` (waitress): requests served at once.",
+        group="api",
+    ),
+    "logs_availability_days": Spec(
+        "IEXEC_LOGS_AVAILABILITY_PERIOD_IN_DAYS",
+        _pos_int,
+        "3",
+        "Days a task's compute logs are kept for its requester after the task's final "
+        "deadline; then they are deleted (iexec-core's default).",
         group="api",
     ),
     # ---- workerpool orders and the orderbook (orders/book.py) -----------------------------
