@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from poco.params import DealParams, parse_deal_params
+from poco.params import DealParams
+from poco.params import parse_deal_params as parse_deal_params
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ class DataDownloadError(InputError):
 
 
 # --- deal params: parsed in poco.params (the API shows the command line from them) ---------
-
-__all__ = ["DealParams", "parse_deal_params"]
 
 
 def refusal(params: DealParams, *, tee: bool, callback: bool) -> str:
