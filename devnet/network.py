@@ -60,6 +60,7 @@ SAMPLE_APPS = {
     "sleep": "workerpool-apps/sleep:1",
     "nocomputed": "workerpool-apps/nocomputed:1",
     "evil": "workerpool-apps/evil:1",
+    "callback": "workerpool-apps/callback:1",
 }
 WORKERPOOL_DESCRIPTION = "workerpool devnet pool"
 

@@ -13,7 +13,7 @@ from typing import cast
 from eth_utils import to_checksum_address
 
 from poco import diagnose
-from poco.chain import Receipt, Wallet, _hex32
+from poco.chain import ChainClient, Receipt, Wallet, _hex32
 from poco.errors import InsufficientFunds, PermanentError
 from poco.funds import format_rlc
 from poco.orders import (
@@ -29,6 +29,23 @@ from poco.proofs import result_hash, result_seal
 SIGN = 0
 CLOSE = 1
 CONTRIBUTE_MIN_GAS = 600_000
+# finalize and contributeAndFinalize measured at up to 295k and 476k gas without a callback
+# (docs/protocol.md)
+FINALIZE_GAS = 300_000
+CONTRIBUTE_AND_FINALIZE_GAS = 500_000
+
+
+def callback_min_gas(client: ChainClient, base: int) -> int:
+    """The gas floor of a transaction that ends a task with a callback.
+
+    PoCo (``IexecPoco2Facet.executeCallback``) calls ``receiveResult`` with exactly
+    ``callbackgas`` gas and ignores its outcome: a consumer that reverts or runs out of gas
+    costs nothing. Then it asserts ``gasleft() > callbackgas / 63``: a transaction whose gas
+    could not give the consumer its full share reverts whole, and the task is not finalized.
+    The estimate covers what the consumer did when it was made; the floor covers a consumer
+    that uses more at mining time (EIP-150 forwards at most 63/64 of what is left)."""
+    gas = client.callback_gas()
+    return base + gas * 64 // 63 + 10_000
 
 
 def _b(hexstr: str) -> bytes:
@@ -241,6 +258,7 @@ def contribute_and_finalize(
         diagnose=lambda: diagnose.contribute_and_finalize(
             client, wallet.address, taskid, authorization, results_callback, enclave
         ),
+        min_gas=callback_min_gas(client, CONTRIBUTE_AND_FINALIZE_GAS) if results_callback else 0,
     )
 
 
@@ -259,6 +277,7 @@ def finalize(wallet: Wallet, taskid: str, results: bytes, results_callback: byte
         wallet,
         client.hub.functions.finalize(_hex32(taskid), results, results_callback),
         diagnose=lambda: diagnose.finalize(client, wallet.address, taskid, results_callback),
+        min_gas=callback_min_gas(client, FINALIZE_GAS) if results_callback else 0,
     )
 
 

@@ -420,6 +420,11 @@ class ChainClient:
 
         return self._immutable.get(("app", app.lower()), read, bool)
 
+    def callback_gas(self) -> int:
+        """The gas PoCo hands a deal's callback contract (``callbackgas``, 100,000 as
+        deployed; its owner may change it)."""
+        return self.rpc("callbackgas", lambda: int(self.hub.functions.callbackgas().call()))
+
     def verify_signature(self, signer: str, digest: str, signature: str) -> bool:
         return self.rpc(
             "verifySignature",

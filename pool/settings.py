@@ -538,7 +538,8 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_RESULT_STORAGE",
         _str,
         "ipfs",
-        "Where results are published: ipfs (Kubo RPC API) or local (files served by the API).",
+        "Where results are published: ipfs (Kubo RPC API) or local (files served by the API: "
+        "a devnet convenience, the iExec SDK cannot download such results).",
         group="results",
     ),
     "local_results_dir": Spec(
@@ -552,7 +553,8 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_PUBLIC_URL",
         _str,
         "",
-        "Base URL under which the API is reachable (local result links use it).",
+        "Base URL under which the API is reachable (scheme://host[:port], no path): local "
+        "result links, the task routes' links and the pool-discovery route answer with it.",
         group="results",
     ),
     # ---- storage and broker -------------------------------------------------------------
@@ -610,6 +612,14 @@ SETTINGS: dict[str, Spec] = {
         _pos_int,
         "8",
         "Threads of `workerpool api` (waitress): requests served at once.",
+        group="api",
+    ),
+    "logs_availability_days": Spec(
+        "IEXEC_LOGS_AVAILABILITY_PERIOD_IN_DAYS",
+        _pos_int,
+        "3",
+        "Days a task's compute logs are kept for its requester after the task's final "
+        "deadline; then they are deleted (iexec-core's default).",
         group="api",
     ),
     # ---- workerpool orders and the orderbook (orders/book.py) -----------------------------
@@ -779,6 +789,7 @@ class Settings:
     result_storage: str = "ipfs"
     local_results_dir: str = ""
     public_url: str = ""
+    logs_availability_days: int = 3
     mongo_url: str = ""
     mongo_host: str = "127.0.0.1"
     mongo_port: int = 27017

@@ -30,11 +30,13 @@ from poco.errors import PocoError, TransactionReverted
 from poco.funds import GasCheck, format_rlc, gas_check
 from poco.orders import ZERO_ADDRESS
 from poco.results import result_link
+from poco.tags import tag_to_int
 from poco.types import ChainTaskStatus, ContributionStatus, Deal
 from pool import keys
 from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
 from pool.settings import Settings
 from pool.states import ReplicateStatus
+from pool.states import ReplicateStatusCause as Cause
 from workers import inputs as inputs_mod
 from workers import results as results_mod
 from workers.identity import IndexLease, LeaseLost
@@ -253,17 +255,37 @@ class WorkerNode:
         # what a restarted node needs to compute this replicate again (see resume)
         _write_json(task_dir / "state.json", {"authorization": authorization, "fastPath": fast})
 
+        params = inputs_mod.parse_deal_params(deal.params)
+        has_callback = int(deal.callback, 16) != 0
+        # iexec-worker v9's check at start: what this pool cannot honour is refused before
+        # the app is pulled, so nothing runs and nothing is published
+        refused = inputs_mod.refusal(
+            params, tee=bool(tag_to_int(deal.tag) & 1), callback=has_callback
+        )
+        if refused:
+            return self._fail(taskid, R.START_FAILED, refused, cause=Cause.TASK_DESCRIPTION_INVALID)
+
         self.report(taskid, R.APP_DOWNLOADING)
         try:
             image = self.client.app_multiaddr(deal.app.pointer).decode()
             self.runner.ensure_image(image)
         except (AppImageError, UnicodeDecodeError) as exc:
-            return self._fail(taskid, R.APP_DOWNLOAD_FAILED, f"app image: {exc}")
+            return self._fail(
+                taskid,
+                R.APP_DOWNLOAD_FAILED,
+                f"app image: {exc}",
+                cause=Cause.APP_IMAGE_DOWNLOAD_FAILED,
+            )
         try:
-            params = inputs_mod.parse_deal_params(deal.params)
             args = inputs_mod.split_args(params.iexec_args)
         except inputs_mod.ArgsError as exc:
-            return self._fail(taskid, R.COMPUTE_FAILED, f"bad iexec_args: {exc}")
+            return self._fail(
+                taskid,
+                R.COMPUTE_FAILED,
+                f"bad iexec_args: {exc}",
+                cause=Cause.TASK_DESCRIPTION_INVALID,
+            )
+        cause = Cause.INPUT_FILES_DOWNLOAD_FAILED
         try:
             names = inputs_mod.download_inputs(
                 params.iexec_input_files,
@@ -273,6 +295,7 @@ class WorkerNode:
             )
             has_dataset = int(deal.dataset.pointer, 16) != 0
             if has_dataset:
+                cause = Cause.DATASET_FILE_DOWNLOAD_FAILED
                 multiaddr, checksum = self._dataset_location(deal.dataset.pointer)
                 inputs_mod.download_dataset(
                     multiaddr,
@@ -283,7 +306,9 @@ class WorkerNode:
                     timeout=60,
                 )
         except inputs_mod.DataDownloadError as exc:
-            return self._fail(taskid, R.DATA_DOWNLOAD_FAILED, str(exc))
+            if "checksum mismatch" in str(exc):
+                cause = Cause.DATASET_FILE_BAD_CHECKSUM
+            return self._fail(taskid, R.DATA_DOWNLOAD_FAILED, str(exc), cause=cause)
         env = inputs_mod.app_env(
             deal_id=dealid,
             task_id=taskid,
@@ -321,26 +346,37 @@ class WorkerNode:
         try:
             outcome = self.runner.run(run)
         except EngineError as exc:  # not the app's fault: ABORTED, the scheduler plans it again
-            return self._fail(taskid, R.ABORTED, f"container engine failure: {exc}")
+            return self._fail(
+                taskid, R.ABORTED, f"container engine failure: {exc}", cause=Cause.ABORTED_BY_WORKER
+            )
         except RunnerError as exc:
-            return self._fail(taskid, R.COMPUTE_FAILED, f"container: {exc}")
+            return self._fail(
+                taskid, R.COMPUTE_FAILED, f"container: {exc}", cause=Cause.APP_COMPUTE_FAILED
+            )
         limits_hit = outcome.timed_out or outcome.oom_killed or outcome.output_too_large
         if outcome.error and outcome.exit_code is None and not limits_hit:
             # the engine lost track of the container: not the app's fault, so the replicate
             # is ABORTED (the scheduler plans it again) rather than COMPUTE_FAILED
-            return self._fail(taskid, R.ABORTED, f"container engine failure: {outcome.error}")
+            return self._fail(
+                taskid,
+                R.ABORTED,
+                f"container engine failure: {outcome.error}",
+                cause=Cause.ABORTED_BY_WORKER,
+            )
         if not outcome.ok:
             return self._fail(
                 taskid,
                 R.COMPUTE_FAILED,
                 outcome.reason(),
+                cause=Cause.APP_COMPUTE_TIMEOUT if outcome.timed_out else Cause.APP_COMPUTE_FAILED,
                 log_tail=outcome.log_tail,
                 exit_code=outcome.exit_code,
+                stdout=outcome.stdout,
+                stderr=outcome.stderr,
             )
         try:
             results_mod.write_logs(out_dir, outcome.stdout, outcome.stderr)
             computed = results_mod.read_computed(out_dir)
-            has_callback = int(deal.callback, 16) != 0
             digest = results_mod.result_digest(out_dir, computed, has_callback)
             zip_path = results_mod.package(
                 out_dir,
@@ -348,7 +384,15 @@ class WorkerNode:
                 max_bytes=self.settings.app_output_limit_mb * MB,
             )
         except results_mod.ResultError as exc:
-            return self._fail(taskid, R.COMPUTE_FAILED, str(exc), log_tail=outcome.log_tail)
+            return self._fail(
+                taskid,
+                R.COMPUTE_FAILED,
+                str(exc),
+                cause=Cause.POST_COMPUTE_FAILED_UNKNOWN_ISSUE,
+                log_tail=outcome.log_tail,
+                stdout=outcome.stdout,
+                stderr=outcome.stderr,
+            )
         state = {
             "digest": digest,
             "zip": str(zip_path),
@@ -358,7 +402,14 @@ class WorkerNode:
             "fastPath": fast,
         }
         _write_json(task_dir / "state.json", state)
-        self.report(taskid, R.COMPUTED, result_digest=digest, duration=outcome.duration)
+        self.report(
+            taskid,
+            R.COMPUTED,
+            result_digest=digest,
+            duration=outcome.duration,
+            stdout=outcome.stdout or None,
+            stderr=outcome.stderr or None,
+        )
         # the compute slot ends here: contributing is the control process's job
         self.messages.contribute(self.address, taskid)
         return JobOutcome(taskid, str(R.COMPUTED))
@@ -368,7 +419,9 @@ class WorkerNode:
         try:
             state = self._state(taskid)
         except PocoError as exc:
-            return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+            return self._fail(
+                taskid, R.CONTRIBUTE_FAILED, str(exc), cause=Cause.DETERMINISM_HASH_NOT_FOUND
+            )
         digest = state["digest"]
         if self.settings.fault_inject == "wrong-digest":
             digest = "0x" + bytes(b ^ 0xFF for b in bytes.fromhex(digest[2:])).hex()
@@ -389,7 +442,9 @@ class WorkerNode:
             if self._on_chain(taskid) in _CONTRIBUTED:  # a resent request, or a resumed one
                 self.report(taskid, R.CONTRIBUTED, note="already contributed on chain")
                 return JobOutcome(taskid, str(R.CONTRIBUTED))
-            return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+            return self._fail(
+                taskid, R.CONTRIBUTE_FAILED, str(exc), cause=Cause.CHAIN_RECEIPT_NOT_VALID
+            )
         if self.settings.fault_inject == "crash-after-contribute":
             _crash(f"after contributing to {taskid}, before reporting it")
         self.report(taskid, R.CONTRIBUTED, tx_hash=receipt.tx_hash)
@@ -422,7 +477,9 @@ class WorkerNode:
             if self._on_chain(taskid) == ContributionStatus.PROVED:  # sent twice: it is done
                 receipt = None
             else:
-                return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+                return self._fail(
+                    taskid, R.CONTRIBUTE_FAILED, str(exc), cause=Cause.CHAIN_RECEIPT_NOT_VALID
+                )
         self.report(
             taskid,
             R.COMPLETED,
@@ -454,11 +511,23 @@ class WorkerNode:
         status: ReplicateStatus,
         reason: str,
         *,
+        cause: Cause | None = None,
         log_tail: str | None = None,
         exit_code: int | None = None,
+        stdout: str | None = None,
+        stderr: str | None = None,
     ) -> JobOutcome:
         log.warning("task %s: %s: %s", taskid, status, reason)
-        self.report(taskid, status, reason=reason[:2000], log_tail=log_tail, exit_code=exit_code)
+        self.report(
+            taskid,
+            status,
+            reason=reason[:2000],
+            cause=cause,
+            log_tail=log_tail,
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr or None,
+        )
         return JobOutcome(taskid, str(status), reason)
 
     # ---- reveal and upload, asked by the scheduler --------------------------------------------
@@ -474,10 +543,12 @@ class WorkerNode:
         try:
             state = self._state(taskid)
         except PocoError as exc:
-            return self._fail(taskid, R.REVEAL_FAILED, str(exc))
+            return self._fail(taskid, R.REVEAL_FAILED, str(exc), cause=Cause.CANNOT_REVEAL)
         gas = self.gas()
         if gas.empty:
-            return self._fail(taskid, R.REVEAL_FAILED, gas.describe(self.address))
+            return self._fail(
+                taskid, R.REVEAL_FAILED, gas.describe(self.address), cause=Cause.CANNOT_REVEAL
+            )
         self.report(taskid, R.REVEALING)
         try:
             receipt = actions.reveal(self.wallet, taskid, state["digest"])
@@ -485,7 +556,9 @@ class WorkerNode:
             if self._on_chain(taskid) == ContributionStatus.PROVED:  # revealed already
                 self.report(taskid, R.REVEALED, note="already revealed on chain")
                 return JobOutcome(taskid, str(R.REVEALED))
-            return self._fail(taskid, R.REVEAL_FAILED, str(exc))
+            return self._fail(
+                taskid, R.REVEAL_FAILED, str(exc), cause=Cause.CHAIN_RECEIPT_NOT_VALID
+            )
         self.report(taskid, R.REVEALED, tx_hash=receipt.tx_hash)
         return JobOutcome(taskid, str(R.REVEALED))
 

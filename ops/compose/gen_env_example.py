@@ -116,6 +116,12 @@ COMPOSE_VARS: list[tuple[str, list[Var]]] = [
                 "results this node pins. The RPC API (5001) is never published.",
             ),
             Var(
+                "IPFS_GATEWAY_PORT",
+                "8080",
+                "Host port of the IPFS gateway (read-only), on API_PUBLISH_ADDRESS: requesters "
+                "download results through it (docs/deploy.md, Requesters).",
+            ),
+            Var(
                 "REDIS_PASSWORD",
                 "",
                 "Password of Redis (secret). Empty: none, Redis is reachable on the compose "
