@@ -29,6 +29,7 @@ from api.queries import (
     BACKLOG_STAGES,
     listener_position,
     queue_depths,
+    refused_messages,
     transactions,
     worker_views,
     workers_summary,
@@ -188,6 +189,19 @@ class PoolCollector(Collector):
         for name, depth in depths.items():
             gauge.add_metric([name], depth or 0)
         yield gauge
+        refused = GaugeMetricFamily(
+            "workerpool_messages_refused",
+            "Worker messages the scheduler refused (forged, replayed, stale, a claim the "
+            "chain does not confirm ...), by message and reason, since Redis was emptied.",
+            labels=["message", "reason"],
+        )
+        try:
+            counts = refused_messages(self.context)
+        except Exception:
+            counts = {}
+        for (message, reason), n in sorted(counts.items()):
+            refused.add_metric([message.rpartition(".")[2], reason], n)
+        yield refused
 
     def _chain_metrics(self, up: GaugeMetricFamily) -> Iterator[Metric]:
         facts = self.context.chain.facts()

@@ -20,7 +20,7 @@ import hmac
 import logging
 from pathlib import Path
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 
 from api.errors import error_response
 from api.orderbook import SELF_AUTHENTICATED
@@ -86,9 +86,25 @@ class SecretFilter(logging.Filter):
         return True
 
 
+TOKEN_CONFIG = "WORKERPOOL_API_TOKEN"
+
+
+def has_token() -> bool:
+    """Whether the current request presents the configured bearer token (reads that show
+    more than the public view, such as a failed run's log tail, ask this)."""
+    token = str(current_app.config.get(TOKEN_CONFIG) or "")
+    if not token:
+        return False
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), token.encode()
+    )
+
+
 def install(app: Flask, settings: Settings) -> None:
     secrets = secret_values(settings)
     token = settings.api_token
+    app.config[TOKEN_CONFIG] = token
 
     @app.before_request
     def require_token() -> Response | None:
@@ -103,11 +119,7 @@ def install(app: Flask, settings: Settings) -> None:
                 "read_only",
                 "this API is read-only: set WORKERPOOL_API_TOKEN to enable mutating routes",
             )
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), token.encode()
-        ):
+        if not has_token():
             log.warning(
                 "refused %s %s: missing or wrong bearer token", request.method, request.path
             )

@@ -1,12 +1,43 @@
 """Worker reports: each status change a worker sends is applied to its replicate and moves
-the task on (the fast path; the tick's reconcile repairs whatever a lost report left)."""
+the task on (the fast path; the tick's reconcile repairs whatever a lost report left).
+
+A report is a claim of the worker that signed it (:mod:`scheduler.inbox` proved who that is),
+about its own replicate only. A claim that moves money or results is checked before it is
+applied, and a report never implies a status it did not prove: every checked status on the
+way from where the replicate is to where the report takes it is checked (:meth:`Reports.
+_check`):
+
+* CONTRIBUTED: the worker is among the task's contributors on chain (``viewTask``, the
+  read the consensus check then uses);
+* REVEALED: its contribution is PROVED on chain (``viewContribution``);
+* RESULT_UPLOADING, RESULT_UPLOADED: the task is RESULT_UPLOADING and the scheduler asked
+  this worker to upload it; RESULT_UPLOADED also needs a result link;
+* COMPLETED: the worker finalized (``contributeAndFinalize``), the chain says the task is
+  COMPLETED and the worker contributed to it; the result link recorded is the chain's.
+
+The other statuses (STARTING ... COMPUTED, CONTRIBUTING, REVEALING, the failures) only say
+how the worker's own replicate goes, as upstream iexec-core takes them. When the chain does
+not show a claim yet (a node behind), :class:`ChainNotYet` is raised and the receiver asks
+again later; a claim the chain never confirms is refused.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from pool.messages import ReplicateReport
+from poco.results import parse_result_link
+from poco.types import ChainTaskStatus, ContributionStatus, Task
+from pool.messages import (
+    BAD_RESULT_LINK,
+    BAD_STATUS,
+    NOT_UPLOADER,
+    UNKNOWN_REPLICATE,
+    Refused,
+    ReplicateReport,
+)
+from pool.redact import redact_urls
 from pool.states import ReplicateStatus, TaskStatus
 from scheduler.consensus import Consensus
 from scheduler.context import REPLICATE_DEAD, REVEAL_PHASE, SchedulerContext
@@ -21,6 +52,14 @@ T = TaskStatus
 
 _REVEAL_PHASE = frozenset(str(s) for s in REVEAL_PHASE)
 _UPLOADING = frozenset({str(R.RESULT_UPLOADING)})
+_UPLOAD = (R.RESULT_UPLOADING, R.RESULT_UPLOADED)
+MAX_LINK = 4096  # characters of a result link
+MAX_CALLBACK = 2 * 64 * 1024 + 2  # 0x + hex of 64 KiB
+MAX_REASON = 2000
+
+
+class ChainNotYet(Exception):
+    """The chain does not show (yet) what a report claims: ask again later, then refuse."""
 
 
 class Reports:
@@ -33,69 +72,158 @@ class Reports:
         finalizer: Finalizer,
     ) -> None:
         self.store = ctx.store
+        self.client = ctx.client
         self.planner = planner
         self.fleet = fleet
         self.consensus = consensus
         self.finalizer = finalizer
 
     def apply(self, report: ReplicateReport) -> None:
-        taskid, worker, target = report.taskid, report.worker, report.status
+        """Apply ``report`` of ``report.worker`` (the proven signer). Raises :class:`Refused`
+        for a claim that is not the worker's to make, :class:`ChainNotYet` for one the chain
+        does not show."""
+        taskid, worker, target = report.taskid, report.worker.lower(), report.status
+        if target == R.COMPLETED and not report.finalized:
+            raise Refused(BAD_STATUS, "COMPLETED is the scheduler's to set", worker)
+        chain: dict[str, Any] = {}  # what the checks read, for what follows
         doc = self.store.advance_replicate(
             taskid,
             worker,
             target,
             tx_hash=report.tx_hash,
-            note=report.reason or report.note,
+            note=_short(report.reason or report.note),
             extra=stored_fields(report),
             # REVEALED after RESULT_UPLOADING means "upload failed" only when it says so; a
             # late or repeated reveal report (a resumed node) must not undo the upload
             stale_from=_UPLOADING
             if target == R.REVEALED and not report.upload_failed
             else frozenset(),
+            check=self._check(report, chain),
         )
         if doc is None:
-            log.info("stale or unknown report %s from %s on %s", target, worker, taskid)
+            if self.store.replicate(taskid, worker) is None:
+                raise Refused(UNKNOWN_REPLICATE, f"no replicate of task {taskid}", worker)
+            log.info("stale report %s from %s on %s", target, worker, taskid)
             return
         if target == R.CONTRIBUTED:
             self.fleet.succeeded(worker)
             task = self.store.task(taskid) or {}
             if task.get("status") in _REVEAL_PHASE:
-                self.consensus.request_reveals(taskid)  # consensus came with another one
-            elif not self.consensus.check(taskid):
+                # consensus came with another one
+                self.consensus.request_reveals(taskid, chain.get("task"))
+            elif not self.consensus.check(taskid, chain.get("task")):
                 self.planner.replan(taskid)
         elif target == R.REVEALED:
             task = self.store.task(taskid) or {}
             if (
                 report.upload_failed
                 and task.get("status") == str(T.RESULT_UPLOADING)
-                and task.get("uploader") == worker.lower()
+                and task.get("uploader") == worker
             ):
-                self.finalizer.upload_failed(taskid, worker.lower(), report.reason or "failed")
+                reason = _short(report.reason) or "failed"
+                self.finalizer.upload_failed(taskid, worker, reason)
             else:
                 self.consensus.revealed(taskid)
         elif target == R.RESULT_UPLOADED:
-            if not report.result_link:
-                log.error("RESULT_UPLOADED for %s without a result link", taskid)
-                return
-            self.finalizer.uploaded(taskid, report.result_link, report.callback_data or "")
-        elif target == R.COMPLETED and report.finalized:
-            self.finalizer.finalized_by_worker(
+            self.finalizer.uploaded(
                 taskid, worker, report.result_link or "", report.callback_data or ""
             )
+        elif target == R.COMPLETED:
+            self.finalizer.finalized_by_worker(taskid, worker, chain["task"])
         elif str(target) in REPLICATE_DEAD:
             log.warning(
-                "replicate of %s on %s: %s (%s)", worker, taskid, target, report.reason or ""
+                "replicate of %s on %s: %s (%s)", worker, taskid, target, _short(report.reason)
             )
+
+    def _check(
+        self, report: ReplicateReport, chain: dict[str, Any]
+    ) -> Callable[[list[ReplicateStatus]], None]:
+        """The check of the statuses a report walks its replicate through (see the module's
+        table); what it reads of the chain is left in ``chain`` (``task``, a viewTask)."""
+        taskid, worker = report.taskid, report.worker.lower()
+
+        def check(path: list[ReplicateStatus]) -> None:
+            repeat = not path  # the replicate is there already: its side effects run again
+            steps = set(path or [report.status])
+            if steps & set(_UPLOAD):
+                task = self.store.task(taskid) or {}
+                uploading = task.get("status") == str(T.RESULT_UPLOADING)
+                if task.get("uploader") != worker or not (uploading or repeat):
+                    raise Refused(
+                        NOT_UPLOADER,
+                        f"task {taskid} is {task.get('status')}, its uploader "
+                        f"{task.get('uploader') or 'nobody'}",
+                        worker,
+                    )
+            if R.RESULT_UPLOADED in steps:
+                problem = _link_problem(report)
+                if problem:
+                    raise Refused(BAD_RESULT_LINK, problem, worker)
+            if R.COMPLETED in steps:
+                # contributeAndFinalize: contributed, revealed and finalized at once
+                view = self._task(taskid, chain)
+                if view.status != ChainTaskStatus.COMPLETED or not _among(worker, view):
+                    raise ChainNotYet(
+                        f"task {taskid} is {view.status.name} on chain"
+                        + ("" if _among(worker, view) else f", {worker} not a contributor")
+                    )
+            elif R.REVEALED in steps:
+                contribution = self.client.view_contribution(taskid, worker)
+                if contribution.status != ContributionStatus.PROVED:
+                    raise ChainNotYet(
+                        f"{worker}'s contribution to {taskid} is {contribution.status.name}"
+                    )
+            elif R.CONTRIBUTED in steps:
+                view = self._task(taskid, chain)
+                if not _among(worker, view):
+                    raise ChainNotYet(f"{worker} is not a contributor of {taskid} on chain")
+
+        return check
+
+    def _task(self, taskid: str, chain: dict[str, Any]) -> Task:
+        if "task" not in chain:
+            chain["task"] = self.client.view_task(taskid)
+        task: Task = chain["task"]
+        return task
+
+
+def _among(worker: str, view: Task) -> bool:
+    return worker in {c.lower() for c in view.contributors}
+
+
+def _link_problem(report: ReplicateReport) -> str | None:
+    link = report.result_link or ""
+    if not link or len(link) > MAX_LINK:
+        return f"a result link of 1 to {MAX_LINK} characters is needed"
+    try:
+        parse_result_link(link)
+    except ValueError as exc:
+        return str(exc)
+    callback = report.callback_data or ""
+    if callback:
+        hex_ok = callback.startswith("0x") and len(callback) % 2 == 0
+        try:
+            bytes.fromhex(callback[2:])
+        except ValueError:
+            hex_ok = False
+        if not hex_ok or len(callback) > MAX_CALLBACK:
+            return "callback data must be hex bytes (at most 64 KiB)"
+    return None
+
+
+def _short(text: str | None) -> str:
+    """A worker's free text as it may be stored and shown: URLs masked, bounded."""
+    return redact_urls(text or "")[:MAX_REASON]
 
 
 def stored_fields(report: ReplicateReport) -> dict[str, Any]:
-    """What a report adds to its replicate's document, under the store's field names."""
+    """What a report adds to its replicate's document, under the store's field names (the
+    result link of a COMPLETED report is the chain's, recorded on the task)."""
     fields = {
-        "reason": report.reason,
+        "reason": _short(report.reason) if report.reason else None,
         "logTail": report.log_tail,
-        "resultDigest": report.result_digest,
-        "resultLink": report.result_link,
-        "callbackData": report.callback_data,
+        "resultLink": report.result_link if report.status == R.RESULT_UPLOADED else None,
+        "callbackData": report.callback_data if report.status == R.RESULT_UPLOADED else None,
         "exitCode": report.exit_code,
         "duration": report.duration,
     }

@@ -92,6 +92,7 @@ class FakeChain:
 
     def __init__(self, *, now: int | None = None, head: int = 1000, hub: str = HUB) -> None:
         self.rpc_url = "fake://chain"
+        self.chain_id = 65535
         self.hub_address = hub
         self.head = head
         self.now = int(time.time()) if now is None else now
@@ -203,7 +204,9 @@ class FakeChain:
         elif name == "finalize":
             taskid = "0x" + bytes(args[0]).hex()
             task = self.tasks[taskid]
-            self.tasks[taskid] = dataclasses.replace(task, status=ChainTaskStatus.COMPLETED)
+            self.tasks[taskid] = dataclasses.replace(
+                task, status=ChainTaskStatus.COMPLETED, results=bytes(args[1])
+            )
             for worker in task.contributors:
                 key = (taskid, worker.lower())
                 self.contributions[key] = dataclasses.replace(
@@ -257,6 +260,10 @@ class FakeChain:
         task = self.tasks[taskid]
         self.tasks[taskid] = dataclasses.replace(
             task, reveal_counter=task.reveal_counter + 1, result_digest=digest
+        )
+        key = (taskid, worker.lower())
+        self.contributions[key] = dataclasses.replace(
+            self.contributions[key], status=ContributionStatus.PROVED
         )
 
 

@@ -19,7 +19,6 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Unpack
@@ -32,6 +31,7 @@ from poco.results import result_link
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool import keys
 from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
+from pool.redact import redact_urls
 from pool.settings import Settings
 from pool.states import ReplicateStatus
 from workers import inputs as inputs_mod
@@ -109,8 +109,9 @@ class WorkerNode:
         (``fields``: what :class:`~pool.messages.ReplicateReport` carries beside it)."""
         self.messages.report(ReplicateReport(taskid, self.address, status, **fields))
 
-    def heartbeat(self) -> None:
-        self.messages.heartbeat(self.info())
+    def heartbeat(self) -> dict[str, Any]:
+        """Send a signed heartbeat; returns its envelope."""
+        return self.messages.heartbeat(self.info())
 
     def info(self) -> Heartbeat:
         return Heartbeat(
@@ -284,7 +285,9 @@ class WorkerNode:
             "fastPath": fast,
         }
         _write_json(task_dir / "state.json", state)
-        self.report(taskid, R.COMPUTED, result_digest=digest, duration=outcome.duration)
+        # the digest stays here until the reveal: sent anywhere, a lazy worker could
+        # contribute it without computing
+        self.report(taskid, R.COMPUTED, duration=outcome.duration)
         # the compute slot ends here: contributing is the control process's job
         self.messages.contribute(self.address, taskid)
         return JobOutcome(taskid, str(R.COMPUTED))
@@ -381,7 +384,9 @@ class WorkerNode:
         exit_code: int | None = None,
     ) -> JobOutcome:
         log.warning("task %s: %s: %s", taskid, status, reason)
-        self.report(taskid, status, reason=reason[:2000], log_tail=log_tail, exit_code=exit_code)
+        # URLs masked: an RPC URL in an error text may hold the node's API key
+        reason = redact_urls(reason)[:2000]
+        self.report(taskid, status, reason=reason, log_tail=log_tail, exit_code=exit_code)
         return JobOutcome(taskid, str(status), reason)
 
     # ---- reveal and upload, asked by the scheduler --------------------------------------------
@@ -411,6 +416,13 @@ class WorkerNode:
 
     def upload(self, taskid: str) -> JobOutcome:
         state = self._state(taskid)
+        # a request to upload may come from anyone who can write to Redis: the result is
+        # published only once this node revealed (the chain is closed to contributions then),
+        # never while a free-rider could still contribute a digest computed from it
+        mine = self._on_chain(taskid)
+        if mine != ContributionStatus.PROVED:
+            log.warning("task %s: upload asked before our reveal (%s): ignored", taskid, mine.name)
+            return JobOutcome(taskid, "DROPPED", f"not revealed on chain ({mine.name})")
         self.report(taskid, R.RESULT_UPLOADING)
         link, callback_data = self._result_link(taskid, state)
         self.report(taskid, R.RESULT_UPLOADED, result_link=link, callback_data=callback_data)
@@ -482,7 +494,7 @@ class WorkerNode:
         if task.contribution_deadline <= now:
             return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
         if state.get("digest"):
-            self.report(taskid, R.COMPUTED, result_digest=state["digest"], note="resumed")
+            self.report(taskid, R.COMPUTED, note="resumed")
             self.messages.contribute(self.address, taskid)
             return JobOutcome(taskid, str(R.CONTRIBUTING), "contribute sent")
         if task.contribution_deadline - now < task.timeref * RECOMPUTE_TIME_RATIO:
@@ -511,12 +523,13 @@ class WorkerNode:
             try:
                 if self.lease is not None:
                     self.lease.renew()  # LeaseLost propagates: the node must stop
+                envelope = self.heartbeat()
                 if self.redis is not None:
-                    # liveness straight into Redis: the scheduler judges LOST on this, not on
-                    # heartbeat messages that may wait behind other work in its queue
+                    # liveness straight into Redis: the scheduler judges LOST on this (the
+                    # signed heartbeat: nobody else can write a fresher one), not on heartbeat
+                    # messages that may wait behind other work in its queue
                     self.redis.set(keys.node_alive(self.address), self.name, px=int(period * 3000))
-                    self.redis.set(keys.node_seen(self.address), repr(time.time()), ex=86400)
-                self.heartbeat()
+                    self.redis.set(keys.node_seen(self.address), json.dumps(envelope), ex=86400)
             except LeaseLost:
                 raise
             except Exception as exc:  # Redis down: keep trying, keep working
