@@ -60,7 +60,7 @@ def beat(worker: str, slots: int = 2) -> Heartbeat:
 def test_the_digest_is_eip712_as_wallets_compute_it_and_a_wallet_signature_opens() -> None:
     signer = MessageSigner(KEY_A, DOMAIN)
     envelope = signer.seal(HEARTBEAT, beat(signer.address))
-    typed = {
+    typed: dict[str, Any] = {
         "types": {
             "EIP712Domain": [
                 {"name": "name", "type": "string"},
