@@ -451,6 +451,7 @@ NOT_UPLOADER = "not_uploader"  # an upload report from a worker not asked to upl
 BAD_RESULT_LINK = "bad_result_link"  # a result link that is not one
 BAD_STATUS = "bad_status"  # a status a worker may not report (COMPLETED it did not finalize)
 NOT_ON_CHAIN = "not_on_chain"  # the chain does not show what the report claims
+LOST_WORKER = "lost_worker"  # progress reported by a worker judged LOST, with no heartbeat since
 REASONS = (
     MALFORMED,
     BAD_SIGNATURE,
@@ -465,6 +466,7 @@ REASONS = (
     BAD_RESULT_LINK,
     BAD_STATUS,
     NOT_ON_CHAIN,
+    LOST_WORKER,
 )
 
 

@@ -313,16 +313,16 @@ class Store:
         note: str | None = None,
         extra: dict[str, Any] | None = None,
         stale_from: frozenset[str] = frozenset(),
-        check: Callable[[list[ReplicateStatus]], None] | None = None,
+        check: Callable[[dict[str, Any], list[ReplicateStatus]], None] | None = None,
     ) -> dict[str, Any] | None:
         """Bring a replicate to ``target`` through the allowed statuses in between (reports
         can be processed out of order). Returns None for a stale report (``target`` is behind
         the current status, or the replicate is in one of ``stale_from``: a transition back
         the report does not mean) or an unknown replicate.
 
-        ``check`` sees the statuses about to be walked (none when the replicate is there
-        already) before anything is written, and may raise to stop the walk: a worker's
-        report crosses no status whose claim the chain has not confirmed."""
+        ``check`` sees the replicate and the statuses about to be walked (none when the
+        replicate is there already) before anything is written, and may raise to stop the
+        walk: a worker's report crosses no status whose claim the chain has not confirmed."""
         for _ in range(3):  # a concurrent report may move it while we walk
             current = self.replicate(taskid, worker)
             if current is None or current["status"] in stale_from:
@@ -331,7 +331,7 @@ class Store:
             if path is None:
                 return None
             if check is not None:
-                check(path)
+                check(current, path)
             if not path:
                 return current
             try:

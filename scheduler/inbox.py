@@ -30,7 +30,6 @@ from pool.messages import (
     BAD_HEARTBEAT,
     HEARTBEAT,
     NOT_ALLOWED,
-    NOT_ON_CHAIN,
     REPLAY,
     REPORT,
     REPORT_MAX_AGE,
@@ -43,7 +42,7 @@ from pool.messages import (
 from scheduler.authorization import Authorizer
 from scheduler.context import SchedulerContext
 from scheduler.fleet import Fleet
-from scheduler.reports import ChainNotYet, Reports
+from scheduler.reports import NotYet, Reports
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +70,9 @@ class Inbox:
         return self.authorizer.authorize(signed.payload)
 
     def report(self, data: Any, *, last_try: bool = True) -> None:
-        """Apply a signed status report. Raises :class:`ChainNotYet` when the chain does not
-        show what it claims and ``last_try`` is False (the receiver asks again later); on the
-        last try such a report is refused."""
+        """Apply a signed status report. Raises :class:`NotYet` when what it claims is not
+        confirmed yet (the chain, or a lost worker's heartbeat) and ``last_try`` is False
+        (the receiver asks again later); on the last try such a report is refused."""
         try:
             signed = REPORT.open(data, self.ctx.domain)
             check_time(signed, time.time(), REPORT_MAX_AGE, self.settings.message_max_age)
@@ -84,13 +83,13 @@ class Inbox:
             return
         try:
             self.reports.apply(signed.payload)
-        except ChainNotYet as exc:
+        except NotYet as exc:
             if not last_try:
                 log.info(
                     "report %s of %s: %s (asking again)", signed.payload.status, signed.signer, exc
                 )
                 raise
-            self.ctx.refusals.count(REPORT.name, Refused(NOT_ON_CHAIN, str(exc), signed.signer))
+            self.ctx.refusals.count(REPORT.name, Refused(exc.reason, str(exc), signed.signer))
         except Refused as exc:
             self.ctx.refusals.count(REPORT.name, exc)
         # applied or refused for good: the same message again is a replay

@@ -16,9 +16,11 @@ _check`):
   COMPLETED and the worker contributed to it; the result link recorded is the chain's.
 
 The other statuses (STARTING ... COMPUTED, CONTRIBUTING, REVEALING, the failures) only say
-how the worker's own replicate goes, as upstream iexec-core takes them. When the chain does
-not show a claim yet (a node behind), :class:`ChainNotYet` is raised and the receiver asks
-again later; a claim the chain never confirms is refused.
+how the worker's own replicate goes, as upstream iexec-core takes them; a replicate given up
+with its worker (WORKER_LOST) moves again only once the worker is ALIVE again (a verified
+heartbeat). When the chain does not show a claim yet (a node behind), or the heartbeat of a
+lost worker has not come yet, :class:`NotYet` is raised and the receiver asks again later; a
+claim never confirmed is refused.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from poco.types import ChainTaskStatus, ContributionStatus, Task
 from pool.messages import (
     BAD_RESULT_LINK,
     BAD_STATUS,
+    LOST_WORKER,
+    NOT_ON_CHAIN,
     NOT_UPLOADER,
     UNKNOWN_REPLICATE,
     Refused,
     ReplicateReport,
 )
 from pool.redact import redact_urls
-from pool.states import ReplicateStatus, TaskStatus
+from pool.states import ReplicateStatus, TaskStatus, WorkerStatus
 from scheduler.consensus import Consensus
 from scheduler.context import REPLICATE_DEAD, REVEAL_PHASE, SchedulerContext
 from scheduler.finalize import Finalizer
@@ -58,8 +62,13 @@ MAX_CALLBACK = 2 * 64 * 1024 + 2  # 0x + hex of 64 KiB
 MAX_REASON = 2000
 
 
-class ChainNotYet(Exception):
-    """The chain does not show (yet) what a report claims: ask again later, then refuse."""
+class NotYet(Exception):
+    """What a report claims is not confirmed (yet): ask again later, then refuse it for
+    ``reason``."""
+
+    def __init__(self, detail: str, reason: str = NOT_ON_CHAIN) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 class Reports:
@@ -80,7 +89,7 @@ class Reports:
 
     def apply(self, report: ReplicateReport) -> None:
         """Apply ``report`` of ``report.worker`` (the proven signer). Raises :class:`Refused`
-        for a claim that is not the worker's to make, :class:`ChainNotYet` for one the chain
+        for a claim that is not the worker's to make, :class:`NotYet` for one the chain
         does not show."""
         taskid, worker, target = report.taskid, report.worker.lower(), report.status
         if target == R.COMPLETED and not report.finalized:
@@ -137,12 +146,16 @@ class Reports:
 
     def _check(
         self, report: ReplicateReport, chain: dict[str, Any]
-    ) -> Callable[[list[ReplicateStatus]], None]:
+    ) -> Callable[[dict[str, Any], list[ReplicateStatus]], None]:
         """The check of the statuses a report walks its replicate through (see the module's
-        table); what it reads of the chain is left in ``chain`` (``task``, a viewTask)."""
+        list); what it reads of the chain is left in ``chain`` (``task``, a viewTask)."""
         taskid, worker = report.taskid, report.worker.lower()
 
-        def check(path: list[ReplicateStatus]) -> None:
+        def check(current: dict[str, Any], path: list[ReplicateStatus]) -> None:
+            if path and current["status"] == str(R.WORKER_LOST):
+                record = self.store.worker(worker) or {}
+                if record.get("status") != str(WorkerStatus.ALIVE):
+                    raise NotYet(f"{worker} is {record.get('status')}: no heartbeat", LOST_WORKER)
             repeat = not path  # the replicate is there already: its side effects run again
             steps = set(path or [report.status])
             if steps & set(_UPLOAD):
@@ -163,20 +176,20 @@ class Reports:
                 # contributeAndFinalize: contributed, revealed and finalized at once
                 view = self._task(taskid, chain)
                 if view.status != ChainTaskStatus.COMPLETED or not _among(worker, view):
-                    raise ChainNotYet(
+                    raise NotYet(
                         f"task {taskid} is {view.status.name} on chain"
                         + ("" if _among(worker, view) else f", {worker} not a contributor")
                     )
             elif R.REVEALED in steps:
                 contribution = self.client.view_contribution(taskid, worker)
                 if contribution.status != ContributionStatus.PROVED:
-                    raise ChainNotYet(
+                    raise NotYet(
                         f"{worker}'s contribution to {taskid} is {contribution.status.name}"
                     )
             elif R.CONTRIBUTED in steps:
                 view = self._task(taskid, chain)
                 if not _among(worker, view):
-                    raise ChainNotYet(f"{worker} is not a contributor of {taskid} on chain")
+                    raise NotYet(f"{worker} is not a contributor of {taskid} on chain")
 
         return check
 

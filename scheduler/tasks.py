@@ -26,13 +26,14 @@ from pool.messages import (
 )
 from pool.settings import Settings
 from scheduler.context import TickReport
-from scheduler.reports import ChainNotYet
+from scheduler.reports import NotYet
 from scheduler.service import Scheduler, build
 
 log = logging.getLogger(__name__)
 
-# a report the chain does not confirm yet is looked at again after 5, 10 and 20 s (a chain
-# node a few blocks behind the worker's), then refused (iexec-core: 3 looks, 6 blocks apart)
+# a report not confirmed yet is looked at again after 5, 10 and 20 s (a chain node a few
+# blocks behind the worker's, a heartbeat behind the report), then refused (iexec-core: 3
+# looks, 6 blocks apart)
 CHAIN_LAG_RETRIES = 3
 CHAIN_LAG_DELAY = 5.0
 
@@ -102,7 +103,7 @@ def register(app: Celery, scheduler: Scheduler) -> None:
         tries = self.request.retries
         try:
             scheduler.inbox.report(envelope, last_try=tries >= CHAIN_LAG_RETRIES)
-        except ChainNotYet as exc:  # the scheduler's chain node may be a few blocks behind
+        except NotYet as exc:  # the scheduler's chain node may be a few blocks behind
             raise self.retry(countdown=CHAIN_LAG_DELAY * 2**tries, exc=exc) from exc
 
     @app.task(shared=False, name=HEARTBEAT.name, acks_late=False, time_limit=30)

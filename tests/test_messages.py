@@ -37,7 +37,7 @@ from pool.settings import Settings
 from pool.states import ReplicateStatus, TaskStatus
 from pool.store import Store
 from scheduler.context import SchedulerContext
-from scheduler.reports import ChainNotYet
+from scheduler.reports import NotYet
 from scheduler.service import Scheduler
 from testing.celery import FakeCelery
 from testing.chain import POOL, FakeChain, FakeWallet, chain_task, contribution
@@ -368,7 +368,7 @@ def test_a_contribution_is_taken_once_the_chain_shows_it_and_a_retry_is_no_repla
     pool.chain.tasks[TASK] = chain_task(TASK, ChainTaskStatus.ACTIVE, [])
     envelope = pool.a.report(TASK, "CONTRIBUTED", tx_hash="0x" + "ab" * 32)
     # the scheduler's node does not show the contribution yet: asked again later
-    with pytest.raises(ChainNotYet):
+    with pytest.raises(NotYet):
         pool.inbox.report(envelope, last_try=False)
     assert pool.status(pool.a) == "CONTRIBUTING"
     # then it does: the same message (Celery's retry) is applied, not taken for a replay

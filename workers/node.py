@@ -293,11 +293,14 @@ class WorkerNode:
         return JobOutcome(taskid, str(R.COMPUTED))
 
     def contribute(self, taskid: str) -> JobOutcome:
-        """Contribute a computed result (control process: never waits behind a computation)."""
+        """Contribute a computed result (control process: never waits behind a computation).
+        A request for a task this node computed nothing for is not its own (anyone who can
+        write to Redis can send one): it is dropped, with no report."""
         try:
             state = self._state(taskid)
         except PocoError as exc:
-            return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+            log.warning("task %s: contribute asked, nothing computed here: ignored", taskid)
+            return JobOutcome(taskid, "DROPPED", str(exc))
         digest = state["digest"]
         if self.settings.fault_inject == "wrong-digest":
             digest = "0x" + bytes(b ^ 0xFF for b in bytes.fromhex(digest[2:])).hex()
@@ -399,6 +402,22 @@ class WorkerNode:
         return state
 
     def reveal(self, taskid: str) -> JobOutcome:
+        """Reveal our contribution, once the chain says it is a winner (a request may come
+        from anyone who can write to Redis: one that comes early, or for a task we did not
+        win, is dropped with no report, as iexec-worker checks before revealing)."""
+        task = self.client.view_task(taskid)
+        mine = self.client.view_contribution(taskid, self.address)
+        if mine.status == ContributionStatus.PROVED:
+            self.report(taskid, R.REVEALED, note="already revealed on chain")
+            return JobOutcome(taskid, str(R.REVEALED))
+        if (
+            task.status != ChainTaskStatus.REVEALING
+            or mine.status != ContributionStatus.CONTRIBUTED
+            or mine.result_hash != task.consensus_value
+        ):
+            why = f"task {task.status.name}, our contribution {mine.status.name}"
+            log.warning("task %s: reveal asked, not a winner to reveal (%s): ignored", taskid, why)
+            return JobOutcome(taskid, "DROPPED", why)
         try:
             state = self._state(taskid)
         except PocoError as exc:
