@@ -11,6 +11,7 @@ cursor. Each app has its own :class:`CollectorRegistry`, so several apps in one 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +36,7 @@ from api.queries import (
     workers_summary,
 )
 from pool.clock import utcnow
+from pool.messages import REFUSALS
 from pool.states import DealStatus, ReplicateStatus, TaskStatus
 
 # seconds: a replicate of the echo app takes < 1 s; category XS allows 300 s, XL 36000 s
@@ -195,10 +197,10 @@ class PoolCollector(Collector):
             "chain does not confirm ...), by message and reason, since Redis was emptied.",
             labels=["message", "reason"],
         )
-        try:
-            counts = refused_messages(self.context)
-        except Exception:
-            counts = {}
+        # every pair a message can be refused for, from 0: delta() sees the first refusal
+        counts = {(m, r): 0 for m, reasons in REFUSALS.items() for r in reasons}
+        with contextlib.suppress(Exception):  # a hash that is no longer one: zeros
+            counts.update(refused_messages(self.context))
         for (message, reason), n in sorted(counts.items()):
             refused.add_metric([message.rpartition(".")[2], reason], n)
         yield refused

@@ -32,6 +32,7 @@ worker's key can send one the scheduler takes as that worker's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,6 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Generic, Self, TypedDict, TypeVar
 
 import coincurve
@@ -112,8 +112,7 @@ class Payload:
         """The payload ``data`` carries, checked field by field."""
         if not isinstance(data, Mapping):
             raise MessageError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
-        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        hints, known = _fields_of(cls)  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise MessageError(f"{cls.__name__}: unknown field(s) {', '.join(map(str, unknown))}")
@@ -130,6 +129,13 @@ class Payload:
                 continue
             values[name] = _check(cls.__name__, name, hints[name], data[name])
         return cls(**values)
+
+
+@functools.cache
+def _fields_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """A payload class's type hints and fields, read once (``get_type_hints`` evaluates every
+    annotation: it cost more than checking a message's signature)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _optional(hint: Any) -> bool:
@@ -468,6 +474,21 @@ REASONS = (
     NOT_ON_CHAIN,
     LOST_WORKER,
 )
+_ENVELOPE = (MALFORMED, BAD_SIGNATURE, WRONG_SIGNER, STALE, FUTURE, REPLAY)
+# the reasons each message can be refused for (/metrics shows each pair, 0 until one is)
+REFUSALS: dict[str, tuple[str, ...]] = {
+    AUTHORIZE.name: (*_ENVELOPE, NOT_ALLOWED),
+    HEARTBEAT.name: (*_ENVELOPE, NOT_ALLOWED, BAD_HEARTBEAT),
+    REPORT.name: (
+        *_ENVELOPE,
+        UNKNOWN_REPLICATE,
+        NOT_UPLOADER,
+        BAD_RESULT_LINK,
+        BAD_STATUS,
+        NOT_ON_CHAIN,
+        LOST_WORKER,
+    ),
+}
 
 
 class Refused(MessageError):
@@ -489,7 +510,7 @@ class Domain:
     chain_id: int
     pool: str
 
-    @cached_property
+    @functools.cached_property
     def separator(self) -> bytes:
         return keccak(
             _DOMAIN_TYPEHASH
