@@ -24,7 +24,9 @@ from flask import Flask, Response, current_app, request
 
 from api.errors import error_response
 from api.orderbook import SELF_AUTHENTICATED
-from pool.settings import SETTINGS, Settings
+from pool.broker import redis_password
+from pool.redact import redact_urls
+from pool.settings import SETTINGS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,19 @@ def secret_values(settings: Settings) -> list[str]:
                 continue
             if content:
                 raw.add(content)
+    # Redis' password (its file is not a secret setting's _FILE twin), and URLs that carry a
+    # password, a key in their path or query (an RPC URL): text stored before they were
+    # masked at the source must not show them either
+    try:
+        password = redis_password(settings)
+    except SettingsError:
+        password = ""
+    if password:
+        raw.add(password)
+    for name in ("chain_rpc_url", "redis_url", "mongo_url"):
+        url = getattr(settings, name, None)
+        if isinstance(url, str) and url and redact_urls(url) != url:
+            raw.add(url)
     spellings: set[str] = set()
     for value in raw:
         bare = value.strip().removeprefix("0x").removeprefix("0X")

@@ -427,9 +427,11 @@ class Messenger:
 ENVELOPE_VERSION = 1
 MAX_BODY = 64 * 1024  # characters of a payload's JSON
 # a status report may wait in Redis while the scheduler is down, so it has no short age bound;
-# past this it is refused (no task lives as long: XL's final deadline is 10 x 36000 s), and its
-# nonce is remembered as long as it could be accepted
-REPORT_MAX_AGE = 7 * 86400
+# past this it is refused, and its nonce is remembered as long as it could be accepted (one
+# Redis key per report taken). A report lost this way is repaired from the chain by the tick
+# (contributions, reveals, finalized tasks); a report replayed after it was forgotten finds
+# its replicate there already and changes nothing.
+REPORT_MAX_AGE = 2 * 86400
 _ENVELOPE_FIELDS = frozenset({"v", "kind", "worker", "body", "nonce", "issuedAt", "sig"})
 _HEX32 = re.compile(r"0x[0-9a-fA-F]{64}")
 _HEX65 = re.compile(r"0x[0-9a-fA-F]{130}")

@@ -28,11 +28,15 @@ from typing import Any
 from pool.messages import (
     AUTHORIZE,
     BAD_HEARTBEAT,
+    BAD_SIGNATURE,
+    FUTURE,
     HEARTBEAT,
     NOT_ALLOWED,
     REPLAY,
     REPORT,
     REPORT_MAX_AGE,
+    STALE,
+    WRONG_SIGNER,
     Authorization,
     Refused,
     Signed,
@@ -45,6 +49,15 @@ from scheduler.fleet import Fleet
 from scheduler.reports import NotYet, Reports
 
 log = logging.getLogger(__name__)
+
+# what an honest node refused for these should check (its log shows the answer)
+_DOMAIN_HINT = " (are the node's POOL_ADDRESS and chain this pool's?)"
+HINTS = {
+    WRONG_SIGNER: _DOMAIN_HINT,
+    BAD_SIGNATURE: _DOMAIN_HINT,
+    STALE: " (is the node's clock right?)",
+    FUTURE: " (is the node's clock right?)",
+}
 
 
 class Inbox:
@@ -66,7 +79,8 @@ class Inbox:
             self._claim_nonce(signed, self.settings.message_max_age * 2)
         except Refused as exc:
             self.ctx.refusals.count(AUTHORIZE.name, exc)
-            return Authorization(granted=False, reason=f"refused: {exc.reason}", requeue=True)
+            hint = HINTS.get(exc.reason, "")
+            return Authorization(granted=False, reason=f"refused: {exc.reason}{hint}", requeue=True)
         return self.authorizer.authorize(signed.payload)
 
     def report(self, data: Any, *, last_try: bool = True) -> None:

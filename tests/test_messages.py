@@ -285,7 +285,7 @@ def test_authorize_needs_a_verified_heartbeat_and_reserves_no_slot_for_a_forgery
     # another key asks in A's name: refused before anything is reserved
     forged = pool.b.signer.seal(AUTHORIZE, AuthorizeRequest(TASK, pool.a.address))
     answer = pool.inbox.authorize({**forged, "worker": pool.a.address})
-    assert not answer.granted and answer.reason == "refused: wrong_signer"
+    assert not answer.granted and answer.reason.startswith("refused: wrong_signer (are the")
     # A itself, before any heartbeat of its own
     answer = pool.inbox.authorize(pool.a.authorize(TASK))
     assert not answer.granted and "no heartbeat" in answer.reason and answer.requeue
@@ -347,12 +347,12 @@ def test_a_report_counts_only_for_the_signers_own_replicate(pool: Pool) -> None:
     }
 
 
-def test_a_report_from_the_future_or_older_than_a_week_is_refused(pool: Pool) -> None:
+def test_a_report_from_the_future_or_older_than_two_days_is_refused(pool: Pool) -> None:
     pool.task()
     pool.replicate(pool.a, ReplicateStatus.COMPUTING)
     report = ReplicateReport(TASK, pool.a.address, ReplicateStatus.COMPUTED)
     pool.inbox.report(pool.a.signer.seal(REPORT, report, now=time.time() + 3600))
-    pool.inbox.report(pool.a.signer.seal(REPORT, report, now=time.time() - 8 * 86400))
+    pool.inbox.report(pool.a.signer.seal(REPORT, report, now=time.time() - 3 * 86400))
     assert pool.status(pool.a) == "COMPUTING"
     # a report that waited a day in Redis (a scheduler outage) is still good
     pool.inbox.report(pool.a.signer.seal(REPORT, report, now=time.time() - 86400))
