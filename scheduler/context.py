@@ -5,10 +5,11 @@ messages to the workers, and Redis (None in tests that run without it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from poco.chain import ChainClient, Wallet
-from pool.messages import Messenger
+from pool.messages import Domain, Messenger, Nonces, Refusals
 from pool.settings import Settings
 from pool.states import ReplicateStatus, TaskStatus
 from pool.store import Store
@@ -57,6 +58,21 @@ class SchedulerContext:
     def pool(self) -> str:
         """The workerpool this scheduler serves (POOL_ADDRESS)."""
         return str(self.settings.pool_address)
+
+    @cached_property
+    def domain(self) -> Domain:
+        """The EIP-712 domain workers sign their messages in (this chain, this pool)."""
+        return Domain(self.client.chain_id, self.pool)
+
+    @cached_property
+    def refusals(self) -> Refusals:
+        """Refused worker messages: logged, counted in Redis for /metrics."""
+        return Refusals(self.redis)
+
+    @cached_property
+    def nonces(self) -> Nonces:
+        """The nonces of the worker messages taken (replays are refused)."""
+        return Nonces(self.redis)
 
 
 @dataclass

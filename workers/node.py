@@ -34,6 +34,7 @@ from poco.tags import tag_to_int
 from poco.types import ChainTaskStatus, ContributionStatus, Deal
 from pool import keys
 from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
+from pool.redact import redact_urls
 from pool.settings import Settings
 from pool.states import ReplicateStatus
 from pool.states import ReplicateStatusCause as Cause
@@ -118,8 +119,9 @@ class WorkerNode:
         (``fields``: what :class:`~pool.messages.ReplicateReport` carries beside it)."""
         self.messages.report(ReplicateReport(taskid, self.address, status, **fields))
 
-    def heartbeat(self) -> None:
-        self.messages.heartbeat(self.info())
+    def heartbeat(self) -> dict[str, Any]:
+        """Send a signed heartbeat; returns its envelope."""
+        return self.messages.heartbeat(self.info())
 
     def info(self) -> Heartbeat:
         refusal = self._refusal
@@ -402,10 +404,11 @@ class WorkerNode:
             "fastPath": fast,
         }
         _write_json(task_dir / "state.json", state)
+        # the digest stays here until the reveal: sent anywhere, a lazy worker could
+        # contribute it without computing
         self.report(
             taskid,
             R.COMPUTED,
-            result_digest=digest,
             duration=outcome.duration,
             stdout=outcome.stdout or None,
             stderr=outcome.stderr or None,
@@ -415,13 +418,14 @@ class WorkerNode:
         return JobOutcome(taskid, str(R.COMPUTED))
 
     def contribute(self, taskid: str) -> JobOutcome:
-        """Contribute a computed result (control process: never waits behind a computation)."""
+        """Contribute a computed result (control process: never waits behind a computation).
+        A request for a task this node computed nothing for is not its own (anyone who can
+        write to Redis can send one): it is dropped, with no report."""
         try:
             state = self._state(taskid)
         except PocoError as exc:
-            return self._fail(
-                taskid, R.CONTRIBUTE_FAILED, str(exc), cause=Cause.DETERMINISM_HASH_NOT_FOUND
-            )
+            log.warning("task %s: contribute asked, nothing computed here: ignored", taskid)
+            return JobOutcome(taskid, "DROPPED", str(exc))
         digest = state["digest"]
         if self.settings.fault_inject == "wrong-digest":
             digest = "0x" + bytes(b ^ 0xFF for b in bytes.fromhex(digest[2:])).hex()
@@ -518,10 +522,12 @@ class WorkerNode:
         stderr: str | None = None,
     ) -> JobOutcome:
         log.warning("task %s: %s: %s", taskid, status, reason)
+        # URLs masked: an RPC URL in an error text may hold the node's API key
+        reason = redact_urls(reason)[:2000]
         self.report(
             taskid,
             status,
-            reason=reason[:2000],
+            reason=reason,
             cause=cause,
             log_tail=log_tail,
             exit_code=exit_code,
@@ -540,6 +546,22 @@ class WorkerNode:
         return state
 
     def reveal(self, taskid: str) -> JobOutcome:
+        """Reveal our contribution, once the chain says it is a winner (a request may come
+        from anyone who can write to Redis: one that comes early, or for a task we did not
+        win, is dropped with no report, as iexec-worker checks before revealing)."""
+        task = self.client.view_task(taskid)
+        mine = self.client.view_contribution(taskid, self.address)
+        if mine.status == ContributionStatus.PROVED:
+            self.report(taskid, R.REVEALED, note="already revealed on chain")
+            return JobOutcome(taskid, str(R.REVEALED))
+        if (
+            task.status != ChainTaskStatus.REVEALING
+            or mine.status != ContributionStatus.CONTRIBUTED
+            or mine.result_hash != task.consensus_value
+        ):
+            why = f"task {task.status.name}, our contribution {mine.status.name}"
+            log.warning("task %s: reveal asked, not a winner to reveal (%s): ignored", taskid, why)
+            return JobOutcome(taskid, "DROPPED", why)
         try:
             state = self._state(taskid)
         except PocoError as exc:
@@ -564,6 +586,13 @@ class WorkerNode:
 
     def upload(self, taskid: str) -> JobOutcome:
         state = self._state(taskid)
+        # a request to upload may come from anyone who can write to Redis: the result is
+        # published only once this node revealed (the chain is closed to contributions then),
+        # never while a free-rider could still contribute a digest computed from it
+        mine = self._on_chain(taskid)
+        if mine != ContributionStatus.PROVED:
+            log.warning("task %s: upload asked before our reveal (%s): ignored", taskid, mine.name)
+            return JobOutcome(taskid, "DROPPED", f"not revealed on chain ({mine.name})")
         self.report(taskid, R.RESULT_UPLOADING)
         link, callback_data = self._result_link(taskid, state)
         self.report(taskid, R.RESULT_UPLOADED, result_link=link, callback_data=callback_data)
@@ -635,7 +664,7 @@ class WorkerNode:
         if task.contribution_deadline <= now:
             return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
         if state.get("digest"):
-            self.report(taskid, R.COMPUTED, result_digest=state["digest"], note="resumed")
+            self.report(taskid, R.COMPUTED, note="resumed")
             self.messages.contribute(self.address, taskid)
             return JobOutcome(taskid, str(R.CONTRIBUTING), "contribute sent")
         if task.contribution_deadline - now < task.timeref * RECOMPUTE_TIME_RATIO:
@@ -664,12 +693,13 @@ class WorkerNode:
             try:
                 if self.lease is not None:
                     self.lease.renew()  # LeaseLost propagates: the node must stop
+                envelope = self.heartbeat()
                 if self.redis is not None:
-                    # liveness straight into Redis: the scheduler judges LOST on this, not on
-                    # heartbeat messages that may wait behind other work in its queue
+                    # liveness straight into Redis: the scheduler judges LOST on this (the
+                    # signed heartbeat: nobody else can write a fresher one), not on heartbeat
+                    # messages that may wait behind other work in its queue
                     self.redis.set(keys.node_alive(self.address), self.name, px=int(period * 3000))
-                    self.redis.set(keys.node_seen(self.address), repr(time.time()), ex=86400)
-                self.heartbeat()
+                    self.redis.set(keys.node_seen(self.address), json.dumps(envelope), ex=86400)
             except LeaseLost:
                 raise
             except Exception as exc:  # Redis down: keep trying, keep working
