@@ -140,11 +140,9 @@ class ApiContext:
     def redis(self) -> Any:
         with self._lock:
             if self._redis is None:
-                import redis
+                from pool import broker
 
-                self._redis = redis.Redis.from_url(
-                    self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2
-                )
+                self._redis = broker.redis_client(self.settings, timeout=2)
             return self._redis
 
     @property

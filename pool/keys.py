@@ -2,10 +2,11 @@
 :mod:`pool.messages`).
 
 * ``workerpool:scheduler:tick`` — the tick lock: one tick at a time across schedulers;
-* ``workerpool:node-seen:<address>`` — wall-clock time of a node's last heartbeat (the
-  scheduler judges a node LOST on it);
+* ``workerpool:node-seen:<address>`` — time of a node's last heartbeat by Redis's clock
+  (the scheduler judges a node LOST on it);
 * ``workerpool:node-alive:<address>`` — present while a node lives (expires after three
-  heartbeat periods): peers remove the app containers of a node whose key expired;
+  heartbeat periods, never sooner than WORKER_LOST_TIMEOUT): peers remove the app
+  containers of a node whose key expired;
 * ``workerpool:worker-index:<i>`` — the lease of mnemonic derivation index ``i``.
 """
 

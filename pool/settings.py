@@ -504,7 +504,25 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_REDIS_URL",
         _url,
         "redis://127.0.0.1:6379/0",
-        "Redis URL: the Celery broker and the scheduler's locks.",
+        "Redis URL: the Celery broker and the scheduler's locks. With Redis Sentinel: "
+        "'sentinel://:<password>@<host>:26379/0;sentinel://...', one part per Sentinel "
+        "(the password is the Redis servers' one), and WORKERPOOL_REDIS_MASTER_NAME.",
+        group="storage",
+    ),
+    "redis_master_name": Spec(
+        "WORKERPOOL_REDIS_MASTER_NAME",
+        _str,
+        "",
+        "With a sentinel:// WORKERPOOL_REDIS_URL: the name the Sentinels know the primary by "
+        "(their 'sentinel monitor <name> ...').",
+        group="storage",
+    ),
+    "redis_sentinel_password": Spec(
+        "WORKERPOOL_REDIS_SENTINEL_PASSWORD",
+        _str,
+        "",
+        "The Sentinels' own password (their 'requirepass'), when they require one.",
+        secret=True,
         group="storage",
     ),
     # ---- results and API ----------------------------------------------------------------
@@ -715,6 +733,8 @@ class Settings:
     mongo_port: int = 27017
     mongo_db: str = "workerpool"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_master_name: str = ""
+    redis_sentinel_password: str = field(default="", repr=False)
     ipfs_host: str = "127.0.0.1"
     ipfs_port: int = 5001
     core_port: int = 18090

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from typing import Any
 
 from pool import keys
@@ -61,8 +60,9 @@ class Fleet:
         timeout = self.ctx.settings.worker_lost_timeout
         cutoff = utcnow() - dt.timedelta(seconds=timeout)
         lost = 0
+        now = self._redis_now()
         for record in self.store.workers_with_status(WorkerStatus.ALIVE):
-            if not self._silent(record, cutoff, timeout):
+            if not self._silent(record, cutoff, timeout, now):
                 continue
             if not self.store.mark_worker_lost(record["address"]):
                 continue
@@ -80,13 +80,23 @@ class Fleet:
                 self.planner.replan(rep["chainTaskId"])
         return lost
 
-    def _silent(self, record: dict[str, Any], cutoff: dt.datetime, timeout: float) -> bool:
-        """Silent for longer than the timeout? Nodes write their heartbeat time straight into
-        Redis; the Mongo ``lastSeen`` (set by heartbeat messages) is the fallback."""
-        if self.ctx.redis is not None:
+    def _redis_now(self) -> float | None:
+        """Redis's clock: nodes write their heartbeat time by it (hosts' clocks differ)."""
+        if self.ctx.redis is None:
+            return None
+        seconds, micros = self.ctx.redis.time()
+        return float(seconds) + micros / 1e6
+
+    def _silent(
+        self, record: dict[str, Any], cutoff: dt.datetime, timeout: float, now: float | None
+    ) -> bool:
+        """Silent for longer than the timeout? Nodes write their heartbeat time (Redis's
+        clock) straight into Redis; the Mongo ``lastSeen`` (set by heartbeat messages) is the
+        fallback."""
+        if self.ctx.redis is not None and now is not None:
             seen = self.ctx.redis.get(keys.node_seen(record["address"]))
             if seen is not None:
-                return time.time() - float(seen) > timeout
+                return now - float(seen) > timeout
         return bool(record.get("lastSeen") and record["lastSeen"] < cutoff)
 
     def paused_until(self, worker: str) -> dt.datetime | None:

@@ -27,11 +27,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 
-import redis
-
 from orders.replenish import Replenisher
 from poco.errors import PocoError, RetryableError
-from pool import keys
+from pool import broker, keys
 from pool.leases import Lease
 from pool.messages import Messenger
 from pool.settings import Settings
@@ -242,6 +240,6 @@ def build(settings: Settings, messages: Messenger) -> Scheduler:
         client,
         wallet,
         messages,
-        redis.Redis.from_url(settings.redis_url),
+        broker.redis_client(settings),
     )
     return Scheduler(ctx)

@@ -19,24 +19,30 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Unpack
 
 from poco import actions
 from poco.chain import ChainClient, Wallet
-from poco.errors import PocoError, TransactionReverted
+from poco.errors import PocoError, RetryableError, TransactionReverted
 from poco.orders import ZERO_ADDRESS
 from poco.results import result_link
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool import keys
-from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
+from pool.messages import (
+    AnswerLost,
+    AuthorizeRequest,
+    Heartbeat,
+    Messenger,
+    ReplicateReport,
+    ReportFields,
+)
 from pool.settings import Settings
 from pool.states import ReplicateStatus
 from workers import inputs as inputs_mod
 from workers import results as results_mod
-from workers.identity import IndexLease, LeaseLost
+from workers.identity import IndexLease, LeaseLost, liveness_ttl
 from workers.publishers import PublishError, ResultPublisher
 from workers.runner import AppImageError, AppRun, ContainerRunner, EngineError, RunnerError
 
@@ -152,10 +158,20 @@ class WorkerNode:
             if exc.requeue:
                 raise
             return JobOutcome(taskid, "DROPPED", str(exc))
+        except AnswerLost as exc:
+            # the answer was lost (a cut link, a broker failover, a slow scheduler): a
+            # replicate may have been granted that this node will never run. Give it up so
+            # that the scheduler plans another, and put the job back.
+            self.report(taskid, R.ABORTED, reason=f"authorization answer lost: {exc}"[:2000])
+            raise RetryableError(f"authorization answer lost: {exc}") from exc
         with self._busy_lock:
             self.busy += 1
         try:
             return self._compute(taskid, task.dealid, task.idx, task.timeref, authorization, fast)
+        except RetryableError as exc:
+            # the chain stayed out of reach (a cut link): the authorization is spent, so a
+            # retried job could not get another one; the scheduler plans a new replicate
+            return self._fail(taskid, R.ABORTED, f"chain node unreachable: {exc}")
         finally:
             with self._busy_lock:
                 self.busy -= 1
@@ -513,9 +529,15 @@ class WorkerNode:
                     self.lease.renew()  # LeaseLost propagates: the node must stop
                 if self.redis is not None:
                     # liveness straight into Redis: the scheduler judges LOST on this, not on
-                    # heartbeat messages that may wait behind other work in its queue
-                    self.redis.set(keys.node_alive(self.address), self.name, px=int(period * 3000))
-                    self.redis.set(keys.node_seen(self.address), repr(time.time()), ex=86400)
+                    # heartbeat messages that may wait behind other work in its queue. The
+                    # time is Redis's own (hosts' clocks differ); the alive key lasts as long
+                    # as the scheduler waits before judging a node lost, so that peers never
+                    # take the containers of a node the pool still counts on
+                    ttl = liveness_ttl(self.settings)
+                    self.redis.set(keys.node_alive(self.address), self.name, px=int(ttl * 1000))
+                    seconds, micros = self.redis.time()
+                    now = f"{seconds}.{micros:06d}"
+                    self.redis.set(keys.node_seen(self.address), now, ex=86400)
                 self.heartbeat()
             except LeaseLost:
                 raise

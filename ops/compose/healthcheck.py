@@ -37,11 +37,19 @@ def missing_nodes(service: str, answered: set[str], hostname: str) -> list[str]:
     ]
 
 
-def ping_nodes(redis_url: str, hostname: str, timeout: float) -> set[str]:
-    """Names of the Celery nodes of ``hostname`` that answer a ping within ``timeout``."""
+def ping_nodes(
+    redis_url: str,
+    hostname: str,
+    timeout: float,
+    transport_options: dict[str, object] | None = None,
+) -> set[str]:
+    """Names of the Celery nodes of ``hostname`` that answer a ping within ``timeout``
+    (``transport_options``: how to reach the broker, e.g. the Sentinel master name)."""
     from celery import Celery
 
     app = Celery("workerpool-healthcheck", broker=redis_url)
+    if transport_options:
+        app.conf.broker_transport_options = transport_options
     app.conf.broker_connection_retry_on_startup = False
     app.conf.broker_connection_max_retries = 1
     try:
@@ -52,12 +60,16 @@ def ping_nodes(redis_url: str, hostname: str, timeout: float) -> set[str]:
 
 
 def check_celery(service: str, timeout: float = 5.0) -> tuple[bool, str]:
+    from pool import broker
     from pool.settings import Settings
 
     settings = Settings.from_env()
     hostname = socket.gethostname()
     try:
-        answered = ping_nodes(settings.redis_url, hostname, timeout)
+        reach = broker.celery_options(settings)
+        answered = ping_nodes(
+            reach["broker_url"], hostname, timeout, reach["broker_transport_options"]
+        )
     except Exception as exc:  # the broker is down or refuses us: unhealthy, say why
         return False, f"{service}: cannot ping through the broker: {exc}"
     missing = missing_nodes(service, answered, hostname)
