@@ -36,7 +36,9 @@ The layout (every name starts with the prefix, ``wph-`` unless told; the subnet 
 Everything made is undone by :meth:`Hosts.close` (also on an exception), in reverse order:
 processes started by the harness (by pid), namespaces, links, the core's address, the route.
 A run killed before it could clean up leaves names with its prefix behind: the next
-:class:`Hosts` with that prefix removes them first (:func:`remove_leftovers`).
+:class:`Hosts` with that prefix removes them first (:func:`remove_leftovers`). Two runs with
+one prefix never overlap: the second waits until the first has ended (two runs side by side
+need a prefix and a subnet each).
 """
 
 from __future__ import annotations

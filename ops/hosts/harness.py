@@ -43,6 +43,12 @@ def netns_available() -> str | None:
             return f"`{tool}` is not installed (iproute2, nftables)"
     if shutil.which("redis-server") is None:
         return "redis-server is not installed"
+    # root is not always enough (a container without CAP_NET_ADMIN, no netns support)
+    probe = f"wph-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"`ip netns add` fails here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 
@@ -91,6 +97,24 @@ def _netns_pids(ns: str) -> list[int]:
 
 def _pidfile(prefix: str) -> Path:
     return Path(tempfile.gettempdir()) / f"{prefix}hosts.pids"
+
+
+def _hold(prefix: str) -> socket.socket:
+    """One run per prefix at a time: a second one waits here rather than take the first
+    one's names for leftovers. The lock is an abstract unix socket name: nothing on disk,
+    and it goes with its holder's process, even one killed with -9."""
+    waiting = False
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"\0workerpool-hosts-{prefix}")
+            return sock
+        except OSError:
+            sock.close()
+        if not waiting:
+            print(f"hosts: another run uses the prefix {prefix!r}: waiting", flush=True)
+            waiting = True
+        time.sleep(0.5)
 
 
 def remove_leftovers(prefix: str, subnet: str) -> list[str]:
@@ -449,6 +473,7 @@ class Hosts:
         self._undo: list[list[str]] = []
         self._count = workers
         self._shape = shape
+        self._lock: socket.socket | None = None
 
     # ---- building and tearing down -------------------------------------------------------
     def __enter__(self) -> Hosts:
@@ -466,6 +491,7 @@ class Hosts:
         why = netns_available()
         if why:
             raise HostsError(why)
+        self._lock = _hold(self.prefix)
         remove_leftovers(self.prefix, str(self.subnet))
         route = ["blackhole", str(self.subnet), "metric", ROUTE_METRIC]
         _run(["ip", "route", "add", *route])
@@ -511,6 +537,9 @@ class Hosts:
         _pidfile(self.prefix).unlink(missing_ok=True)
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _owned_env(self) -> dict[str, str]:
         """The environment of a core process: marked as ours for :func:`remove_leftovers`."""
