@@ -164,7 +164,7 @@ CUT_SECONDS = 60
 @pytest.mark.devnet
 @pytest.mark.docker
 @pytest.mark.redis
-@pytest.mark.timeout(540)
+@pytest.mark.timeout(600)
 def test_a_host_cut_for_a_minute_is_replanned_then_rejoins_and_takes_new_jobs(
     devnet: DevnetHandle, ipfs_api_url: str, app_images: dict[str, str], tmp_path: Path
 ) -> None:
@@ -200,10 +200,9 @@ def test_a_host_cut_for_a_minute_is_replanned_then_rejoins_and_takes_new_jobs(
                     r.get("status") == "WORKER_LOST" for r in reps
                 )
 
-            _wait("host 1 judged lost", judged_lost, timeout=CUT_SECONDS - 5)
-            pool.wait_tasks(
-                ids, _completed, timeout=max(1.0, CUT_SECONDS - (time.monotonic() - cut_at))
-            )
+            _wait("host 1 judged lost", judged_lost, timeout=120)
+            # (the link stays cut for a minute, or until the deal is done if that is later)
+            pool.wait_tasks(ids, _completed, timeout=240)
             time.sleep(max(0.0, CUT_SECONDS - (time.monotonic() - cut_at)))
         _assert_completed_once_per_worker(fleet, ids)
         for taskid in cut_tasks:
