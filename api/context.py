@@ -165,11 +165,9 @@ class ApiContext:
     def redis(self) -> Any:
         with self._lock:
             if self._redis is None:
-                from pool.broker import redis_client
+                from pool import broker
 
-                self._redis = redis_client(
-                    self.settings, socket_timeout=2, socket_connect_timeout=2
-                )
+                self._redis = broker.redis_client(self.settings, timeout=2)
             return self._redis
 
     def domain(self) -> Domain | None:

@@ -5,7 +5,8 @@
 * ``workerpool:node-seen:<address>`` — a node's last heartbeat, the signed envelope it sent
   (the scheduler judges a node LOST on the time it was issued, once its signature verified);
 * ``workerpool:node-alive:<address>`` — present while a node lives (expires after three
-  heartbeat periods): peers remove the app containers of a node whose key expired;
+  heartbeat periods, never sooner than WORKER_LOST_TIMEOUT): peers remove the app
+  containers of a node whose key expired;
 * ``workerpool:worker-index:<i>`` — the lease of mnemonic derivation index ``i``;
 * ``workerpool:msg-nonce:<address>:<nonce>`` — the nonce of a worker's signed message the
   scheduler took (a replay is refused), kept as long as the message could be accepted;

@@ -31,6 +31,7 @@ worker's key can send one the scheduler takes as that worker's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -52,10 +53,11 @@ from kombu import Queue
 
 from poco.orders import ZERO_ADDRESS
 from poco.tags import tag_to_int
-from pool import keys
-from pool.broker import celery_options
+from pool import broker, keys
 from pool.settings import Settings
 from pool.states import ReplicateStatus, ReplicateStatusCause
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,10 @@ def queue_for_tag(tag: str | bytes | int) -> str:
 # ---- payloads ----------------------------------------------------------------------------------
 class MessageError(ValueError):
     """A message whose payload is not what its name promises: refused, nothing applied."""
+
+
+class AnswerLost(Exception):
+    """A request sent, its answer never received: what the other side did is unknown."""
 
 
 class Payload:
@@ -385,13 +391,35 @@ class Messenger:
         self.signer = signer
 
     def _send(self, message: Message[P], payload: P, queue: str, **options: Any) -> Any:
-        return self.celery.send_task(message.name, args=[payload.to_wire()], queue=queue, **options)
+        return self._send_args(message.name, [payload.to_wire()], queue, **options)
 
     def _send_sealed(self, message: Message[P], payload: P, **options: Any) -> Any:
         envelope = self.seal(message, payload)
-        return self.celery.send_task(
-            message.name, args=[envelope], queue=SCHEDULER_QUEUE, **options
-        ), envelope
+        return self._send_args(message.name, [envelope], SCHEDULER_QUEUE, **options), envelope
+
+    def _send_args(self, name: str, args: list[Any], queue: str, **options: Any) -> Any:
+        acquire = getattr(self.celery, "producer_or_acquire", None)
+        if acquire is None:  # a stand-in for Celery (testing/celery.py)
+            return self.celery.send_task(name, args=args, queue=queue, **options)
+        with acquire() as producer:
+            try:
+                return self.celery.send_task(
+                    name, args=args, queue=queue, producer=producer, **options
+                )
+            except AttributeError as exc:
+                # kombu may hand out a pooled producer whose channel a failed connection
+                # closed (after a cut link: "'NoneType' object has no attribute 'client'").
+                # Drop that connection (the pool opens it again on its next use) and send
+                # once more, on a connection of its own.
+                log.warning("%s: broken broker connection (%s): sending again", name, exc)
+                stale = getattr(producer, "__connection__", None)
+                if stale is not None:
+                    with contextlib.suppress(Exception):
+                        stale.collect()
+        with self.celery.connection_for_write() as connection:
+            return self.celery.send_task(
+                name, args=args, queue=queue, connection=connection, **options
+            )
 
     def seal(self, message: Message[P], payload: P) -> dict[str, Any]:
         if self.signer is None:
@@ -423,12 +451,18 @@ class Messenger:
         return dict(envelope)
 
     def authorize(self, request: AuthorizeRequest, timeout: float) -> Authorization:
-        """Ask the scheduler and wait for its answer (the Redis result backend)."""
-        result, _ = self._send_sealed(AUTHORIZE, request)
+        """Ask the scheduler and wait for its answer (the Redis result backend). AnswerLost
+        when no answer came back (the broker out of reach, no answer within ``timeout``):
+        the scheduler may have granted it all the same."""
         try:
-            answer = result.get(timeout=timeout, disable_sync_subtasks=False)
-        finally:
-            result.forget()
+            result, _ = self._send_sealed(AUTHORIZE, request)
+            try:
+                answer = result.get(timeout=timeout, disable_sync_subtasks=False)
+            finally:
+                with contextlib.suppress(Exception):
+                    result.forget()
+        except Exception as exc:
+            raise AnswerLost(f"{type(exc).__name__}: {exc}") from exc
         return Authorization.from_wire(answer)
 
 
@@ -695,12 +729,20 @@ def heartbeat_time(raw: Any, address: str, domain: Domain) -> int | None:
 
 
 # ---- the Celery app ----------------------------------------------------------------------------
+# seconds between tries 0, 1, 2, 3, 4, 5, 5, ... : about 2 minutes of waiting in all
+PUBLISH_RETRY = {"max_retries": 30, "interval_start": 0, "interval_step": 1, "interval_max": 5}
+
+
 def make_celery(settings: Settings, name: str = "workerpool") -> Celery:
     """A process's one Celery app, configured as every service expects."""
-    # the result backend only carries authorization answers (AUTHORIZE)
-    app = Celery(name)
+    # how Redis is reached (one server or Sentinel; password, TLS; timeouts, keepalive,
+    # health checks for a link that may fail): pool/broker.py. The result backend only
+    # carries authorization answers (AUTHORIZE).
+    reach = broker.celery_options(settings)
+    transport = reach.pop("broker_transport_options")
+    app = Celery(name, broker=reach.pop("broker_url"), backend=reach.pop("result_backend"))
     app.conf.update(
-        **celery_options(settings),
+        **reach,
         task_queues=[Queue(SCHEDULER_QUEUE), *(Queue(q) for q in REPLICATE_QUEUES.values())],
         task_default_queue=SCHEDULER_QUEUE,
         task_routes={task: {"queue": SCHEDULER_QUEUE} for task in SCHEDULER_TASKS},
@@ -711,8 +753,20 @@ def make_celery(settings: Settings, name: str = "workerpool") -> Celery:
         worker_prefetch_multiplier=1,
         # acks_late on Redis: an unacked message is redelivered after this many seconds,
         # so it must exceed the longest replicate (XL category: 10 * 36000 s final deadline).
-        broker_transport_options={"visibility_timeout": 12 * 3600},
+        broker_transport_options={**transport, "visibility_timeout": 12 * 3600},
         broker_connection_retry_on_startup=True,
+        # a node on a far host keeps trying while its link or the broker is down (the
+        # default gives up after 100 tries and the process exits)
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        # a message sent while the link or the broker is down waits for it, about two
+        # minutes (more than WORKER_LOST_TIMEOUT's default, a Sentinel failover): a node
+        # cut for less loses no report, one cut for longer is judged lost and re-planned
+        task_publish_retry=True,
+        task_publish_retry_policy=PUBLISH_RETRY,
+        # a replicate keeps running while the broker is unreachable: its result is on this
+        # host and its reports wait for the connection (see docs/operations.md)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_serializer="json",
         accept_content=["json"],
         enable_utc=True,

@@ -595,7 +595,9 @@ SETTINGS: dict[str, Spec] = {
         "redis://127.0.0.1:6379/0",
         "Redis URL: the Celery broker and the scheduler's locks; rediss:// for TLS (the "
         "server's certificate is verified). A password may be in it (redis://:PASSWORD@host), "
-        "better in WORKERPOOL_REDIS_PASSWORD_FILE.",
+        "better in WORKERPOOL_REDIS_PASSWORD_FILE. With Redis Sentinel: "
+        "'sentinel://:<password>@<host>:26379/0;sentinel://...', one part per Sentinel, and "
+        "WORKERPOOL_REDIS_MASTER_NAME.",
         group="storage",
     ),
     "redis_password_file": Spec(
@@ -612,6 +614,22 @@ SETTINGS: dict[str, Spec] = {
         "",
         "CA certificate that signed Redis' TLS certificate (rediss:// URLs); empty: the "
         "system's CAs.",
+        group="storage",
+    ),
+    "redis_master_name": Spec(
+        "WORKERPOOL_REDIS_MASTER_NAME",
+        _str,
+        "",
+        "With a sentinel:// WORKERPOOL_REDIS_URL: the name the Sentinels know the primary by "
+        "(their 'sentinel monitor <name> ...').",
+        group="storage",
+    ),
+    "redis_sentinel_password": Spec(
+        "WORKERPOOL_REDIS_SENTINEL_PASSWORD",
+        _str,
+        "",
+        "The Sentinels' own password (their 'requirepass'), when they require one.",
+        secret=True,
         group="storage",
     ),
     # ---- results and API ----------------------------------------------------------------
@@ -837,6 +855,8 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_password_file: str = ""
     redis_ca_file: str = ""
+    redis_master_name: str = ""
+    redis_sentinel_password: str = field(default="", repr=False)
     ipfs_host: str = "127.0.0.1"
     ipfs_port: int = 5001
     core_port: int = 18090

@@ -33,8 +33,7 @@ from orders.replenish import Replenisher
 from orders.store import OrderStore
 from poco.errors import PocoError, RetryableError
 from poco.funds import gas_check
-from pool import keys
-from pool.broker import redis_client
+from pool import broker, keys
 from pool.leases import Lease
 from pool.messages import Messenger
 from pool.settings import Settings
@@ -259,7 +258,7 @@ def build(settings: Settings, messages: Messenger) -> Scheduler:
         client,
         wallet,
         messages,
-        redis_client(settings),
+        broker.redis_client(settings),
     )
     scheduler = Scheduler(ctx)
     for warning in funds_warnings(ctx):

@@ -25,8 +25,7 @@ from devnet.network import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC, WORKER_COUN
 from devnet.requester import MatchedDeal, match_deal
 from poco import chain as chain_mod
 from poco.types import ChainTaskStatus
-from pool import keys
-from pool.broker import redis_client
+from pool import broker, keys
 from pool.messages import SCHEDULER_QUEUE, Messenger, make_celery
 from pool.settings import Settings
 from pool.store import Store
@@ -61,10 +60,11 @@ class RunningPool:
         return self.scheduler
 
     def start_worker(
-        self, n: int, *, mnemonic: bool = False, **extra_env: str
+        self, n: int, *, mnemonic: bool = False, host: Any = None, **extra_env: str
     ) -> subprocess.Popen[bytes]:
         """Start worker node ``n`` as a separate process: devnet worker wallet n, or (with
-        ``mnemonic``) whatever index it leases from the devnet mnemonic."""
+        ``mnemonic``) whatever index it leases from the devnet mnemonic; on ``host`` (a
+        worker host of ``ops/hosts``) when given."""
         identity = (
             {
                 "IEXEC_WORKER_MNEMONIC": PUBLIC_TEST_MNEMONIC,
@@ -84,8 +84,9 @@ class RunningPool:
         log = self.tmp / f"worker-{n}.log"
         if log not in self.logs:
             self.logs.append(log)
+        command = [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker", "--loglevel", "INFO"],
+            host.command(command) if host is not None else command,
             env=env,
             cwd=ROOT,
             stdout=log.open("ab"),
@@ -222,7 +223,7 @@ class SchedulerProcess:
             client,
             client.wallet(self.devnet.key("scheduler")),
             Messenger(app),
-            redis_client(self.settings),
+            broker.redis_client(self.settings),
         )
         scheduler = Scheduler(ctx)
         register(app, scheduler)
@@ -268,7 +269,7 @@ class SchedulerProcess:
     def crash(self) -> None:
         """Stop everything without any clean-up of the scheduler's own: the tick lock of a
         killed process stays in Redis until it expires."""
-        lock = redis_client(self.settings)
+        lock = broker.redis_client(self.settings)
         self.stop()
         # the dead tick held the lock at the moment of the crash; nobody deletes it
         ttl_ms = int(lock_ttl(self.settings) * 1000)

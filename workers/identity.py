@@ -52,6 +52,14 @@ class IndexLease:
         self.lease.release()
 
 
+def liveness_ttl(settings: Settings) -> float:
+    """Seconds a node's liveness (its alive key, its index lease) outlasts its last
+    heartbeat: three heartbeats, and never less than WORKER_LOST_TIMEOUT, so that a silent
+    node's index and containers are not given away while the pool still counts on it (a
+    cut link: its work may come back)."""
+    return max(3 * settings.heartbeat_period, settings.worker_lost_timeout)
+
+
 def lease_index(redis: Any, first: int, count: int, ttl_ms: int) -> IndexLease:
     """Lease the lowest free index in [first, first + count)."""
     for index in range(first, first + count):
@@ -82,7 +90,7 @@ def resolve(settings: Settings, redis: Any) -> tuple[str, IndexLease | None]:
     """The node's private key, and its index lease when the key comes from a mnemonic."""
     mnemonic = mnemonic_of(settings)
     if mnemonic and not (settings.worker_wallet_path or settings.worker_wallet_private_key):
-        ttl_ms = int(settings.heartbeat_period * 3 * 1000)
+        ttl_ms = int(liveness_ttl(settings) * 1000)
         lease = lease_index(redis, settings.worker_index_first, settings.worker_index_count, ttl_ms)
         try:
             key = derive(mnemonic, lease.index)

@@ -26,21 +26,28 @@ from typing import Any, Unpack
 
 from poco import actions
 from poco.chain import ChainClient, Wallet
-from poco.errors import PocoError, TransactionReverted
+from poco.errors import PocoError, RetryableError, TransactionReverted
 from poco.funds import GasCheck, format_rlc, gas_check
 from poco.orders import ZERO_ADDRESS
 from poco.results import result_link
 from poco.tags import tag_to_int
 from poco.types import ChainTaskStatus, ContributionStatus, Deal
 from pool import keys
-from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
+from pool.messages import (
+    AnswerLost,
+    AuthorizeRequest,
+    Heartbeat,
+    Messenger,
+    ReplicateReport,
+    ReportFields,
+)
 from pool.redact import redact_urls
 from pool.settings import Settings
 from pool.states import ReplicateStatus
 from pool.states import ReplicateStatusCause as Cause
 from workers import inputs as inputs_mod
 from workers import results as results_mod
-from workers.identity import IndexLease, LeaseLost
+from workers.identity import IndexLease, LeaseLost, liveness_ttl
 from workers.publishers import PublishError, ResultPublisher
 from workers.runner import AppImageError, AppRun, ContainerRunner, EngineError, RunnerError
 
@@ -224,6 +231,12 @@ class WorkerNode:
             if exc.requeue:
                 raise
             return JobOutcome(taskid, "DROPPED", str(exc))
+        except AnswerLost as exc:
+            # the answer was lost (a cut link, a broker failover, a slow scheduler): a
+            # replicate may have been granted that this node will never run. Give it up so
+            # that the scheduler plans another, and put the job back.
+            self.report(taskid, R.ABORTED, reason=f"authorization answer lost: {exc}"[:2000])
+            raise RetryableError(f"authorization answer lost: {exc}") from exc
         if not fast and self.expects_fast_path(deal):
             # the scheduler asked for the classic contribute after all: it locks stake
             short = self.stake_shortfall(deal)
@@ -234,6 +247,10 @@ class WorkerNode:
             self.busy += 1
         try:
             return self._compute(taskid, task.dealid, task.idx, task.timeref, authorization, fast)
+        except RetryableError as exc:
+            # the chain stayed out of reach (a cut link): the authorization is spent, so a
+            # retried job could not get another one; the scheduler plans a new replicate
+            return self._fail(taskid, R.ABORTED, f"chain node unreachable: {exc}")
         finally:
             with self._busy_lock:
                 self.busy -= 1
@@ -697,8 +714,11 @@ class WorkerNode:
                 if self.redis is not None:
                     # liveness straight into Redis: the scheduler judges LOST on this (the
                     # signed heartbeat: nobody else can write a fresher one), not on heartbeat
-                    # messages that may wait behind other work in its queue
-                    self.redis.set(keys.node_alive(self.address), self.name, px=int(period * 3000))
+                    # messages that may wait behind other work in its queue. The alive key
+                    # lasts as long as the scheduler waits before judging a node lost, so that
+                    # peers never take the containers of a node the pool still counts on
+                    ttl = liveness_ttl(self.settings)
+                    self.redis.set(keys.node_alive(self.address), self.name, px=int(ttl * 1000))
                     self.redis.set(keys.node_seen(self.address), json.dumps(envelope), ex=86400)
             except LeaseLost:
                 raise

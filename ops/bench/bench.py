@@ -7,7 +7,10 @@
 3. scheduler scale: the real scheduler on fakes of the chain, Celery and the workers, at
    1,000 / 10,000 / 100,000 tasks (``scale.py``, one process per size);
 4. chain economy: transactions and RPC calls per task during measurement 2, counted by the
-   services' own chain clients (requests by JSON-RPC method, transactions by PoCo function).
+   services' own chain clients (requests by JSON-RPC method, transactions by PoCo function);
+5. across hosts (``--only hosts``, root): measurements 1 and 2 with 3 worker nodes, each on a
+   worker host of its own (``ops/hosts``) over a plain link and over a link delayed by
+   50 ms +/- 10 ms each way, beside the same 3 nodes on loopback.
 
 Prints a table and writes every figure as JSON (``--out``). Nothing here asserts a time:
 ``--check`` only makes the exit code say whether the scripts ran to the end.
@@ -190,6 +193,67 @@ def run_pool(variant: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     return out
 
 
+def run_hosts(variant: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Measurement 5: the deal of measurement 2 and the per-task overhead of measurement 1
+    with 3 worker nodes, each on a worker host of its own (``ops/hosts``: network namespaces
+    of this machine) whose link is plain (0 ms) or delayed by 50 ms +/- 10 ms each way,
+    beside the same 3 nodes on loopback."""
+    import poolbench
+
+    if str(ROOT / "ops") not in sys.path:
+        sys.path.insert(0, str(ROOT / "ops"))
+    import hosts
+
+    why = hosts.netns_available()
+    if why:
+        return {"error": why}
+    cache = args.out.parent
+    image = "workerpool-apps/echo:1"
+    workers, volume = 3, args.volume or variant["deal_volume"]
+    print("bench: across hosts: bare docker run, sequential and concurrent ...", flush=True)
+    bare = poolbench.bare_sequential(image, cache / "work", variant["bare_runs"])
+    bare_c = poolbench.bare_concurrent(image, cache / "work", volume, workers * args.slots)
+    out: dict[str, Any] = {
+        "workers": workers,
+        "slots": args.slots,
+        "bare_sequential": bare,
+        "bare_concurrent": bare_c,
+        "links": [],
+    }
+    links: list[tuple[str, Any]] = [
+        ("loopback", False),
+        ("3 hosts, 0 ms", None),
+        ("3 hosts, 50 +/- 10 ms", hosts.Shape(delay=0.05, jitter=0.01)),
+    ]
+    for name, link in links:
+        print(f"bench: across hosts: {name} ...", flush=True)
+        with poolbench.running_pool(
+            cache / "devnet",
+            args.redis_url,
+            cache / "work-hosts",
+            args.chain_port,
+            args.poll_period,
+            workers,
+            args.store,
+            args.slots,
+            args.listen_period,
+            link=link,
+        ) as pool:
+            overhead = poolbench.measure_overhead(pool, variant["overhead_runs"], bare)
+            throughput = poolbench.measure_throughput(
+                pool, volume, bare_c, timeout=max(300, volume * 3)
+            )
+            out["links"].append(
+                {
+                    "link": name,
+                    "overhead": overhead,
+                    "throughput": throughput,
+                    "tick_errors": pool.tick_errors[-10:],
+                }
+            )
+    return out
+
+
 def fmt(v: Any, unit: str = "") -> str:
     if v is None:
         return "-"
@@ -266,6 +330,36 @@ def table(results: dict[str, Any]) -> str:
                 "",
             )
         )
+    h = results.get("hosts") or {}
+    if "error" in h:
+        rows.append(("5 across hosts", "error", "", h["error"][:60], ""))
+    loop = next((x for x in h.get("links", []) if x["link"] == "loopback"), None)
+    for x in h.get("links", []):
+        o, t = x["overhead"], x["throughput"]
+        ratio = (
+            f", {100 * t['pool_tasks_per_s'] / loop['throughput']['pool_tasks_per_s']:.0f} % "
+            "of loopback"
+            if loop and x is not loop
+            else ""
+        )
+        rows.append(
+            (
+                f"5 {t['tasks']}-task deal, {h['workers']}x{h['slots']} slots, {x['link']}",
+                fmt(t["pool_tasks_per_s"], " tasks/s"),
+                fmt(t["bare_docker"]["tasks_per_s"], " runs/s"),
+                f"{100 * t['ratio_vs_bare']:.0f} % of bare{ratio}",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"5 per-task overhead, {x['link']}",
+                fmt(o["pool_median_s"], " s"),
+                fmt(o["bare_docker_median_s"], " s docker run"),
+                f"{o['overhead_s']:+.2f} s",
+                "",
+            )
+        )
     for s in results.get("scale", []):
         n = s["tasks"]
         if "error" in s:
@@ -322,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         default="overhead,throughput,scale",
-        help="comma list of overhead, throughput, scale",
+        help="comma list of overhead, throughput, scale, and hosts (3 worker hosts over "
+        "0 ms and 50 ms links beside loopback: root, not in the default run)",
     )
     p.add_argument("--redis-url", default=os.environ.get("WORKERPOOL_BENCH_REDIS_URL", ""))
     p.add_argument("--chain-port", type=int, default=8547)
@@ -397,10 +492,12 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
         "tried": args.experiments,
     }
+    if args.only & {"overhead", "throughput", "hosts"} and not args.redis_url:
+        p.error("--redis-url (or WORKERPOOL_BENCH_REDIS_URL) is needed for the pool")
     if args.only & {"overhead", "throughput"}:
-        if not args.redis_url:
-            p.error("--redis-url (or WORKERPOOL_BENCH_REDIS_URL) is needed for the pool")
         results.update(run_pool(variant, args))
+    if "hosts" in args.only:
+        results["hosts"] = run_hosts(variant, args)
     if "scale" in args.only:
         results["scale"] = run_scale(variant, args)
     results["took_s"] = round(time.monotonic() - started, 1)

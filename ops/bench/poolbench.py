@@ -227,16 +227,29 @@ class Pool:
     _ctx: Any = None
     _ticker: threading.Thread | None = None
     tick_errors: list[str] = field(default_factory=list)
+    # across hosts (ops/hosts): worker n runs on worker host n and reaches Redis, the chain
+    # and the results through its link; None: every process on this host's loopback
+    net: Any = None
+    _worker_reach: dict[str, str] = field(default_factory=dict)
 
     # -- devnet, chain usage
     def start_chain(self) -> None:
         from devnet import network as devnet
-        from poco.chain import ChainClient
+        from poco.chain import ChainClient, reset_nonces
 
         shutil.rmtree(self.devnet_dir, ignore_errors=True)  # a fresh chain every run
+        reset_nonces()  # (this process may have run a pool on an earlier chain)
         self.info, _, _ = devnet.up(self.devnet_dir, port=self.chain_port)
         self.client = ChainClient(self.info["rpc_url"], self.info["hub"])
         shutil.rmtree(self.usage_dir, ignore_errors=True)
+        if self.net is not None:
+            # the core's Redis (a password required), the chain published on its address
+            self.redis_url = self.net.start_redis().url()
+            chain = self.net.publish(int(self.info["rpc_url"].rsplit(":", 1)[1]))
+            self._worker_reach = {
+                "IEXEC_PRIVATE_CHAIN_ADDRESS": f"http://{self.net.core_ip}:{chain}",
+                "WORKERPOOL_REDIS_URL": self.redis_url,
+            }
 
     @property
     def usage_dir(self) -> Path:
@@ -327,7 +340,7 @@ class Pool:
         settings = Settings.from_env(
             {**env, "IEXEC_START_BLOCK_NUMBER": str(self.client.block_number() + 1)}
         )
-        self.store = Store(mongomock.MongoClient()["bench"])
+        self.store = Store(mongomock.MongoClient()["bench"])  # (a new one per pool)
         self.store.ensure_indexes()
         client = ChainClient(self.info["rpc_url"], self.info["hub"], log_chunk=settings.log_range)
         self.scheduler_client = client
@@ -382,11 +395,15 @@ class Pool:
                 "IEXEC_WORKER_WALLET_PRIVATE_KEY": worker["private_key"],
                 "IEXEC_WORKER_NAME": f"bench-worker-{n}",
                 "IEXEC_WORKER_BASE_DIR": str(self.workdir / f"worker-{n}"),
+                **self._worker_reach,
             }
             log = open(self.workdir / f"worker-{n}.log", "wb")  # noqa: SIM115
+            command = [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"]
+            if self.net is not None:
+                command = self.net.workers[n % len(self.net.workers)].command(command)
             self.workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "cli", "worker", "--loglevel", "WARNING"],
+                    command,
                     env=env,
                     cwd=ROOT,
                     stdout=log,
@@ -421,10 +438,9 @@ class Pool:
         if self._ctx is not None:
             with contextlib.suppress(Exception):
                 self._ctx.__exit__(None, None, None)
-        if self.info:
-            from devnet import network as devnet
+        from devnet import network as devnet
 
-            devnet.Devnet(self.devnet_dir).stop()
+        devnet.Devnet(self.devnet_dir).stop()  # (also one whose start failed half-way)
 
     # -- deals
     def match(self, volume: int) -> Any:
@@ -699,16 +715,29 @@ def running_pool(
     store_kind: str,
     slots: int,
     listen_period: float = 0.5,
+    link: Any = False,
 ) -> Iterator[Pool]:
+    """A pool on this host (``link`` False), or with each worker on a worker host of its own
+    (``ops/hosts``) whose link has the ``link`` shape (a :class:`hosts.Shape`; None: a plain
+    veth link)."""
     workdir.mkdir(parents=True, exist_ok=True)
     pool = Pool(
         devnet_dir, redis_url, workdir, chain_port, poll_period, store_kind, slots,
         listen_period=listen_period,
     )  # fmt: skip
-    try:
-        pool.start_chain()
-        pool.start_scheduler()
-        pool.start_workers(workers)
-        yield pool
-    finally:
-        pool.stop()
+    with contextlib.ExitStack() as stack:
+        if link is not False:
+            if str(ROOT / "ops") not in sys.path:
+                sys.path.insert(0, str(ROOT / "ops"))
+            import hosts
+
+            pool.net = stack.enter_context(
+                hosts.Hosts(workers, shape=link, workdir=workdir / "hosts")
+            )
+        try:
+            pool.start_chain()
+            pool.start_scheduler()
+            pool.start_workers(workers)
+            yield pool
+        finally:
+            pool.stop()

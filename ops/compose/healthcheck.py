@@ -39,13 +39,20 @@ def missing_nodes(service: str, answered: set[str], hostname: str) -> list[str]:
 
 
 def ping_nodes(
-    redis_url: str, hostname: str, timeout: float, tls: dict[str, Any] | None = None
+    redis_url: str,
+    hostname: str,
+    timeout: float,
+    transport_options: dict[str, object] | None = None,
+    tls: dict[str, Any] | None = None,
 ) -> set[str]:
     """Names of the Celery nodes of ``hostname`` that answer a ping within ``timeout``
-    (``tls``: the broker's TLS options, for a rediss:// URL)."""
+    (``transport_options``: how to reach the broker, e.g. the Sentinel master name; ``tls``:
+    the broker's TLS options, for a rediss:// URL)."""
     from celery import Celery
 
     app = Celery("workerpool-healthcheck", broker=redis_url)
+    if transport_options:
+        app.conf.broker_transport_options = transport_options
     if tls is not None:
         app.conf.broker_use_ssl = tls
     app.conf.broker_connection_retry_on_startup = False
@@ -58,14 +65,21 @@ def ping_nodes(
 
 
 def check_celery(service: str, timeout: float = 5.0) -> tuple[bool, str]:
-    from pool.broker import redis_url, tls_options
+    from pool import broker
     from pool.redact import redact_urls
     from pool.settings import Settings
 
     settings = Settings.from_env()
     hostname = socket.gethostname()
     try:
-        answered = ping_nodes(redis_url(settings), hostname, timeout, tls_options(settings))
+        reach = broker.celery_options(settings)
+        answered = ping_nodes(
+            reach["broker_url"],
+            hostname,
+            timeout,
+            reach["broker_transport_options"],
+            reach.get("broker_use_ssl"),
+        )
     except Exception as exc:  # the broker is down or refuses us: unhealthy, say why
         return False, f"{service}: cannot ping through the broker: {redact_urls(str(exc))}"
     missing = missing_nodes(service, answered, hostname)
