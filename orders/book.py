@@ -372,4 +372,3 @@ class Orderbook:
             self.sync()
         except (PocoError, Web3Exception, OSError) as exc:
             log.warning("orders not synced with the chain (serving stored state): %s", exc)
-

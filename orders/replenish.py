@@ -190,4 +190,3 @@ class Replenisher:
             )
             return
         self.book.unpublish(UNPUBLISH_ORDERHASH, self.wallet.address, order_hash=order_hash)
-
