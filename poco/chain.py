@@ -38,7 +38,12 @@ from eth_account import Account as EthAccount
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from web3 import Web3
-from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.exceptions import (
+    BlockNotFound,
+    ContractLogicError,
+    TransactionNotFound,
+    Web3RPCError,
+)
 from web3.providers.rpc import HTTPProvider
 from web3.types import RPCEndpoint
 
@@ -168,6 +173,11 @@ class _Immutable:
                     self._values.popitem(last=False)
         return value
 
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key``: what was true may have been undone (a chain reorganisation)."""
+        with self._lock:
+            self._values.pop(key, None)
+
 
 class ChainClient:
     """Reads and log queries against one PoCo deployment. Build wallets with :meth:`wallet`."""
@@ -273,6 +283,18 @@ class ChainClient:
     def block_number(self) -> int:
         return self.rpc("block_number", lambda: int(self.eth.block_number))
 
+    def block_hash(self, block: int) -> str | None:
+        """The hash of block ``block`` on the node's canonical chain (None: no such block)."""
+
+        def read() -> str | None:
+            try:
+                found = self.eth.get_block(block)
+            except BlockNotFound:
+                return None
+            return "0x" + bytes(found["hash"]).hex()
+
+        return self.rpc("get_block", read)
+
     def block_timestamp(self, block: int | str = "latest", max_age: float = 0.0) -> int:
         """The timestamp of ``block``. With ``max_age``, the latest block's timestamp may be
         one read up to ``max_age`` seconds ago (for checks made many times a second whose
@@ -299,14 +321,18 @@ class ChainClient:
         return self._domain
 
     # ---- reads ------------------------------------------------------------------------------
-    def view_deal(self, dealid: str) -> Deal:
-        """The deal; read once per process once it exists (matchOrders sets every field)."""
+    def view_deal(self, dealid: str, *, fresh: bool = False) -> Deal:
+        """The deal; read once per process once it exists (matchOrders sets every field).
+        ``fresh`` reads it again: a chain reorganisation may have removed or moved it."""
 
         def read() -> Deal:
             raw = self.rpc("viewDeal", lambda: self.hub.functions.viewDeal(_hex32(dealid)).call())
             return Deal.from_chain(dealid, raw)
 
-        return self._immutable.get(("deal", dealid.lower()), read, lambda d: d.exists)
+        key = ("deal", dealid.lower())
+        if fresh:
+            self._immutable.forget(key)
+        return self._immutable.get(key, read, lambda d: d.exists)
 
     def view_task(self, taskid: str) -> Task:
         raw = self.rpc("viewTask", lambda: self.hub.functions.viewTask(_hex32(taskid)).call())

@@ -6,7 +6,13 @@
   scheduler judges a node LOST on it);
 * ``workerpool:node-alive:<address>`` — present while a node lives (expires after three
   heartbeat periods): peers remove the app containers of a node whose key expired;
-* ``workerpool:worker-index:<i>`` — the lease of mnemonic derivation index ``i``.
+* ``workerpool:worker-index:<i>`` — the lease of mnemonic derivation index ``i``;
+* ``workerpool:public-config`` — what the scheduler hands its worker nodes (JSON: the chain
+  URL nodes use, IEXEC_PUBLIC_CHAIN_ADDRESS, the hub, the chain id, the result base URL),
+  written at its start and on every tick; a node without a chain URL of its own reads it at
+  start (:func:`pool.settings.with_public_config`);
+* ``workerpool:nonce:<chain id>:<address>`` and ``…:lock`` — the next nonce of a wallet
+  several scheduler processes send with, and the lease held around taking it and sending.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ TICK_LOCK = "workerpool:scheduler:tick"
 SEEN_PREFIX = "workerpool:node-seen:"
 ALIVE_PREFIX = "workerpool:node-alive:"
 INDEX_PREFIX = "workerpool:worker-index:"
+PUBLIC_CONFIG = "workerpool:public-config"
+NONCE_PREFIX = "workerpool:nonce:"
 
 
 def node_seen(address: str) -> str:
@@ -27,3 +35,11 @@ def node_alive(address: str) -> str:
 
 def worker_index(index: int) -> str:
     return f"{INDEX_PREFIX}{index}"
+
+
+def nonce(chain_id: int, address: str) -> str:
+    return f"{NONCE_PREFIX}{chain_id}:{address.lower()}"
+
+
+def nonce_lock(chain_id: int, address: str) -> str:
+    return f"{nonce(chain_id, address)}:lock"

@@ -30,6 +30,7 @@ from pool.settings import Settings
 from pool.states import (
     REPLICATE_TRANSITIONS,
     TASK_TRANSITIONS,
+    DealStatus,
     InvalidTransition,
     ReplicateStatus,
     TaskStatus,
@@ -122,6 +123,57 @@ class Store:
 
     def deal(self, dealid: str) -> dict[str, Any] | None:
         return self.deals.find_one({"chainDealId": dealid}, {"_id": 0})
+
+    def deal_location(self, dealid: str) -> dict[str, Any] | None:
+        """Status, block and block hash of a stored deal (where its SchedulerNotice was)."""
+        return self.deals.find_one(
+            {"chainDealId": dealid},
+            {"_id": 0, "chainDealId": 1, "status": 1, "blockNumber": 1, "blockHash": 1},
+        )
+
+    def drop_reorged_deal(self, dealid: str, note: str) -> bool:
+        """A deal whose SchedulerNotice a chain reorganisation removed: its tasks still
+        RECEIVED (nothing sent for them) are deleted and the deal becomes REORGED. False, and
+        nothing changed, when any of its tasks is past RECEIVED (something was sent)."""
+        received = str(TaskStatus.RECEIVED)
+        if self.tasks.find_one({"chainDealId": dealid, "status": {"$ne": received}}, {"_id": 1}):
+            return False
+        self.tasks.delete_many({"chainDealId": dealid, "status": received})
+        now = utcnow()
+        result = self.deals.update_one(
+            {"chainDealId": dealid, "status": {"$ne": str(DealStatus.REORGED)}},
+            {
+                "$set": {"status": str(DealStatus.REORGED), "updatedAt": now},
+                "$push": {"timeline": {"status": str(DealStatus.REORGED), "at": now, "note": note}},
+            },
+        )
+        return result.modified_count == 1
+
+    def revive_deal(self, deal: dict[str, Any], tasks: Iterable[dict[str, Any]]) -> bool:
+        """A REORGED deal seen again on chain (re-mined, maybe at another block): its fields
+        replaced by ``deal`` (read again from the chain) and its tasks stored again. True when
+        this call revived it (another scheduler may have done it first)."""
+        now = utcnow()
+        fields = {k: v for k, v in deal.items() if k not in ("chainDealId", "timeline")}
+        stale = {"$unset": {"skipReason": ""}} if "skipReason" not in fields else {}
+        result = self.deals.update_one(
+            {"chainDealId": deal["chainDealId"], "status": str(DealStatus.REORGED)},
+            {
+                **stale,
+                "$set": {**fields, "updatedAt": now},
+                "$push": {
+                    "timeline": {
+                        "status": deal["status"],
+                        "at": now,
+                        "note": f"seen again at block {deal['blockNumber']}",
+                    }
+                },
+            },
+        )
+        if result.modified_count != 1:
+            return False
+        self.save_deal(deal, tasks)  # the deal exists: only its tasks are inserted
+        return True
 
     def task(self, taskid: str) -> dict[str, Any] | None:
         return self.tasks.find_one({"chainTaskId": taskid}, {"_id": 0})

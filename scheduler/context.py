@@ -57,6 +57,11 @@ class SchedulerContext:
         """The workerpool this scheduler serves (POOL_ADDRESS)."""
         return str(self.settings.pool_address)
 
+    @property
+    def confirmations(self) -> int:
+        """Blocks the listener waits: WORKERPOOL_CONFIRMATIONS, or the chain's default."""
+        return self.settings.confirmations_for(self.client.chain_id)
+
 
 @dataclass
 class TickReport:
