@@ -45,14 +45,23 @@ log = logging.getLogger(__name__)
 IN_BATCH = 1000
 
 
+_MEMORY_CLIENTS: dict[str, Any] = {}
+
+
 def connect(settings: Settings) -> Store:
-    """Build the store named by the settings (``mongomock://`` gives an in-memory one)."""
+    """Build the store named by the settings. ``mongomock://`` gives a new in-memory one;
+    ``mongomock://<name>`` the in-memory one of that name in this process (several parts of
+    one process, e.g. a command run in-process by a test, share it)."""
     uri = settings.mongo_uri()
     client: Any
     if uri.startswith("mongomock://"):
         import mongomock_ng as mongomock
 
-        client = mongomock.MongoClient()
+        name = uri.removeprefix("mongomock://").strip("/")
+        if not name:
+            client = mongomock.MongoClient()
+        else:
+            client = _MEMORY_CLIENTS.setdefault(name, mongomock.MongoClient())
     else:
         client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
     store = Store(client[settings.mongo_db])
@@ -80,6 +89,7 @@ class Store:
         self.replicates.create_index("status")
         self.replicates.create_index("worker")  # a worker's replicates (API, lost workers)
         self.workers.create_index("address", unique=True)
+        self.workers.create_index([("status", 1), ("capabilities", 1)])  # who serves a queue
         self.cursors.create_index("name", unique=True)
 
     # ---- cursors ----------------------------------------------------------------------------
@@ -513,6 +523,18 @@ class Store:
         return int(
             self.workers.count_documents(
                 {"status": str(WorkerStatus.ALIVE), "capabilities": capability}
+            )
+        )
+
+    def count_live(self, capability: str, seen_since: dt.datetime) -> int:
+        """ALIVE workers heard from since ``seen_since`` that serve ``capability``."""
+        return int(
+            self.workers.count_documents(
+                {
+                    "status": str(WorkerStatus.ALIVE),
+                    "capabilities": capability,
+                    "lastSeen": {"$gte": seen_since},
+                }
             )
         )
 
