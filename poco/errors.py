@@ -57,3 +57,13 @@ class TransactionReverted(PermanentError):
         if tx_hash:
             parts.append(f"tx {tx_hash}")
         super().__init__("; ".join(parts))
+
+
+class TransactionRejected(RetryableError):
+    """The chain node refused to take a transaction (JSON-RPC error at estimate or send, other
+    than a revert): a nonce or fee it does not accept, a rate limit, a node out of sync. Kept
+    retryable: the next tick, or the next attempt of a message, sends it again."""
+
+
+class InsufficientFunds(PermanentError):
+    """The sender cannot pay for the gas (the node says so): it needs native currency."""

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from eth_account import Account
 
 from poco.chain import ChainClient
+from pool.nonces import redis_nonces
 from pool.settings import Settings, SettingsError
 
 GWEI = 10**9
 
 
-def chain_client(settings: Settings) -> ChainClient:
-    """The chain client every service builds from the chain settings."""
+def chain_client(settings: Settings, redis: Any = None) -> ChainClient:
+    """The chain client every service builds from the chain settings. With ``redis``, the
+    nonces of its wallets are shared in Redis with every other process sending with them
+    (the scheduler's processes: :mod:`pool.nonces`)."""
     settings.require("chain_rpc_url", "hub_address")
     return ChainClient(
         str(settings.chain_rpc_url),
@@ -27,6 +31,7 @@ def chain_client(settings: Settings) -> ChainClient:
         replace_after=settings.tx_replace_after,
         fee_bump=settings.tx_fee_bump,
         max_fee=int(settings.max_fee_gwei * GWEI),
+        shared_nonces=redis_nonces(redis) if redis is not None else None,
     )
 
 

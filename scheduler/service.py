@@ -238,7 +238,9 @@ def build(settings: Settings, messages: Messenger) -> Scheduler:
     """Wire a scheduler from settings: chain client, scheduler wallet (it must own the pool),
     store and Redis; it sends its messages with ``messages`` (the process's Celery app)."""
     settings.require("chain_rpc_url", "hub_address", "pool_address")
-    client = chain_client(settings)
+    # every scheduler process signs with the one wallet: its nonce is shared in Redis
+    broker = redis.Redis.from_url(settings.redis_url)
+    client = chain_client(settings, broker)
     if settings.chain_id and client.chain_id != settings.chain_id:
         raise PocoError(
             f"IEXEC_CHAIN_ID={settings.chain_id} but the node at "
@@ -257,7 +259,7 @@ def build(settings: Settings, messages: Messenger) -> Scheduler:
         client,
         wallet,
         messages,
-        redis.Redis.from_url(settings.redis_url),
+        broker,
     )
     scheduler = Scheduler(ctx)
     scheduler.publish_public_config()
