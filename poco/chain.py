@@ -818,7 +818,7 @@ class Wallet:
                     "%s: replacement of %s underpriced: %s", self.address, pending.name, exc
                 )
                 return
-            raise
+            raise _rejected(pending.name, self.address, exc) from exc
         log.warning(
             "%s: %s nonce %d not mined after %.0fs; replaced by %s with fees %s",
             self.address,

@@ -68,9 +68,11 @@ class DealListener:
         stored = self.store.deal_location(dealid)
         if stored is not None:
             known = stored.get("blockHash")
-            if known is None or known == _block_hash(entry):
+            same = known is None or known == _block_hash(entry)
+            if same and stored["status"] != DealStatus.REORGED:
                 return  # stored by an earlier (maybe interrupted) poll or another scheduler
-            # its notice is in another block now: a reorganisation moved (or brought back) it
+            # its notice is in another block now (a reorganisation moved it), or back after
+            # one removed it
             self._seen_again(dealid, stored, entry, report)
             return
         doc, tasks, reason = self._read(dealid, entry, fresh=False)

@@ -8,6 +8,7 @@ again at another height is taken once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -17,11 +18,17 @@ from devnet.requester import MatchedDeal, match_deal
 from poco import actions
 from poco import chain as chain_mod
 from poco.orders import DatasetOrder
-from poco.types import ChainTaskStatus
+from poco.types import ChainTaskStatus, Resource
+from pool.messages import Messenger
 from pool.settings import Settings
 from pool.store import Store
-from scheduler.context import TickReport
+from scheduler.context import SchedulerContext, TickReport
 from scheduler.service import Scheduler
+from testing.celery import FakeCelery
+from testing.chain import POOL as FAKE_POOL
+from testing.chain import ZERO as FAKE_ZERO
+from testing.chain import FakeChain, FakeWallet
+from testing.store import memory_store
 
 pytestmark = [pytest.mark.devnet, pytest.mark.redis]
 
@@ -246,3 +253,33 @@ def test_outside_the_reorg_window_the_listener_reads_only_new_blocks(
     chain_mod.reset_nonces()
     assert [scheduler.tick().deals_new for _ in range(2)] == [0, 0]
     assert store.deal(deal.dealid) is None
+
+
+def test_a_deal_back_at_the_very_block_it_left_is_taken_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reorganisation undone (the first fork wins after all): the deal is back at the block
+    hash it was stored with. anvil cannot bring a replaced block back, so the fake chain
+    plays it: its block hash changes and the deal vanishes, then both come back."""
+    chain = FakeChain()
+    store = memory_store("reorg-back")
+    settings = Settings(pool_address=FAKE_POOL, chain_rpc_url="http://fake", hub_address=FAKE_POOL)
+    ctx = SchedulerContext(settings, store, chain, FakeWallet(chain), Messenger(FakeCelery()))  # type: ignore[arg-type]
+    scheduler = Scheduler(ctx)
+    dealid = chain.add_deal(1, size=1)
+    block, deal = chain.head, chain.deals[dealid]
+    scheduler.deals.listen(TickReport())
+    kept = chain.block_hash
+    # the other fork: another block at that height, without the deal
+    monkeypatch.setattr(chain, "block_hash", lambda n: "0x" + "ee" * 32 if n == block else kept(n))
+    chain.deals[dealid] = dataclasses.replace(deal, app=Resource(FAKE_ZERO, FAKE_ZERO, 0))
+    scheduler.initializer.initialize(TickReport())
+    assert store.deal(dealid)["status"] == "REORGED"  # type: ignore[index]
+    assert chain.txs["initializeArray"] == 0
+    # the first fork again: same block, same hash, the deal with it
+    monkeypatch.setattr(chain, "block_hash", kept)
+    chain.deals[dealid] = deal
+    reports = [scheduler.tick() for _ in range(2)]
+    assert [r.deals_new for r in reports] == [1, 0]
+    assert chain.txs["initializeArray"] == 1
+    assert [e["status"] for e in store.deal(dealid)["timeline"]] == ["REORGED", "ACCEPTED"]  # type: ignore[index]
