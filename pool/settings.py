@@ -337,8 +337,8 @@ SETTINGS: dict[str, Spec] = {
         "IEXEC_SMS_HOST",
         _str,
         "",
-        "Secret Management Service of TEE tasks (iexec-core's name). Accepted and without "
-        "effect while WORKERPOOL_TEE_STACK is empty (named at start).",
+        "Secret Management Service of TEE tasks (iexec-core's name). Accepted and named at "
+        "start without effect: this version asks it nothing.",
         group="scheduler",
     ),
     "ask_replicate_period": Spec(
@@ -685,8 +685,10 @@ SETTINGS: dict[str, Spec] = {
         "",
         "TEE frameworks the pool's worker nodes run (comma list of scone, gramine, tdx). Orders "
         "with a TEE tag (tee,scone / tee,gramine / tee,tdx) are signed, published and "
-        "replenished only for a framework listed here. Empty (the default): none, the pool "
-        "sells standard and GPU capacity only.",
+        "replenished only for a framework listed here, and TEE deals accepted and queued for "
+        "nodes of that framework (tee-<framework>). The worker nodes of this version run "
+        "standard and GPU tasks only: leave it empty (the default) unless nodes that run the "
+        "framework serve the pool.",
         group="orders",
     ),
     "order_category": Spec(
@@ -1020,12 +1022,15 @@ def without_effect(
     notes: list[tuple[str, str]] = []
     if "IEXEC_ASK_REPLICATE_PERIOD" in present:
         notes.append(("IEXEC_ASK_REPLICATE_PERIOD", ASK_REPLICATE_REASON))
-    if "IEXEC_SMS_HOST" in present and not settings.tee_stack:
+    if "IEXEC_SMS_HOST" in present:
         notes.append(
             (
                 "IEXEC_SMS_HOST",
                 "no effect: this pool runs no TEE task (WORKERPOOL_TEE_STACK is empty), and "
-                "only TEE tasks use a Secret Management Service",
+                "only TEE tasks use a Secret Management Service"
+                if not settings.tee_stack
+                else "no effect in this version: the scheduler asks no Secret Management "
+                "Service for TEE enclave challenges",
             )
         )
     repository = [
