@@ -181,6 +181,7 @@ def test_fees_the_node_refuses_fail_the_step_not_the_tick(
         requester_key=devnet.key("requester"),
     )
     wallet = scheduler.ctx.wallet
+    base_fee = int(devnet.client.eth.get_block("latest")["baseFeePerGas"])
     devnet.rpc("anvil_setNextBlockBaseFeePerGas", [hex(100 * 10**9)])
     devnet.rpc("evm_mine", [])  # the base fee is 100 gwei now
     wallet.gas_price_multiplier = 0.1  # below the base fee, however often fees are read
@@ -188,6 +189,9 @@ def test_fees_the_node_refuses_fail_the_step_not_the_tick(
         report = scheduler.tick()  # returns: the refusal is in the report
     finally:
         wallet.gas_price_multiplier = 1.0
+        # anvil keeps its base fee across evm_revert: bring it back for the tests after
+        devnet.rpc("anvil_setNextBlockBaseFeePerGas", [hex(base_fee)])
+        devnet.rpc("evm_mine", [])
     (error,) = [e for e in report.errors if e.startswith("initialize")]
     assert "max fee per gas less than block base fee" in error
     assert scheduler.ctx.client.refusals["fees"] >= 1
