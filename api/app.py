@@ -2,7 +2,8 @@
 
 ``/api/v1``: ``pool``, ``workers``, ``deals``, ``tasks``, ``orders`` and the OpenAPI document;
 ``/healthz`` and ``/metrics`` for machines; ``/`` the dashboard; ``/results`` the local
-publisher's files; and the market-compatible orderbook (``api/orderbook.py``).
+publisher's files; the market-compatible orderbook (``api/orderbook.py``); and iexec-core's
+task routes and the Compass-shaped discovery route for iExec tooling (``api/core.py``).
 
 Why it is built this way:
 
@@ -23,7 +24,19 @@ from typing import Any
 
 from flask import Flask
 
-from api import dashboard, deals, docs, health, metrics, orders, overview, results, tasks, workers
+from api import (
+    core,
+    dashboard,
+    deals,
+    docs,
+    health,
+    metrics,
+    orders,
+    overview,
+    results,
+    tasks,
+    workers,
+)
 from api.context import EXTENSION, ApiContext, ChainProbe
 from api.errors import register_error_handlers
 from api.orderbook import orderbook_blueprint
@@ -62,4 +75,5 @@ def create_app(
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(results.create_blueprint(results_dir))
     app.register_blueprint(orderbook_blueprint(settings, store))
+    app.register_blueprint(core.create_blueprint(context))
     return app

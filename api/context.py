@@ -31,6 +31,7 @@ T = TypeVar("T")
 # chain id practically never change.
 HEAD_TTL = 1.0
 OWNER_TTL = 60.0
+FUNDS_TTL = 10.0  # the owner's stake and gas (they move with each deal and transaction)
 CHAIN_TIMEOUT = 3.0
 
 
@@ -111,6 +112,28 @@ class ChainProbe:
             except Exception as exc:  # a wrong POOL_ADDRESS should not hide the head block
                 log.debug("pool owner unavailable: %s", exc)
         return ChainFacts(True, head=head, chain_id=chain_id, owner=owner)
+
+    def owner_funds(self, owner: str) -> OwnerFunds:
+        """The owner's free and locked stake and its gas, read at most every FUNDS_TTL."""
+
+        def read() -> OwnerFunds:
+            from poco.funds import gas_check
+
+            client = self.client()
+            account = client.view_account(owner)
+            budget = int(self.settings.gas_price_budget_gwei * 10**9)
+            return OwnerFunds(account.stake, account.locked, gas_check(client, owner, budget))
+
+        return self._cached(f"funds:{owner.lower()}", FUNDS_TTL, read)
+
+
+@dataclass(frozen=True)
+class OwnerFunds:
+    """The workerpool owner's (the scheduler wallet's) PoCo account and gas."""
+
+    stake: int
+    locked: int
+    gas: Any  # poco.funds.GasCheck
 
 
 class ApiContext:

@@ -34,6 +34,23 @@ def serve(settings: Settings, app: object, threads: int | None = None) -> None:
     )
 
 
+def check_node(settings: Settings) -> None:
+    """Refuse to start against a node of another chain than the settings name; a node that
+    does not answer now is only logged (the API starts, /healthz says the chain is down)."""
+    if not (settings.chain_rpc_url and settings.hub_address):
+        return
+    import dataclasses
+
+    from poco.errors import TransportError
+    from pool.wallets import chain_client, check_chain
+
+    quick = dataclasses.replace(settings, rpc_retries=0, rpc_timeout=3.0)
+    try:
+        check_chain(settings, chain_client(quick))
+    except TransportError as exc:
+        log.warning("the chain node does not answer now (%s): /healthz will say so", exc)
+
+
 @click.command("api")
 @click.option(
     "--threads",
@@ -59,6 +76,8 @@ def command(threads: int | None) -> None:
             "standalone` (scheduler + API in one process); in production point MONGO_URL at "
             "the scheduler's MongoDB."
         )
+    with refusals():
+        check_node(settings)
     # the local publisher's folder (shared with the workers), served under /results
     results_dir = Path(settings.local_results_dir) if settings.local_results_dir else None
     app = create_app(settings, results_dir=results_dir)

@@ -44,12 +44,22 @@ def devnet() -> None:
 @devnet.command("up")
 @DIR_OPTION
 @click.option("--port", default=8545, show_default=True, help="anvil port on 127.0.0.1.")
-def devnet_up(directory: Path, port: int) -> None:
+@click.option(
+    "--native",
+    is_flag=True,
+    help="Deploy PoCo in native mode (stakes in the chain's coin, Bellecour-like) instead of "
+    "token mode as on Arbitrum (stakes in an RLC ERC-20). A chain of the other mode in --dir "
+    "is put aside and a new one deployed.",
+)
+def devnet_up(directory: Path, port: int, native: bool) -> None:
     """Start anvil, deploy PoCo, create the pool and sample apps (idempotent)."""
     with refusals(DevnetError):
-        info, seconds, deployed = network.up(directory, port)
+        info, seconds, deployed = network.up(directory, port, "native" if native else "token")
     what = "deployed PoCo and provisioned" if deployed else "resumed"
     click.echo(f"devnet up ({what}) in {seconds:.1f}s: {info['rpc_url']} chain {info['chain_id']}")
+    click.echo(f"  mode       {info['mode']}")
+    if info["mode"] == "token":
+        click.echo(f"  RLC        {info['rlc']}")
     click.echo(f"  hub        {info['hub']}")
     click.echo(f"  workerpool {info['workerpool']}")
     for name, app in info["apps"].items():
@@ -79,7 +89,10 @@ def devnet_status(directory: Path, as_json: bool) -> None:
     if not info.get("answers"):
         raise Unreachable(f"devnet stopped pid={info['pid']} {info['rpc_url']}")
     click.echo(f"devnet running pid={info['pid']} {info['rpc_url']}")
-    click.echo(f"  head block {info['block']}, PoCo deployed: {info['poco_deployed']}")
+    click.echo(
+        f"  head block {info['block']}, PoCo deployed: {info['poco_deployed']} "
+        f"({info['mode']} mode)"
+    )
 
 
 @devnet.command("env")

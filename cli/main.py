@@ -12,6 +12,7 @@ import logging
 
 import click
 
+from cli.account import account, register_pool
 from cli.api import command as api_command
 from cli.devnet import demo_command, devnet
 from cli.errors import refusals
@@ -25,7 +26,7 @@ from cli.worker import command as worker_command
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
-    """Run an iExec workerpool: scheduler, worker nodes, status API, orders, devnet."""
+    """Run an iExec workerpool: scheduler, worker nodes, status API, orders, accounts, devnet."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -64,6 +65,8 @@ for _command in (
     orderbook,
     devnet,
     demo_command,
+    account,
+    register_pool,
 ):
     main.add_command(_command)
 

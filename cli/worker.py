@@ -92,7 +92,7 @@ def run_compute(loglevel: str) -> None:
     import redis
 
     from workers import identity
-    from workers.tasks import check_chain_id, compute_queues, create_compute_app, from_scheduler
+    from workers.tasks import compute_queues, create_compute_app, from_scheduler
 
     with refusals(ValueError):
         settings = Settings.from_env()
@@ -103,14 +103,12 @@ def run_compute(loglevel: str) -> None:
             )
         client = redis.Redis.from_url(settings.redis_url)
         settings, taken = from_scheduler(settings, client)
+        if taken:  # before the node is built and its chain checked against these values
+            click.echo(f"from the scheduler: {', '.join(taken)}", err=True)
         key, lease = identity.resolve(settings, client)
         app, node = create_compute_app(settings, key, client, lease)
-        if taken:
-            check_chain_id(settings, node.client)
     for name, reason in without_effect(settings, os.environ, "worker"):
         click.echo(f"note: {name}: {reason}", err=True)
-    if taken:
-        click.echo(f"from the scheduler: {', '.join(taken)}", err=True)
 
     # the control process reads the same settings, the scheduler's published ones included
     env = {**os.environ, "IEXEC_WORKER_BASE_DIR": settings.worker_dir, **_resolved(settings)}
@@ -134,6 +132,10 @@ def run_compute(loglevel: str) -> None:
         f"worker {node.name} ({node.address}{lease_note}) serving {', '.join(queues)} "
         f"with {settings.worker_slots} slot(s); control pid {child.pid}"
     )
+    with refusals():
+        gas = node.gas()
+    if gas.empty:  # iexec-worker exits here; this node waits for a refill, giving jobs back
+        click.echo(f"warning: {gas.describe(node.address)}: jobs go back to the queue", err=True)
     try:
         app.worker_main(
             _celery_argv(

@@ -1,10 +1,14 @@
-"""Deploy the real PoCo v6.1.0 (native mode) on a fresh chain, from the npm package's files.
+"""Deploy the real PoCo v6.1.0 on a fresh chain, from the npm package's files, in token mode
+as on Arbitrum (the default) or in native mode.
 
 This follows ``deploy/0_deploy.ts`` of PoCo v6.1.0 with plain CREATE instead of the CreateX
-factory (facts and gotchas: docs/protocol.md): the EIP-2535 base facets come from the package's
-``deployments/arbitrumSepolia/*.json`` (not in ``artifacts/``), the PoCo facets from
-``artifacts/``, ``IexecLibOrders_v5`` is linked into the facets that need it, the registries are
-initialized, ``configure`` sets the EIP-712 domain, and the XS..XL categories are created.
+factory (facts and gotchas: docs/protocol.md): in token mode the RLC token comes first (the
+faucet RLC whose creation code the package keeps in ``deployments/arbitrum/RLC.json``), the
+EIP-2535 base facets come from the package's ``deployments/arbitrumSepolia/*.json`` (not in
+``artifacts/``), the PoCo facets from ``artifacts/`` (Arbitrum's list in token mode: the token
+escrow and no Boost facets), ``IexecLibOrders_v5`` is linked into the facets that need it, the
+registries are initialized, ``configure`` sets the token (the zero address in native mode) and
+the EIP-712 domain, and the XS..XL categories are created.
 """
 
 from __future__ import annotations
@@ -17,12 +21,30 @@ from typing import Any, cast
 
 from eth_utils import function_abi_to_4byte_selector
 
+from poco.abi import load_abi
 from poco.chain import Receipt, Wallet
 
 log = logging.getLogger(__name__)
 
 BASE_FACETS = ("DiamondCutFacet", "DiamondLoupeFacet", "OwnershipFacet")
-POCO_FACETS = (
+MODES = ("token", "native")
+# deploy/0_deploy.ts, in its order. Token mode: the facets routed by the Arbitrum hubs (chains
+# 42161 and 421614 get no Boost facets): 3 base + 11 PoCo facets, 98 selectors.
+TOKEN_FACETS = (
+    "IexecAccessorsABILegacyFacet",
+    "IexecCategoryManagerFacet",
+    "IexecConfigurationExtraFacet",
+    "IexecConfigurationFacet",
+    "IexecERC20Facet",
+    "IexecEscrowTokenFacet",
+    "IexecOrderManagementFacet",
+    "IexecPoco1Facet",
+    "IexecPoco2Facet",
+    "IexecPocoAccessorsFacet",
+    "IexecRelayFacet",
+)
+# Native mode (Bellecour-like): the native escrow, and the Boost facets.
+NATIVE_FACETS = (
     "IexecAccessorsABILegacyFacet",
     "IexecCategoryManagerFacet",
     "IexecConfigurationExtraFacet",
@@ -37,6 +59,8 @@ POCO_FACETS = (
     "IexecPocoBoostAccessorsFacet",
     "IexecRelayFacet",
 )
+POCO_FACETS = {"token": TOKEN_FACETS, "native": NATIVE_FACETS}
+ZERO = "0x" + "00" * 20
 # PoCo's config/config.json: (name, workClockTimeRef in seconds); description is JSON "" .
 CATEGORIES = (("XS", 300), ("S", 1200), ("M", 3600), ("L", 10800), ("XL", 36000))
 NFT_BASE_URI = "https://nfts-metadata.iex.ec/{kind}/{chain_id}/"
@@ -45,10 +69,14 @@ INIT_SELECTOR = bytes.fromhex("e1c7392a")  # DiamondInit.init()
 
 @dataclass(frozen=True)
 class Deployment:
+    mode: str
     hub: str
+    rlc: str  # the token the hub escrows; the zero address in native mode
     app_registry: str
     dataset_registry: str
     workerpool_registry: str
+    facets: int
+    selectors: int
     transactions: int
     gas_used: int
 
@@ -79,6 +107,12 @@ class Artifacts:
         )
         return data["abi"], data["bytecode"]
 
+    def rlc_bytecode(self) -> str:
+        """Creation code of the faucet RLC (``deployments/arbitrum/RLC.json``: no ABI there,
+        and its ``deployedBytecode`` is the proxy of Arbitrum's real RLC, not this contract)."""
+        data = json.loads((self.root / "deployments" / "arbitrum" / "RLC.json").read_text())
+        return str(data["bytecode"])
+
 
 def link(bytecode: str, references: dict[str, Any], libraries: dict[str, str]) -> str:
     """Replace each ``__$…$__`` placeholder (20 bytes at ``start``) with the library address."""
@@ -105,10 +139,13 @@ def selectors(abi: list[dict[str, Any]]) -> list[bytes]:
 
 
 class Deployer:
-    def __init__(self, wallet: Wallet, artifacts: Artifacts) -> None:
+    def __init__(self, wallet: Wallet, artifacts: Artifacts, mode: str = "token") -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
         self.wallet = wallet
         self.eth: Any = wallet.client.eth
         self.artifacts = artifacts
+        self.mode = mode
         self.transactions = 0
         self.gas_used = 0
 
@@ -128,6 +165,13 @@ class Deployer:
 
     def deploy(self) -> Deployment:
         owner = self.wallet.address
+        # token mode: the deployer keeps the 87M RLC the constructor mints, and stays the
+        # token's owner (the faucet's refill then works on the devnet)
+        rlc = (
+            self.create(load_abi("RLC"), self.artifacts.rlc_bytecode())
+            if self.mode == "token"
+            else ZERO
+        )
         base: dict[str, tuple[str, list[dict[str, Any]]]] = {}
         init_abi, init_code = self.artifacts.base("DiamondInit")
         diamond_init = self.create(init_abi, init_code)
@@ -145,13 +189,13 @@ class Deployer:
         cut_abi = [e for e in base["DiamondCutFacet"][1] if e["type"] != "event"]
         diamond = self.eth.contract(address=proxy, abi=cut_abi)
         routed: set[bytes] = {s for _, _, sels in cuts for s in sels}
-        for name in POCO_FACETS:
+        for name in POCO_FACETS[self.mode]:
             abi, code, refs = self.artifacts.artifact(name)
             facet = self.create(abi, link(code, refs, libraries))
             new = [s for s in selectors(abi) if s not in routed]
             routed.update(new)
             if new:
-                self.call(diamond.functions.diamondCut([(facet, 0, new)], "0x" + "00" * 20, b""))
+                self.call(diamond.functions.diamondCut([(facet, 0, new)], ZERO, b""))
 
         registries: dict[str, str] = {}
         for name, kind in (
@@ -162,7 +206,7 @@ class Deployer:
             abi, code, _ = self.artifacts.artifact(name)
             address = self.create(abi, code)
             registry = self.eth.contract(address=address, abi=abi)
-            self.call(registry.functions.initialize("0x" + "00" * 20))
+            self.call(registry.functions.initialize(ZERO))
             uri = NFT_BASE_URI.format(kind=kind, chain_id=self.wallet.client.chain_id)
             self.call(registry.functions.setBaseURI(uri))
             registries[name] = address
@@ -170,23 +214,29 @@ class Deployer:
         hub = self.eth.contract(address=proxy, abi=self.wallet.client.hub.abi)
         self.call(
             hub.functions.configure(
-                "0x" + "00" * 20,
+                rlc,
                 "Staked RLC",
                 "SRLC",
                 9,
                 registries["AppRegistry"],
                 registries["DatasetRegistry"],
                 registries["WorkerpoolRegistry"],
-                "0x" + "00" * 20,
+                ZERO,
             )
         )
         for name, timeref in CATEGORIES:
             self.call(hub.functions.createCategory(name, '""', timeref))
+        loupe_abi = [e for e in base["DiamondLoupeFacet"][1] if e["type"] == "function"]
+        routed_facets = self.eth.contract(address=proxy, abi=loupe_abi).functions.facets().call()
         return Deployment(
+            mode=self.mode,
             hub=proxy,
+            rlc=rlc,
             app_registry=registries["AppRegistry"],
             dataset_registry=registries["DatasetRegistry"],
             workerpool_registry=registries["WorkerpoolRegistry"],
+            facets=len(routed_facets),
+            selectors=sum(len(f[1]) for f in routed_facets),
             transactions=self.transactions,
             gas_used=self.gas_used,
         )

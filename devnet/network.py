@@ -1,10 +1,16 @@
 """A local devnet: anvil on 127.0.0.1 with the real PoCo v6.1.0, a workerpool and sample apps.
 
+By default it mirrors Arbitrum: PoCo in token mode with Arbitrum's facets and an RLC ERC-20 of
+its own, stakes deposited through the token; ``mode="native"`` deploys the native-mode PoCo
+(stakes in the chain's coin) instead.
+
 ``up`` is idempotent: it installs the pinned tools when missing (npm
 ``@foundry-rs/anvil-linux-amd64`` and a ``npm pack`` of ``@iexec/poco``, cached under
 ``$XDG_CACHE_HOME/workerpool``), starts anvil with its state kept in the devnet directory (so
 ``up`` after ``down`` resumes the same chain), deploys PoCo when the chain has none, creates the
-workerpool and the sample apps when missing, funds the actors, and writes ``devnet.json``.
+workerpool and the sample apps when missing, funds the actors, and writes ``devnet.json``. A
+chain of the other mode cannot be converted (PoCo sets its token once): ``up`` in another mode
+than the directory's chain starts a new chain, and keeps the old one's files beside it.
 
 All keys here derive from anvil's default mnemonic: they are PUBLIC TEST KEYS, known to
 everyone, never to be used on a real chain.
@@ -29,9 +35,9 @@ from typing import Any, cast
 from eth_account import Account
 from web3 import Web3
 
-from devnet.deploy import Artifacts, Deployer
+from devnet.deploy import MODES, ZERO, Artifacts, Deployer
 from poco import POCO_VERSION, actions
-from poco.chain import ChainClient, Receipt, Wallet
+from poco.chain import ChainClient, Wallet
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +60,26 @@ SAMPLE_APPS = {
     "sleep": "workerpool-apps/sleep:1",
     "nocomputed": "workerpool-apps/nocomputed:1",
     "evil": "workerpool-apps/evil:1",
+    "callback": "workerpool-apps/callback:1",
 }
 WORKERPOOL_DESCRIPTION = "workerpool devnet pool"
 
 # Deposits in nRLC (native mode: 1 nRLC = 1e9 wei; anvil gives each account 10,000 ETH).
 DEPOSITS = {"scheduler": 1_000 * 10**9, "requester": 5_000 * 10**9, "worker": 100 * 10**9}
+# Token mode: RLC left in each wallet beside its deposit (the deployer holds the 87M RLC the
+# token mints and hands these out), so that `workerpool account deposit` has some to move.
+WALLET_RLC = {
+    "scheduler": 1_000 * 10**9,
+    "requester": 5_000 * 10**9,
+    "app_provider": 100 * 10**9,
+    "worker": 100 * 10**9,
+}
 
 DEVNET_KEYS = (
     "rpc_url",
     "chain_id",
+    "mode",
+    "rlc",
     "hub",
     "app_registry",
     "dataset_registry",
@@ -263,13 +280,8 @@ def _has_code(client: ChainClient, address: str) -> bool:
     return len(client.rpc("get_code", lambda: client.eth.get_code(address))) > 0
 
 
-def _ensure_workerpool(client: ChainClient, registry_address: str, scheduler: Wallet) -> str:
-    registry = client.contract("WorkerpoolRegistry", registry_address)
-    owner = scheduler.address
-    predicted = registry.functions.predictWorkerpool(owner, WORKERPOOL_DESCRIPTION).call()
-    if not _has_code(client, predicted):
-        scheduler.transact(registry.functions.createWorkerpool(owner, WORKERPOOL_DESCRIPTION))
-    return str(predicted)
+def _ensure_workerpool(scheduler: Wallet) -> str:
+    return actions.create_workerpool(scheduler, WORKERPOOL_DESCRIPTION)[0]
 
 
 def _ensure_app(
@@ -283,20 +295,54 @@ def _ensure_app(
     return str(predicted)
 
 
-def _top_up(wallet: Wallet, target_nrlc: int) -> Receipt | None:
-    have = wallet.client.view_account(wallet.address).stake
-    if have >= target_nrlc // 2:
-        return None
-    return actions.deposit(wallet, target_nrlc - have)
+def _fund(deployer: Wallet, wallet: Wallet, deposit_nrlc: int, wallet_nrlc: int) -> None:
+    """Top ``wallet`` up (idempotent): its PoCo stake to ``deposit_nrlc`` when below half of
+    it, and in token mode its wallet RLC to ``wallet_nrlc`` beside it (RLC sent by the
+    deployer, deposited by the wallet itself through the token)."""
+    client = wallet.client
+    have = client.view_account(wallet.address).stake
+    missing = deposit_nrlc - have if have < deposit_nrlc // 2 else 0
+    if client.mode == "token":
+        in_wallet = client.rlc_balance(wallet.address)
+        if in_wallet < (missing + wallet_nrlc) // 2 or in_wallet < missing:
+            deployer.transact(
+                client.rlc().functions.transfer(wallet.address, missing + wallet_nrlc - in_wallet)
+            )
+    if missing > 0:
+        actions.deposit(wallet, missing)
 
 
-def up(directory: Path, port: int = 8545) -> tuple[dict[str, Any], float, bool]:
-    """Bring the devnet up; returns (devnet.json content, seconds taken, whether it deployed)."""
+def _archive(devnet: Devnet, mode: str) -> None:
+    """Put a chain of another mode aside: stop its anvil, keep its files under new names."""
+    devnet.stop()
+    for path in (devnet.state_path, devnet.json_path):
+        if path.exists():
+            path.rename(path.with_name(f"{path.stem}.{mode}{path.suffix}"))
+    log.warning(
+        "%s held a %s-mode devnet: a new chain is deployed (PoCo sets its token once); "
+        "the old one's files are kept as anvil-state.%s.json and devnet.%s.json",
+        devnet.directory,
+        mode,
+        mode,
+        mode,
+    )
+
+
+def up(
+    directory: Path, port: int = 8545, mode: str = "token"
+) -> tuple[dict[str, Any], float, bool]:
+    """Bring the devnet up; returns (devnet.json content, seconds taken, whether it deployed).
+    ``mode``: ``token`` (Arbitrum's PoCo, the default) or ``native``."""
+    if mode not in MODES:
+        raise DevnetError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     started = time.monotonic()
     directory.mkdir(parents=True, exist_ok=True)
     devnet = Devnet(directory, port)
     anvil, poco_package = ensure_tools()
     existing = devnet.load()
+    if existing is not None and existing.get("mode", "native") != mode:
+        _archive(devnet, existing.get("mode", "native"))
+        existing = None
     if existing is not None:
         devnet.port = int(existing["rpc_url"].rsplit(":", 1)[1])
     if devnet.pid() is None:
@@ -306,11 +352,11 @@ def up(directory: Path, port: int = 8545) -> tuple[dict[str, Any], float, bool]:
             f"anvil (pid {devnet.pid()}) runs but does not answer on {devnet.rpc_url}"
         )
 
-    probe = ChainClient(devnet.rpc_url, "0x" + "00" * 20)
+    probe = ChainClient(devnet.rpc_url, ZERO)
     deployer = probe.wallet(derive_key(0))
     deployed = False
     if existing is None or not _has_code(probe, existing["hub"]):
-        result = Deployer(deployer, Artifacts(poco_package)).deploy()
+        result = Deployer(deployer, Artifacts(poco_package), mode).deploy()
         hub, registries = (
             result.hub,
             {
@@ -320,7 +366,14 @@ def up(directory: Path, port: int = 8545) -> tuple[dict[str, Any], float, bool]:
             },
         )
         deployed = True
-        log.info("deployed PoCo: %d transactions, %d gas", result.transactions, result.gas_used)
+        log.info(
+            "deployed PoCo (%s mode, %d facets, %d selectors): %d transactions, %d gas",
+            result.mode,
+            result.facets,
+            result.selectors,
+            result.transactions,
+            result.gas_used,
+        )
     else:
         hub = existing["hub"]
         registries = {
@@ -328,11 +381,17 @@ def up(directory: Path, port: int = 8545) -> tuple[dict[str, Any], float, bool]:
         }
 
     client = ChainClient(devnet.rpc_url, hub)
+    if client.mode != mode:  # a devnet.json that says otherwise than the chain
+        raise DevnetError(
+            f"the hub {hub} on {devnet.rpc_url} runs in {client.mode} mode, not {mode}; "
+            f"remove {directory} to start a new chain"
+        )
+    deployer = client.wallet(derive_key(0))
     accounts: dict[str, Any] = {role: account_entry(i) for i, role in enumerate(ROLES)}
     accounts["workers"] = [account_entry(FIRST_WORKER_INDEX + i) for i in range(WORKER_COUNT)]
     scheduler = client.wallet(accounts["scheduler"]["private_key"])
     app_provider = client.wallet(accounts["app_provider"]["private_key"])
-    workerpool = _ensure_workerpool(client, registries["workerpool_registry"], scheduler)
+    workerpool = _ensure_workerpool(scheduler)
     apps = {
         name: {
             "address": _ensure_app(client, registries["app_registry"], app_provider, name, image),
@@ -340,14 +399,20 @@ def up(directory: Path, port: int = 8545) -> tuple[dict[str, Any], float, bool]:
         }
         for name, image in SAMPLE_APPS.items()
     }
-    _top_up(scheduler, DEPOSITS["scheduler"])
-    _top_up(client.wallet(accounts["requester"]["private_key"]), DEPOSITS["requester"])
+    _fund(deployer, scheduler, DEPOSITS["scheduler"], WALLET_RLC["scheduler"])
+    requester = client.wallet(accounts["requester"]["private_key"])
+    _fund(deployer, requester, DEPOSITS["requester"], WALLET_RLC["requester"])
+    _fund(deployer, app_provider, 0, WALLET_RLC["app_provider"])
     for worker in accounts["workers"]:
-        _top_up(client.wallet(worker["private_key"]), DEPOSITS["worker"])
+        _fund(
+            deployer, client.wallet(worker["private_key"]), DEPOSITS["worker"], WALLET_RLC["worker"]
+        )
 
     info: dict[str, Any] = {
         "rpc_url": devnet.rpc_url,
         "chain_id": client.chain_id,
+        "mode": client.mode,
+        "rlc": client.token_address(),
         "hub": hub,
         **registries,
         "workerpool": workerpool,
@@ -379,6 +444,7 @@ def status(directory: Path) -> dict[str, Any]:
             client = ChainClient(info["rpc_url"], info["hub"])
             out["block"] = client.block_number()
             out["poco_deployed"] = _has_code(client, info["hub"])
+            out["mode"] = info.get("mode", "native")
     return out
 
 

@@ -62,6 +62,7 @@ from orders.store import OrderStore, entry
 from orders.sync import FULL_SYNC_PERIOD, SyncReport, cursor_key, sync_orders
 from poco.chain import ChainClient
 from poco.errors import PocoError
+from poco.funds import format_rlc
 from poco.orders import ZERO_ADDRESS
 from pool.clock import utcnow
 from pool.settings import Settings
@@ -156,6 +157,47 @@ def live_nodes_of(store: Store, settings: Settings) -> Callable[[str], int]:
         return store.count_live(capability, since)
 
     return count
+
+
+# ---- does the owner's stake cover its orders? -------------------------------------------------
+@dataclass(frozen=True)
+class StakeCoverage:
+    """The workerpool owner's free stake against the pool stake (30 % of the price per task)
+    that matching the remaining volume of its published orders would lock."""
+
+    owner: str
+    stake: int  # free stake, nRLC
+    needed: int  # pool stake of the orders' remaining volume, nRLC
+    orders: int
+    tasks: int  # their remaining volume
+
+    @property
+    def covered(self) -> bool:
+        return self.stake >= self.needed
+
+    def warning(self) -> str:
+        """One sentence when the stake falls short ("" otherwise)."""
+        if self.covered:
+            return ""
+        return (
+            f"the workerpool owner's free stake ({format_rlc(self.stake)} RLC) does not cover "
+            f"its {self.orders} published order(s): matching their {self.tasks} remaining "
+            f"task(s) locks {format_rlc(self.needed)} RLC ({WORKERPOOL_STAKE_RATIO}% of the "
+            f"price per task); requesters cannot buy the rest: deposit "
+            f"{format_rlc(self.needed - self.stake)} RLC more (workerpool account deposit)"
+        )
+
+
+def stake_coverage(orders: OrderStore, owner: str, stake: int) -> StakeCoverage:
+    """How far ``owner``'s free ``stake`` (``viewAccount(owner).stake``) covers its open
+    orders and those the sync set dead (those stay valid on chain: a requester holding one
+    finds matchOrders refused)."""
+    docs = orders.published_orders(owner)
+    needed = sum(
+        required_stake(int(d["order"]["workerpoolprice"]), int(d["remaining"])) for d in docs
+    )
+    tasks = sum(int(d["remaining"]) for d in docs)
+    return StakeCoverage(owner, stake, needed, len(docs), tasks)
 
 
 # ---- the service ------------------------------------------------------------------------------

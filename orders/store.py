@@ -85,6 +85,15 @@ class OrderStore:
         cursor = self.orders.find(query, {"_id": 0}).sort([("publishedNs", 1), ("orderHash", 1)])
         return list(cursor)
 
+    def published_orders(self, signer: str) -> list[dict[str, Any]]:
+        """The signer's open orders, and those the sync found dead (their signer no longer
+        owns the pool, or its stake no longer covers them: still valid on chain)."""
+        query = {
+            "keys.signer": signer.lower(),
+            "status": {"$in": [str(OrderStatus.OPEN), str(OrderStatus.DEAD)]},
+        }
+        return list(self.orders.find(query, {"_id": 0, "timeline": 0}))
+
     def tracked(self) -> list[dict[str, Any]]:
         """Orders whose fate on chain is still open (the sync watches them), without their
         timelines."""

@@ -7,14 +7,15 @@ message names the likely cause (see :mod:`poco.diagnose`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from eth_utils import to_checksum_address
 
 from poco import diagnose
-from poco.chain import Receipt, Wallet, _hex32
-from poco.errors import PermanentError
+from poco.chain import ChainClient, Receipt, Wallet, _hex32
+from poco.errors import InsufficientFunds, PermanentError
+from poco.funds import format_rlc
 from poco.orders import (
     ZERO_ADDRESS,
     AppOrder,
@@ -28,6 +29,23 @@ from poco.proofs import result_hash, result_seal
 SIGN = 0
 CLOSE = 1
 CONTRIBUTE_MIN_GAS = 600_000
+# finalize and contributeAndFinalize measured at up to 295k and 476k gas without a callback
+# (docs/protocol.md)
+FINALIZE_GAS = 300_000
+CONTRIBUTE_AND_FINALIZE_GAS = 500_000
+
+
+def callback_min_gas(client: ChainClient, base: int) -> int:
+    """The gas floor of a transaction that ends a task with a callback.
+
+    PoCo (``IexecPoco2Facet.executeCallback``) calls ``receiveResult`` with exactly
+    ``callbackgas`` gas and ignores its outcome: a consumer that reverts or runs out of gas
+    costs nothing. Then it asserts ``gasleft() > callbackgas / 63``: a transaction whose gas
+    could not give the consumer its full share reverts whole, and the task is not finalized.
+    The estimate covers what the consumer did when it was made; the floor covers a consumer
+    that uses more at mining time (EIP-150 forwards at most 63/64 of what is left)."""
+    gas = client.callback_gas()
+    return base + gas * 64 // 63 + 10_000
 
 
 def _b(hexstr: str) -> bytes:
@@ -38,13 +56,103 @@ def _send(wallet: Wallet, fn: object, **kw: object) -> Receipt:
     return cast(Receipt, wallet.transact(fn, **kw))  # type: ignore[arg-type]
 
 
-def deposit(wallet: Wallet, nrlc: int) -> Receipt:
-    """Native mode: deposit ``nrlc`` (1 nRLC = 1e9 wei) into the sender's PoCo account."""
-    return _send(wallet, wallet.client.hub.functions.deposit(), value=nrlc * 10**9)
+Progress = Callable[[str], None]
+DEPOSIT_VIA = ("approveAndCall", "approve")
 
 
-def withdraw(wallet: Wallet, nrlc: int) -> Receipt:
-    return _send(wallet, wallet.client.hub.functions.withdraw(nrlc))
+def deposit(
+    wallet: Wallet, nrlc: int, *, via: str = "approveAndCall", progress: Progress | None = None
+) -> Receipt:
+    """Deposit ``nrlc`` into the sender's PoCo account (its stake); returns the receipt of
+    the transaction that credited it.
+
+    Token mode (Arbitrum): the RLC comes from the wallet, with one ``RLC.approveAndCall(hub,
+    nrlc, "")`` (what the iExec SDK sends) or, with ``via="approve"``, ``RLC.approve`` then
+    ``hub.deposit(nrlc)``. Native mode: ``deposit()`` with ``nrlc * 1e9`` wei. The wallet is
+    checked first (a short balance makes the RLC contract fail without a reason), and the
+    receipt must show the hub minting the stake. ``progress`` hears each step."""
+    if nrlc <= 0:
+        raise ValueError("the amount to deposit must be positive")
+    if via not in DEPOSIT_VIA:
+        raise ValueError(f"via must be one of {', '.join(DEPOSIT_VIA)}")
+    client = wallet.client
+    say = progress or (lambda _: None)
+    have = client.rlc_balance(wallet.address)
+    if have < nrlc:
+        unit = "RLC in the wallet" if client.mode == "token" else "native coin in the wallet"
+        raise InsufficientFunds(
+            f"deposit of {format_rlc(nrlc)} RLC exceeds the wallet balance: {wallet.address} has "
+            f"{format_rlc(have)} {unit}"
+        )
+    if client.mode == "native":
+        say(f"deposit(): sending {format_rlc(nrlc)} RLC as {nrlc * 10**9} wei")
+        receipt = _send(wallet, client.native_hub().functions.deposit(), value=nrlc * 10**9)
+    else:
+        token = client.rlc()
+        if via == "approveAndCall":
+            say(f"RLC.approveAndCall(hub, {format_rlc(nrlc)} RLC): approve and deposit in one go")
+            receipt = _send(wallet, token.functions.approveAndCall(client.hub_address, nrlc, b""))
+        else:
+            if client.rlc_allowance(wallet.address) != nrlc:
+                say(f"RLC.approve(hub, {format_rlc(nrlc)} RLC)")
+                done = _send(wallet, token.functions.approve(client.hub_address, nrlc))
+                say(f"approved in block {done.block_number} (tx {done.tx_hash})")
+            say(f"hub.deposit({format_rlc(nrlc)} RLC)")
+            receipt = _send(wallet, client.hub.functions.deposit(nrlc))
+    minted = sum(
+        int(e["args"]["value"])
+        for e in client.decode_receipt_events(receipt, "Transfer")
+        if int(e["args"]["from"], 16) == 0 and e["args"]["to"].lower() == wallet.address.lower()
+    )
+    if minted != nrlc:
+        raise PermanentError(
+            f"deposit {receipt.tx_hash} was mined but the hub credited {minted} nRLC, "
+            f"not {nrlc}: check the account (workerpool account show)"
+        )
+    say(f"deposited in block {receipt.block_number} (tx {receipt.tx_hash})")
+    return receipt
+
+
+def withdraw(wallet: Wallet, nrlc: int, *, progress: Progress | None = None) -> Receipt:
+    """Withdraw ``nrlc`` of free stake back to the wallet (RLC in token mode, the coin in
+    native mode). Locked stake cannot be withdrawn: the free stake is checked first."""
+    if nrlc <= 0:
+        raise ValueError("the amount to withdraw must be positive")
+    client = wallet.client
+    say = progress or (lambda _: None)
+    account = client.view_account(wallet.address)
+    if account.stake < nrlc:
+        raise InsufficientFunds(
+            f"withdrawal of {format_rlc(nrlc)} RLC exceeds the free stake: {wallet.address} "
+            f"has {format_rlc(account.stake)} RLC deposited and free "
+            f"({format_rlc(account.locked)} RLC locked)"
+        )
+    say(f"hub.withdraw({format_rlc(nrlc)} RLC)")
+    receipt = _send(wallet, client.hub.functions.withdraw(nrlc))
+    say(f"withdrawn in block {receipt.block_number} (tx {receipt.tx_hash})")
+    return receipt
+
+
+def create_workerpool(wallet: Wallet, description: str) -> tuple[str, Receipt | None]:
+    """Register a workerpool owned by the sender in the hub's WorkerpoolRegistry; returns its
+    address and the receipt (None when this owner already registered one with this
+    description: the registry creates it with CREATE2, so the address is known beforehand and
+    a second creation would revert)."""
+    client = wallet.client
+    registry_address = client.rpc(
+        "workerpoolregistry", lambda: str(client.hub.functions.workerpoolregistry().call())
+    )
+    registry = client.contract("WorkerpoolRegistry", registry_address)
+    owner = wallet.address
+    predicted = str(
+        client.rpc(
+            "predictWorkerpool",
+            lambda: registry.functions.predictWorkerpool(owner, description).call(),
+        )
+    )
+    if client.rpc("get_code", lambda: bytes(client.eth.get_code(predicted))):
+        return predicted, None
+    return predicted, _send(wallet, registry.functions.createWorkerpool(owner, description))
 
 
 def match_orders(
@@ -150,6 +258,7 @@ def contribute_and_finalize(
         diagnose=lambda: diagnose.contribute_and_finalize(
             client, wallet.address, taskid, authorization, results_callback, enclave
         ),
+        min_gas=callback_min_gas(client, CONTRIBUTE_AND_FINALIZE_GAS) if results_callback else 0,
     )
 
 
@@ -168,6 +277,7 @@ def finalize(wallet: Wallet, taskid: str, results: bytes, results_callback: byte
         wallet,
         client.hub.functions.finalize(_hex32(taskid), results, results_callback),
         diagnose=lambda: diagnose.finalize(client, wallet.address, taskid, results_callback),
+        min_gas=callback_min_gas(client, FINALIZE_GAS) if results_callback else 0,
     )
 
 

@@ -54,7 +54,7 @@ from web3.exceptions import (
 from web3.providers.rpc import HTTPProvider
 from web3.types import RPCEndpoint
 
-from poco.abi import load_abi, proxy_abi
+from poco.abi import load_abi, native_proxy_abi, proxy_abi
 from poco.errors import (
     InsufficientFunds,
     PermanentError,
@@ -278,6 +278,7 @@ class ChainClient:
         self._fees_lock = threading.Lock()
         self._domain: Domain | None = None
         self._chain_id: int | None = None
+        self._token: str | None = None
         self._immutable = _Immutable()
         self._latest: tuple[float, int] | None = None  # (monotonic read time, block timestamp)
         self.rpc_calls = 0
@@ -422,6 +423,61 @@ class ChainClient:
             lambda: int(self.hub.functions.viewConsumed(_hex32(order_hash)).call()),
         )
 
+    # ---- token or native ---------------------------------------------------------------------
+    def token_address(self) -> str:
+        """The ERC-20 the hub escrows (``token()``, read once): RLC in token mode (Arbitrum),
+        the zero address in native mode (docs/protocol.md, "Token mode")."""
+        if self._token is None:
+            self._token = self.rpc("token", lambda: str(self.hub.functions.token().call()))
+        return self._token
+
+    @property
+    def mode(self) -> str:
+        """``token`` (stakes are the RLC ERC-20, as on Arbitrum) or ``native`` (stakes are the
+        chain's coin, 1 nRLC = 1e9 wei)."""
+        return "native" if int(self.token_address(), 16) == 0 else "token"
+
+    def rlc(self) -> Any:
+        """The RLC contract of a token-mode hub."""
+        if self.mode != "token":
+            raise PermanentError("this hub runs in native mode: it has no RLC token")
+        return self.contract("RLC", self.token_address())
+
+    def native_hub(self) -> Any:
+        """The proxy with the native-mode interface (its payable ``deposit()``)."""
+        return self.eth.contract(
+            address=self.hub_address, abi=native_proxy_abi(), decode_tuples=True
+        )
+
+    def native_balance(self, address: str) -> int:
+        """The account's balance in the chain's coin, in wei (what pays for gas)."""
+        return self.rpc(
+            "get_balance", lambda: int(self.eth.get_balance(to_checksum_address(address)))
+        )
+
+    def rlc_balance(self, address: str) -> int:
+        """RLC in the wallet (not deposited), in nRLC; in native mode the coin itself counts
+        (1 nRLC = 1e9 wei), since that is what ``deposit()`` takes."""
+        if self.mode == "native":
+            return self.native_balance(address) // 10**9
+        token = self.rlc()
+        return self.rpc(
+            "RLC.balanceOf",
+            lambda: int(token.functions.balanceOf(to_checksum_address(address)).call()),
+        )
+
+    def rlc_allowance(self, owner: str) -> int:
+        """RLC the hub may take from ``owner``'s wallet (token mode; 0 in native mode)."""
+        if self.mode == "native":
+            return 0
+        token = self.rlc()
+        return self.rpc(
+            "RLC.allowance",
+            lambda: int(
+                token.functions.allowance(to_checksum_address(owner), self.hub_address).call()
+            ),
+        )
+
     def view_account(self, address: str) -> Account:
         raw = self.rpc(
             "viewAccount",
@@ -449,6 +505,11 @@ class ChainClient:
             )
 
         return self._immutable.get(("app", app.lower()), read, bool)
+
+    def callback_gas(self) -> int:
+        """The gas PoCo hands a deal's callback contract (``callbackgas``, 100,000 as
+        deployed; its owner may change it)."""
+        return self.rpc("callbackgas", lambda: int(self.hub.functions.callbackgas().call()))
 
     def verify_signature(self, signer: str, digest: str, signature: str) -> bool:
         return self.rpc(

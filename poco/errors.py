@@ -66,4 +66,9 @@ class TransactionRejected(RetryableError):
 
 
 class InsufficientFunds(PermanentError):
-    """The sender cannot pay for the gas (the node says so): it needs native currency."""
+    """A wallet or a PoCo account holds less than an operation needs (gas, RLC, stake); the
+    message says what is missing and how much. Raised before anything is sent."""
+
+
+class NetworkMismatch(PermanentError):
+    """The chain node is not the chain the settings name (chain id, or no PoCo at the hub)."""

@@ -25,6 +25,7 @@ receivers of its own messages on its own app. For each message this module fixes
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from kombu import Queue
 from poco.orders import ZERO_ADDRESS
 from poco.tags import tag_to_int, tee_framework
 from pool.settings import Settings
-from pool.states import ReplicateStatus
+from pool.states import ReplicateStatus, ReplicateStatusCause
 
 # ---- queues ------------------------------------------------------------------------------------
 SCHEDULER_QUEUE = "scheduler"
@@ -126,11 +127,11 @@ def _check(owner: str, name: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise MessageError(f"{owner}.{name}: expected a list, got {type(value).__name__}")
         return tuple(_check(owner, name, item, v) for v in value)
-    if isinstance(hint, type) and issubclass(hint, ReplicateStatus):
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
         try:
             return hint(value)
         except ValueError:
-            raise MessageError(f"{owner}.{name}: unknown status {value!r}") from None
+            raise MessageError(f"{owner}.{name}: unknown {hint.__name__} {value!r}") from None
     ok = (
         isinstance(value, bool)
         if hint is bool
@@ -192,8 +193,11 @@ class ReplicateReport(Payload):
     status: ReplicateStatus
     tx_hash: str | None = None
     reason: str | None = None  # why a failure happened
+    cause: ReplicateStatusCause | None = None  # the same, as iexec names it
     note: str | None = None
     log_tail: str | None = None  # a failed run's last output lines
+    stdout: str | None = None  # the app's compute logs (COMPUTED, COMPUTE_FAILED), capped
+    stderr: str | None = None
     exit_code: int | None = None
     duration: float | None = None  # seconds the app ran
     result_digest: str | None = None  # COMPUTED
@@ -209,8 +213,11 @@ class ReportFields(TypedDict, total=False):
 
     tx_hash: str | None
     reason: str | None
+    cause: ReplicateStatusCause | None
     note: str | None
     log_tail: str | None
+    stdout: str | None
+    stderr: str | None
     exit_code: int | None
     duration: float | None
     result_digest: str | None
@@ -232,6 +239,8 @@ class Heartbeat(Payload):
     version: str
     cpus: int | None = None
     memory_mb: int | None = None
+    # why the node gave jobs back lately (no gas, not enough stake); None: it takes them
+    refusing: str | None = None
 
 
 # ---- messages ----------------------------------------------------------------------------------

@@ -151,6 +151,54 @@ CONFIRMATIONS_SHOWN = (
 
 
 @dataclass(frozen=True)
+class ChainPreset:
+    """A network iExec runs on: what ``IEXEC_CHAIN`` fills in (the iExec SDK 9's values)."""
+
+    name: str
+    chain_id: int
+    hub: str  # the PoCo proxy
+    rlc: str  # the RLC ERC-20 its token-mode hub escrows
+    description: str
+
+
+CHAINS: dict[str, ChainPreset] = {
+    preset.name: preset
+    for preset in (
+        ChainPreset(
+            "arbitrum-mainnet",
+            42161,
+            "0x098bFCb1E50ebcA0BaA92C12eA0c3F045A1aD9f0",
+            "0xe649e6a1F2afc63ca268C2363691ceCAF75CF47C",
+            "Arbitrum One, where iExec runs (PoCo in token mode, stakes in RLC)",
+        ),
+        ChainPreset(
+            "arbitrum-sepolia-testnet",
+            421614,
+            "0xB2157BF2fAb286b2A4170E3491Ac39770111Da3E",
+            "0x9923eD3cbd90CD78b910c475f9A731A6e0b8C963",
+            "Arbitrum Sepolia, iExec's testnet (token mode)",
+        ),
+        ChainPreset(
+            "devnet",
+            31337,
+            # where `workerpool devnet up` deploys on a fresh anvil (token mode, default
+            # mnemonic): the same addresses every time (tests/test_settings.py checks them)
+            "0x5FC8d32690cc91D4c39d9d3abcBD16989F875707",
+            "0x5FbDB2315678afecb367f032d93F642f64180aa3",
+            "the local devnet of `workerpool devnet up` (token mode)",
+        ),
+    )
+}
+
+
+def _chain(value: str) -> str:
+    name = value.strip().lower()
+    if name and name not in CHAINS:
+        raise ValueError(f"unknown chain; known: {', '.join(CHAINS)}")
+    return name
+
+
+@dataclass(frozen=True)
 class Spec:
     env: str
     parse: Callable[[str], Any]
@@ -163,6 +211,15 @@ class Spec:
 # attribute name -> Spec. ``default=None`` means required where the attribute is used.
 SETTINGS: dict[str, Spec] = {
     # ---- chain ------------------------------------------------------------------------------
+    "chain": Spec(
+        "IEXEC_CHAIN",
+        _chain,
+        "",
+        "The network: "
+        + ", ".join(f"`{n}` ({p.chain_id})" for n, p in CHAINS.items())
+        + ". It fills IEXEC_CHAIN_ID and IEXEC_HUB_ADDRESS (each set explicitly still wins); "
+        "every service stops at start when the node reports another chain.",
+    ),
     "chain_rpc_url": Spec(
         "IEXEC_PRIVATE_CHAIN_ADDRESS",
         _url,
@@ -182,7 +239,7 @@ SETTINGS: dict[str, Spec] = {
         "IEXEC_HUB_ADDRESS",
         _address,
         None,
-        "Address of the PoCo proxy (the iExec hub) on that chain.",
+        "Address of the PoCo proxy (the iExec hub) on that chain (default: IEXEC_CHAIN's).",
     ),
     "pool_address": Spec(
         "POOL_ADDRESS",
@@ -194,7 +251,8 @@ SETTINGS: dict[str, Spec] = {
         "IEXEC_CHAIN_ID",
         _nonneg_int,
         "0",
-        "Expected chain id; 0 accepts whatever the node reports. Checked at start-up.",
+        "Expected chain id (default: IEXEC_CHAIN's); 0 without IEXEC_CHAIN accepts whatever "
+        "the node reports. Every service checks it at start-up.",
     ),
     "start_block": Spec(
         "IEXEC_START_BLOCK_NUMBER",
@@ -254,6 +312,15 @@ SETTINGS: dict[str, Spec] = {
         _nonneg_float,
         "0",
         "Ceiling of the fee per gas replacements may reach, in gwei; 0 = no ceiling.",
+    ),
+    "gas_price_budget_gwei": Spec(
+        "WORKERPOOL_GAS_PRICE_BUDGET_GWEI",
+        _nonneg_float,
+        "0",
+        "Gas price, in gwei, at which a wallet's coin balance is judged: a wallet that cannot "
+        "pay 1,000,000 gas at this price gets no job (worker) and a warning (scheduler, "
+        "`account show`), below 10 times that a warning (iexec-worker's rule); 0 uses the "
+        "node's current fee per gas.",
     ),
     # ---- scheduler wallet ------------------------------------------------------------------
     "core_wallet_path": Spec(
@@ -557,7 +624,8 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_RESULT_STORAGE",
         _str,
         "ipfs",
-        "Where results are published: ipfs (Kubo RPC API) or local (files served by the API).",
+        "Where results are published: ipfs (Kubo RPC API) or local (files served by the API: "
+        "a devnet convenience, the iExec SDK cannot download such results).",
         group="results",
     ),
     "local_results_dir": Spec(
@@ -571,7 +639,8 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_PUBLIC_URL",
         _str,
         "",
-        "Base URL under which the API is reachable (local result links use it).",
+        "Base URL under which the API is reachable (scheme://host[:port], no path): local "
+        "result links, the task routes' links and the pool-discovery route answer with it.",
         group="results",
     ),
     "result_repository_protocol": Spec(
@@ -654,6 +723,14 @@ SETTINGS: dict[str, Spec] = {
         _pos_int,
         "8",
         "Threads of `workerpool api` (waitress): requests served at once.",
+        group="api",
+    ),
+    "logs_availability_days": Spec(
+        "IEXEC_LOGS_AVAILABILITY_PERIOD_IN_DAYS",
+        _pos_int,
+        "3",
+        "Days a task's compute logs are kept for its requester after the task's final "
+        "deadline; then they are deleted (iexec-core's default).",
         group="api",
     ),
     # ---- workerpool orders and the orderbook (orders/book.py) -----------------------------
@@ -780,6 +857,7 @@ SETTINGS: dict[str, Spec] = {
 class Settings:
     """Typed settings; build with :meth:`from_env` (or keyword arguments in tests)."""
 
+    chain: str = ""
     chain_rpc_url: str | None = None
     public_chain_url: str = ""
     hub_address: str | None = None
@@ -795,6 +873,7 @@ class Settings:
     tx_replace_after: float = 30.0
     tx_fee_bump: float = 1.25
     max_fee_gwei: float = 0.0
+    gas_price_budget_gwei: float = 0.0
     core_wallet_path: str = ""
     core_wallet_password: str = field(default="", repr=False)
     core_wallet_password_file: str = ""
@@ -842,6 +921,7 @@ class Settings:
     result_repository_protocol: str = "http"
     result_repository_host: str = ""
     result_repository_port: int | None = None
+    logs_availability_days: int = 3
     mongo_url: str = ""
     mongo_host: str = "127.0.0.1"
     mongo_port: int = 27017
@@ -868,6 +948,23 @@ class Settings:
     orderbook_sync_interval: float = 5.0
     replenish_orders: int = 0
     replenish_cancel: bool = False
+
+    def __post_init__(self) -> None:
+        preset = CHAINS.get(self.chain) if self.chain else None
+        if self.chain and preset is None:
+            raise SettingsError(
+                f"IEXEC_CHAIN={self.chain!r}: unknown chain; known: {', '.join(CHAINS)}"
+            )
+        if preset is not None:  # explicit values win
+            if not self.chain_id:
+                object.__setattr__(self, "chain_id", preset.chain_id)
+            if not self.hub_address:
+                object.__setattr__(self, "hub_address", preset.hub)
+
+    @property
+    def preset(self) -> ChainPreset | None:
+        """The network IEXEC_CHAIN names, if any."""
+        return CHAINS.get(self.chain) if self.chain else None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -56,6 +56,7 @@ class TaskStatus(StrEnum):
 class ReplicateStatus(StrEnum):
     CREATED = "CREATED"
     STARTING = "STARTING"
+    START_FAILED = "START_FAILED"  # refused before anything ran (iexec-worker v9's check)
     APP_DOWNLOADING = "APP_DOWNLOADING"
     COMPUTING = "COMPUTING"
     COMPUTED = "COMPUTED"
@@ -76,6 +77,32 @@ class ReplicateStatus(StrEnum):
     ABORTED = "ABORTED"
 
 
+class ReplicateStatusCause(StrEnum):
+    """Why a replicate changed status, in iexec-common's ``ReplicateStatusCause`` names (the
+    ones this pool emits): iExec clients read them from the task routes and refuse a name
+    outside that enum."""
+
+    TASK_DESCRIPTION_INVALID = "TASK_DESCRIPTION_INVALID"  # a request the pool refuses
+    TASK_NOT_ACTIVE = "TASK_NOT_ACTIVE"
+    CHAIN_RECEIPT_NOT_VALID = "CHAIN_RECEIPT_NOT_VALID"
+    CONSENSUS_REACHED = "CONSENSUS_REACHED"
+    CONTRIBUTION_TIMEOUT = "CONTRIBUTION_TIMEOUT"
+    APP_IMAGE_DOWNLOAD_FAILED = "APP_IMAGE_DOWNLOAD_FAILED"
+    INPUT_FILES_DOWNLOAD_FAILED = "INPUT_FILES_DOWNLOAD_FAILED"
+    DATASET_FILE_DOWNLOAD_FAILED = "DATASET_FILE_DOWNLOAD_FAILED"
+    DATASET_FILE_BAD_CHECKSUM = "DATASET_FILE_BAD_CHECKSUM"
+    APP_COMPUTE_FAILED = "APP_COMPUTE_FAILED"
+    APP_COMPUTE_TIMEOUT = "APP_COMPUTE_TIMEOUT"
+    POST_COMPUTE_COMPUTED_FILE_NOT_FOUND = "POST_COMPUTE_COMPUTED_FILE_NOT_FOUND"
+    POST_COMPUTE_FAILED_UNKNOWN_ISSUE = "POST_COMPUTE_FAILED_UNKNOWN_ISSUE"
+    DETERMINISM_HASH_NOT_FOUND = "DETERMINISM_HASH_NOT_FOUND"
+    RESULT_LINK_MISSING = "RESULT_LINK_MISSING"
+    REVEAL_TIMEOUT = "REVEAL_TIMEOUT"
+    CANNOT_REVEAL = "CANNOT_REVEAL"
+    ABORTED_BY_WORKER = "ABORTED_BY_WORKER"
+    UNKNOWN = "UNKNOWN"
+
+
 T = TaskStatus
 _DEADLINE = {T.FINAL_DEADLINE_REACHED}
 
@@ -89,7 +116,10 @@ TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     ),
     T.RUNNING: frozenset({T.CONSENSUS_REACHED, T.FINALIZED, T.CONTRIBUTION_TIMEOUT, *_DEADLINE}),
     T.CONSENSUS_REACHED: frozenset({T.AT_LEAST_ONE_REVEALED, T.REOPENING, *_DEADLINE}),
-    T.AT_LEAST_ONE_REVEALED: frozenset({T.RESULT_UPLOADING, T.FINALIZING, *_DEADLINE}),
+    # -> RESULT_UPLOADED: the uploader's report came after its upload was given up as timed out
+    T.AT_LEAST_ONE_REVEALED: frozenset(
+        {T.RESULT_UPLOADING, T.RESULT_UPLOADED, T.FINALIZING, *_DEADLINE}
+    ),
     # RESULT_UPLOADING -> AT_LEAST_ONE_REVEALED: the uploader failed, ask another winner
     T.RESULT_UPLOADING: frozenset({T.RESULT_UPLOADED, T.AT_LEAST_ONE_REVEALED, *_DEADLINE}),
     T.RESULT_UPLOADED: frozenset({T.FINALIZING, *_DEADLINE}),
@@ -110,7 +140,7 @@ R = ReplicateStatus
 _R_ABORT = {R.WORKER_LOST, R.ABORTED}
 REPLICATE_TRANSITIONS: dict[ReplicateStatus, frozenset[ReplicateStatus]] = {
     R.CREATED: frozenset({R.STARTING, *_R_ABORT}),
-    R.STARTING: frozenset({R.APP_DOWNLOADING, *_R_ABORT}),
+    R.STARTING: frozenset({R.APP_DOWNLOADING, R.START_FAILED, *_R_ABORT}),
     R.APP_DOWNLOADING: frozenset(
         {R.COMPUTING, R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, *_R_ABORT}
     ),
@@ -123,6 +153,7 @@ REPLICATE_TRANSITIONS: dict[ReplicateStatus, frozenset[ReplicateStatus]] = {
     R.RESULT_UPLOADING: frozenset({R.RESULT_UPLOADED, R.REVEALED, *_R_ABORT}),
     R.RESULT_UPLOADED: frozenset({R.COMPLETED}),
     R.COMPLETED: frozenset(),
+    R.START_FAILED: frozenset(),
     R.APP_DOWNLOAD_FAILED: frozenset(),
     R.DATA_DOWNLOAD_FAILED: frozenset(),
     R.COMPUTE_FAILED: frozenset(),
@@ -147,6 +178,7 @@ class InvalidTransition(ValueError):
 
 REPLICATE_FAILURES = frozenset(
     {
+        R.START_FAILED,
         R.APP_DOWNLOAD_FAILED,
         R.DATA_DOWNLOAD_FAILED,
         R.COMPUTE_FAILED,

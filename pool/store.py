@@ -1,4 +1,4 @@
-"""The MongoDB store: deals, tasks, replicates, workers, chain cursors.
+"""The MongoDB store: deals, tasks, replicates, workers, chain cursors, compute logs.
 
 MongoDB is the source of truth of the scheduler. Every write here is idempotent or a
 conditional update, so a crashed or duplicated scheduler never loses nor duplicates a deal:
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # ids per ``$in`` query when many tasks' replicates are read at once (a bounded query size)
 IN_BATCH = 1000
+# compute logs kept per task: the first workers' (a bounded array: at most this many
+# entries of two capped streams each, far below MongoDB's 16 MB per document)
+MAX_TASK_LOGS = 32
 
 
 _MEMORY_CLIENTS: dict[str, Any] = {}
@@ -77,6 +80,9 @@ class Store:
         self.replicates: Collection[Any] = db["replicates"]
         self.workers: Collection[Any] = db["workers"]
         self.cursors: Collection[Any] = db["cursors"]
+        # the requester's compute logs, one document per task, kept apart from the replicates
+        # (as iexec-core's TaskLogs) so no other read carries them
+        self.task_logs: Collection[Any] = db["task_logs"]
 
     def ensure_indexes(self) -> None:
         self.deals.create_index("chainDealId", unique=True)
@@ -91,6 +97,10 @@ class Store:
         self.workers.create_index("address", unique=True)
         self.workers.create_index([("status", 1), ("capabilities", 1)])  # who serves a queue
         self.cursors.create_index("name", unique=True)
+        self.task_logs.create_index("chainTaskId", unique=True)
+        # MongoDB deletes a task's logs once their retention is over (purge_compute_logs does
+        # the same where no TTL monitor runs: the embedded store)
+        self.task_logs.create_index("expiresAt", expireAfterSeconds=0)
 
     # ---- cursors ----------------------------------------------------------------------------
     def get_cursor(self, name: str) -> int | None:
@@ -368,6 +378,7 @@ class Store:
         *,
         tx_hash: str | None = None,
         note: str | None = None,
+        cause: str | None = None,
         extra: dict[str, Any] | None = None,
         stale_from: frozenset[str] = frozenset(),
     ) -> dict[str, Any] | None:
@@ -394,6 +405,7 @@ class Store:
                         step,
                         tx_hash=tx_hash if last else None,
                         note=note if last else "implied by a later report",
+                        cause=cause if last else None,
                         extra=extra if last else None,
                     )
                 return doc
@@ -472,6 +484,7 @@ class Store:
         *,
         tx_hash: str | None = None,
         note: str | None = None,
+        cause: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         return _transition(
@@ -483,7 +496,46 @@ class Store:
             note,
             extra,
             None,
+            cause,
         )
+
+    # ---- compute logs -----------------------------------------------------------------------
+    def add_compute_logs(
+        self, taskid: str, worker: str, stdout: str, stderr: str, expires_at: dt.datetime
+    ) -> bool:
+        """Keep ``worker``'s compute logs of ``taskid`` until ``expires_at``; True when
+        stored now. A worker's first logs win (a report processed twice adds nothing), and a
+        task keeps at most :data:`MAX_TASK_LOGS` workers' logs."""
+        entry = {"walletAddress": worker.lower(), "stdout": stdout, "stderr": stderr}
+        try:
+            done = self.task_logs.update_one(
+                {
+                    "chainTaskId": taskid,
+                    "computeLogsList.walletAddress": {"$ne": worker.lower()},
+                    f"computeLogsList.{MAX_TASK_LOGS - 1}": {"$exists": False},
+                },
+                {
+                    "$push": {"computeLogsList": entry},
+                    "$setOnInsert": {"expiresAt": expires_at, "createdAt": utcnow()},
+                },
+                upsert=True,
+            )
+        except DuplicateKeyError:  # the task's document exists and refuses this entry
+            return False
+        return bool(done.modified_count or done.upserted_id is not None)
+
+    def compute_logs(self, taskid: str, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """The task's compute logs still within their retention (None-safe: [] when none)."""
+        doc = self.task_logs.find_one(
+            {"chainTaskId": taskid, "expiresAt": {"$gt": now or utcnow()}},
+            {"_id": 0, "computeLogsList": 1},
+        )
+        return list((doc or {}).get("computeLogsList") or [])
+
+    def purge_compute_logs(self, now: dt.datetime | None = None) -> int:
+        """Delete the compute logs whose retention is over; how many tasks' logs went."""
+        done = self.task_logs.delete_many({"expiresAt": {"$lte": now or utcnow()}})
+        return int(done.deleted_count)
 
     # ---- workers --------------------------------------------------------------------------
     def worker(self, address: str) -> dict[str, Any] | None:
@@ -540,14 +592,15 @@ class Store:
 
     def free_slots(self, capability: str, seen_since: dt.datetime) -> int:
         """Idle slots (``slots - busySlots`` of their last heartbeat) of ALIVE workers heard
-        from since ``seen_since`` that serve ``capability``."""
+        from since ``seen_since`` that serve ``capability``; a node that says it gives jobs
+        back (no gas, too little stake) offers none."""
         free = 0
         for worker in self.workers.find(
             {"status": str(WorkerStatus.ALIVE)},
-            {"_id": 0, "slots": 1, "busySlots": 1, "capabilities": 1, "lastSeen": 1},
+            {"_id": 0, "slots": 1, "busySlots": 1, "capabilities": 1, "lastSeen": 1, "refusing": 1},
         ):
             seen = worker.get("lastSeen")
-            if seen is None or seen < seen_since:
+            if seen is None or seen < seen_since or worker.get("refusing"):
                 continue
             if capability not in (worker.get("capabilities") or ["standard"]):
                 continue
@@ -705,6 +758,7 @@ def _transition(
     note: str | None,
     extra: dict[str, Any] | None,
     inc: dict[str, int] | None,
+    cause: str | None = None,
 ) -> dict[str, Any]:
     now = utcnow()
     event: dict[str, Any] = {"status": str(new), "at": now}
@@ -712,6 +766,8 @@ def _transition(
         event["txHash"] = tx_hash
     if note:
         event["note"] = note
+    if cause:
+        event["cause"] = str(cause)
     update: dict[str, Any] = {
         "$set": {**(extra or {}), "status": str(new), "updatedAt": now},
         "$push": {"timeline": event},

@@ -1,17 +1,19 @@
-"""Chain access from settings: the chain client, and wallets from an encrypted keystore
-(production) or a raw key (devnet only)."""
+"""Chain access from settings: the chain client, the check that it is the chain the settings
+name, and wallets from an encrypted keystore (production) or a raw key (devnet only)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from eth_account import Account
 
 from poco.chain import ChainClient
+from poco.errors import NetworkMismatch
 from pool.nonces import redis_nonces
-from pool.settings import Settings, SettingsError
+from pool.settings import CHAINS, Settings, SettingsError
 
 GWEI = 10**9
 
@@ -33,6 +35,48 @@ def chain_client(settings: Settings, redis: Any = None) -> ChainClient:
         max_fee=int(settings.max_fee_gwei * GWEI),
         shared_nonces=redis_nonces(redis) if redis is not None else None,
     )
+
+
+def node_name(url: str) -> str:
+    """A node's URL without what may be a secret (user, password, path, query: RPC providers
+    put API keys there): fit for logs and messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def check_chain(settings: Settings, client: ChainClient) -> None:
+    """Stop start-up when the node is not the chain the settings name: its chain id differs
+    from IEXEC_CHAIN_ID (or IEXEC_CHAIN's), or there is no contract at IEXEC_HUB_ADDRESS."""
+    actual = client.chain_id
+    node = node_name(str(settings.chain_rpc_url))
+    known = {p.chain_id: name for name, p in CHAINS.items()}
+    if settings.chain_id and actual != settings.chain_id:
+        named = (
+            f"IEXEC_CHAIN={settings.chain} (chain {settings.chain_id})"
+            if settings.chain
+            else (f"IEXEC_CHAIN_ID={settings.chain_id}")
+        )
+        is_known = f" ({known[actual]})" if actual in known else ""
+        raise NetworkMismatch(
+            f"{named} but the node at {node} (IEXEC_PRIVATE_CHAIN_ADDRESS) reports chain "
+            f"{actual}{is_known}: point IEXEC_PRIVATE_CHAIN_ADDRESS at a node of chain "
+            f"{settings.chain_id}, or fix the chain setting"
+        )
+    code = client.rpc("get_code", lambda: bytes(client.eth.get_code(client.hub_address)))
+    if not code:
+        raise NetworkMismatch(
+            f"no contract at IEXEC_HUB_ADDRESS {client.hub_address} on chain {actual} "
+            f"(node {node}): the hub is of another chain, or PoCo is not deployed there"
+        )
+
+
+def checked_chain_client(settings: Settings, redis: Any = None) -> ChainClient:
+    """:func:`chain_client` (nonces shared in ``redis`` when given), checked against the node
+    (:func:`check_chain`): what every service builds at start-up."""
+    client = chain_client(settings, redis)
+    check_chain(settings, client)
+    return client
 
 
 def decrypt_keystore(path: str, password: str, what: str) -> str:

@@ -30,6 +30,7 @@ IN_FLIGHT = frozenset(
 REPLICATE_DEAD = frozenset(
     str(s)
     for s in (
+        R.START_FAILED,
         R.APP_DOWNLOAD_FAILED,
         R.DATA_DOWNLOAD_FAILED,
         R.COMPUTE_FAILED,

@@ -33,6 +33,7 @@ class Fleet:
             "version": beat.version,
             "cpus": beat.cpus,
             "memoryMb": beat.memory_mb,
+            "refusing": beat.refusing or "",
         }
         previous = self.store.record_heartbeat(beat.worker, fields)
         if previous == WorkerStatus.LOST:

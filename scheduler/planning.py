@@ -20,7 +20,8 @@ T = TaskStatus
 
 # failures that come from the app or its inputs: re-running elsewhere proves nothing
 APP_FAULTS = frozenset(
-    str(s) for s in (R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)
+    str(s)
+    for s in (R.START_FAILED, R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)
 )
 
 

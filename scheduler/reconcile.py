@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from typing import Any
 
 from poco.types import ChainTaskStatus
@@ -31,6 +32,9 @@ UNREPORTED_GRACE = 15.0
 # is a safety net behind the reports: once per task per this many seconds, not every tick,
 # so that 10,000 tasks in flight cost no 10,000 eth_calls per tick (ops/bench scale)
 CHAIN_RECHECK = 30.0
+# compute logs past their retention are deleted this often (MongoDB's TTL index does it too;
+# the embedded store has no TTL monitor)
+LOGS_PURGE_PERIOD = 3600.0
 INTERRUPTED_MARGIN = 10.0  # seconds beyond WORKERPOOL_TX_TIMEOUT: see recover_interrupted
 # the projections of the passes that only need the task's id, and of the safety-net passes
 # that ask the chain at most every CHAIN_RECHECK
@@ -54,6 +58,7 @@ class Reconciler:
         self.fleet = fleet
         self.consensus = consensus
         self.finalizer = finalizer
+        self._logs_purged_at: float | None = None
 
     def reconcile(self, report: TickReport) -> None:
         """Every tick: the detectors, then each unfinished task is moved on from what the
@@ -67,6 +72,7 @@ class Reconciler:
         self.finalizer.upload_timeouts()
         self.recover_interrupted()
         self.fleet.detect_lost_workers()
+        self.purge_logs()
         self.reconcile_contributing()
         # winners whose contribution was never reported are found on chain: a safety net
         # behind the reports, so at most once per CHAIN_RECHECK per task
@@ -79,6 +85,16 @@ class Reconciler:
             [T.RESULT_UPLOADED, T.FINALIZE_FAILED], fields=_ID, ordered=False
         ):
             self.finalizer.finalize(task["chainTaskId"])
+
+    def purge_logs(self) -> None:
+        """Delete the compute logs whose retention is over, once per LOGS_PURGE_PERIOD."""
+        now = time.monotonic()
+        if self._logs_purged_at is not None and now - self._logs_purged_at < LOGS_PURGE_PERIOD:
+            return
+        self._logs_purged_at = now
+        purged = self.store.purge_compute_logs()
+        if purged:
+            log.info("deleted the compute logs of %d task(s): retention over", purged)
 
     def _chain_check_due(self, task: dict[str, Any]) -> bool:
         """Whether a tick's safety-net pass may ask the chain about ``task`` (a document with

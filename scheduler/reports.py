@@ -3,6 +3,7 @@ the task on (the fast path; the tick's reconcile repairs whatever a lost report 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
@@ -21,6 +22,9 @@ T = TaskStatus
 
 _REVEAL_PHASE = frozenset(str(s) for s in REVEAL_PHASE)
 _UPLOADING = frozenset({str(R.RESULT_UPLOADING)})
+# each stream of a worker's compute logs, at most (iexec-core's ComputeLogs.MAX_LOG_LENGTH):
+# a worker's report is not trusted to have capped them
+LOG_CHARS = 100_000
 
 
 class Reports:
@@ -33,6 +37,7 @@ class Reports:
         finalizer: Finalizer,
     ) -> None:
         self.store = ctx.store
+        self.retention_days = ctx.settings.logs_availability_days
         self.planner = planner
         self.fleet = fleet
         self.consensus = consensus
@@ -46,6 +51,7 @@ class Reports:
             target,
             tx_hash=report.tx_hash,
             note=report.reason or report.note,
+            cause=report.cause,
             extra=stored_fields(report),
             # REVEALED after RESULT_UPLOADING means "upload failed" only when it says so; a
             # late or repeated reveal report (a resumed node) must not undo the upload
@@ -56,6 +62,8 @@ class Reports:
         if doc is None:
             log.info("stale or unknown report %s from %s on %s", target, worker, taskid)
             return
+        if report.stdout or report.stderr:
+            self.keep_compute_logs(report)
         if target == R.CONTRIBUTED:
             self.fleet.succeeded(worker)
             task = self.store.task(taskid) or {}
@@ -85,6 +93,30 @@ class Reports:
         elif str(target) in REPLICATE_DEAD:
             log.warning(
                 "replicate of %s on %s: %s (%s)", worker, taskid, target, report.reason or ""
+            )
+
+    def keep_compute_logs(self, report: ReplicateReport) -> None:
+        """The app's stdout and stderr of a COMPUTED or COMPUTE_FAILED report go to the
+        requester's logs (apart from the replicate, as iexec-core keeps them), until
+        IEXEC_LOGS_AVAILABILITY_PERIOD_IN_DAYS after the task's final deadline."""
+        if report.status not in (R.COMPUTED, R.COMPUTE_FAILED):
+            return
+        task = self.store.task(report.taskid) or {}
+        deadline = task.get("finalDeadline")
+        if not isinstance(deadline, int):
+            return
+        days = self.retention_days
+        expires = dt.datetime.fromtimestamp(deadline, dt.UTC).replace(tzinfo=None)
+        stored = self.store.add_compute_logs(
+            report.taskid,
+            report.worker,
+            (report.stdout or "")[-LOG_CHARS:],
+            (report.stderr or "")[-LOG_CHARS:],
+            expires + dt.timedelta(days=days),
+        )
+        if stored:
+            self.store.set_replicate_fields(
+                report.taskid, report.worker, {"appComputeLogsPresent": True}
             )
 
 

@@ -30,14 +30,17 @@ from contextlib import contextmanager, suppress
 
 import redis
 
+from orders.book import stake_coverage
 from orders.replenish import Replenisher
+from orders.store import OrderStore
 from poco.errors import PocoError, RetryableError
+from poco.funds import gas_check
 from pool import keys
 from pool.leases import Lease
 from pool.messages import Messenger
 from pool.settings import Settings, public_config
 from pool.store import connect
-from pool.wallets import chain_client, scheduler_key
+from pool.wallets import checked_chain_client, scheduler_key
 from scheduler.authorization import Authorizer
 from scheduler.consensus import Consensus
 from scheduler.context import SchedulerContext, TickReport
@@ -234,18 +237,30 @@ class Scheduler:
                 lease.release()
 
 
+def funds_warnings(ctx: SchedulerContext) -> list[str]:
+    """What the scheduler wallet lacks: gas for its next transactions (iexec-core stops when
+    it has none; this scheduler says so and goes on, as deals already matched still need it),
+    and free stake for the orders it has published (requesters could not buy them)."""
+    warnings = []
+    owner = ctx.wallet.address
+    budget = int(ctx.settings.gas_price_budget_gwei * 10**9)
+    gas = gas_check(ctx.client, owner, budget)
+    if gas.low:
+        warnings.append(f"scheduler wallet: {gas.describe(owner)}")
+    stake = ctx.client.view_account(owner).stake
+    coverage = stake_coverage(OrderStore(ctx.store.db), owner, stake)
+    if not coverage.covered:
+        warnings.append(coverage.warning())
+    return warnings
+
+
 def build(settings: Settings, messages: Messenger) -> Scheduler:
     """Wire a scheduler from settings: chain client, scheduler wallet (it must own the pool),
     store and Redis; it sends its messages with ``messages`` (the process's Celery app)."""
     settings.require("chain_rpc_url", "hub_address", "pool_address")
     # every scheduler process signs with the one wallet: its nonce is shared in Redis
     broker = redis.Redis.from_url(settings.redis_url)
-    client = chain_client(settings, broker)
-    if settings.chain_id and client.chain_id != settings.chain_id:
-        raise PocoError(
-            f"IEXEC_CHAIN_ID={settings.chain_id} but the node at "
-            f"{settings.chain_rpc_url} reports chain {client.chain_id}"
-        )
+    client = checked_chain_client(settings, broker)
     wallet = client.wallet(scheduler_key(settings))
     owner = client.workerpool_owner(str(settings.pool_address))
     if owner.lower() != wallet.address.lower():
@@ -263,4 +278,6 @@ def build(settings: Settings, messages: Messenger) -> Scheduler:
     )
     scheduler = Scheduler(ctx)
     scheduler.publish_public_config()
+    for warning in funds_warnings(ctx):
+        log.warning("%s", warning)
     return scheduler

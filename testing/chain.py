@@ -214,7 +214,12 @@ class FakeChain:
         elif name == "finalize":
             taskid = "0x" + bytes(args[0]).hex()
             task = self.tasks[taskid]
-            self.tasks[taskid] = dataclasses.replace(task, status=ChainTaskStatus.COMPLETED)
+            self.tasks[taskid] = dataclasses.replace(
+                task,
+                status=ChainTaskStatus.COMPLETED,
+                results=bytes(args[1]),
+                results_callback=bytes(args[2]),
+            )
             for worker in task.contributors:
                 key = (taskid, worker.lower())
                 self.contributions[key] = dataclasses.replace(

@@ -22,11 +22,12 @@ pytest_plugins = ["devnet_fixtures", "pool_fixtures", "scheduler_fixtures"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
 DEFAULT_IPFS_API = "http://127.0.0.1:5011"
+DEFAULT_IPFS_GATEWAY = "http://127.0.0.1:8091"
 
 # name -> tag of the images built by ops/apps/build (no registry involved)
 APP_IMAGES: dict[str, str] = {
     name: f"workerpool-apps/{name}:1"
-    for name in ("echo", "crash", "bigout", "sleep", "nocomputed", "evil")
+    for name in ("echo", "crash", "bigout", "sleep", "nocomputed", "evil", "callback")
 }
 
 
@@ -92,6 +93,20 @@ def ipfs_api_url() -> str:
         require_service("ipfs", f"{url}/api/v0/id: {exc}")
     if not isinstance(body, dict) or not body.get("ID"):
         require_service("ipfs", f"{url}/api/v0/id answered without a peer ID: {body!r:.200}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def ipfs_gateway_url(ipfs_api_url: str) -> str:
+    """URL of the same IPFS node's HTTP gateway (ops/test: 127.0.0.1:$WP_IPFS_GATEWAY_PORT),
+    where requesters fetch results."""
+    import requests
+
+    url = os.environ.get("WORKERPOOL_TEST_IPFS_GATEWAY", DEFAULT_IPFS_GATEWAY).rstrip("/")
+    try:
+        requests.head(url, timeout=5)
+    except requests.RequestException as exc:
+        require_service("ipfs gateway", f"{url}: {exc}")
     return url
 
 

@@ -1,4 +1,5 @@
-"""Devnet fixtures: one anvil with the real PoCo per test session, started by the tests.
+"""Devnet fixtures: one anvil with the real PoCo per test session, started by the tests (token
+mode, as on Arbitrum; ``native_devnet`` is another anvil with the native-mode PoCo).
 
 Tests that move anvil's clock take ``chain_snapshot`` so the chain (and nonces) are rolled
 back afterwards and the other tests' deadlines are untouched.
@@ -61,19 +62,32 @@ class DevnetHandle:
         self.rpc("evm_mine", [])
 
 
-@pytest.fixture(scope="session")
-def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevnetHandle]:
-    directory = tmp_path_factory.mktemp("devnet")
+def _start(tmp_path_factory: pytest.TempPathFactory, mode: str) -> DevnetHandle:
+    directory = tmp_path_factory.mktemp(f"devnet-{mode}")
     try:
-        info, _, _ = devnet_mod.up(directory, port=free_port())
+        info, _, _ = devnet_mod.up(directory, port=free_port(), mode=mode)
     except (devnet_mod.DevnetError, OSError) as exc:
         from conftest import require_service
 
         require_service("devnet", f"could not start anvil with PoCo: {exc}")
         raise
-    handle = DevnetHandle(directory, info, ChainClient(info["rpc_url"], info["hub"]))
+    return DevnetHandle(directory, info, ChainClient(info["rpc_url"], info["hub"]))
+
+
+@pytest.fixture(scope="session")
+def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevnetHandle]:
+    """The devnet as iExec runs today: PoCo in token mode (Arbitrum's facets, an RLC)."""
+    handle = _start(tmp_path_factory, "token")
     yield handle
-    devnet_mod.Devnet(directory).stop()
+    devnet_mod.Devnet(handle.directory).stop()
+
+
+@pytest.fixture(scope="session")
+def native_devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevnetHandle]:
+    """A second chain, with PoCo in native mode (stakes in the coin, Bellecour-like)."""
+    handle = _start(tmp_path_factory, "native")
+    yield handle
+    devnet_mod.Devnet(handle.directory).stop()
 
 
 @pytest.fixture

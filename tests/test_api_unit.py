@@ -137,8 +137,10 @@ def test_openapi_document_lists_exactly_the_routes_of_the_app(store: Store) -> N
     app = _app(store)
     routes = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static" or rule.endpoint.startswith("orderbook."):
-            continue  # static assets; the market-shaped orderbook (docs/orders.md)
+        if rule.endpoint == "static" or rule.endpoint.startswith(("orderbook.", "core.")):
+            # static assets; the market-shaped orderbook (docs/orders.md); iexec-core's task
+            # routes and the Compass route (docs/api.md, "For requesters")
+            continue
         path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
         for method in rule.methods or ():
             if method not in ("HEAD", "OPTIONS"):
@@ -426,3 +428,92 @@ def test_every_metric_the_alerts_and_grafana_read_is_exported(store: Store) -> N
     used = {m for text in texts for m in re.findall(r"\b(workerpool_[a-z0-9_]+)\b", text)}
     exported = {name for name, _ in _metrics(_app(store).test_client())}
     assert used and used <= exported, sorted(used - exported)
+
+
+class FundedChainClient(FakeChainClient):
+    """The chain of a pool whose owner holds ``stake`` nRLC and ``wei`` of gas money."""
+
+    def __init__(self, stake: int, wei: int) -> None:
+        super().__init__()
+        self.stake, self.wei = stake, wei
+
+    def view_account(self, address: str) -> Any:
+        from poco.types import Account
+
+        assert address == OWNER
+        return Account(stake=self.stake, locked=7)
+
+    def native_balance(self, address: str) -> int:
+        return self.wei
+
+    def fees(self) -> dict[str, int]:
+        return {"maxFeePerGas": 10**9, "maxPriorityFeePerGas": 0}  # 1 gwei
+
+
+def test_healthz_warns_when_the_owner_cannot_back_its_orders_or_pay_for_gas(store: Store) -> None:
+    from orders.store import OrderStore
+
+    rlc = 10**9
+    orders = OrderStore(store.db).orders
+    for i, (signer, status, price, remaining) in enumerate(
+        [
+            (OWNER, "open", 10 * rlc, 5),  # 30 % of 10 RLC x 5 tasks: 15 RLC
+            (OWNER, "dead", 10 * rlc, 2),  # dead for want of stake, still valid on chain: 6
+            (OWNER, "unpublished", 10 * rlc, 9),  # withdrawn from the book: not counted
+            (OWNER, "filled", 10 * rlc, 0),
+            ("0x" + "99" * 20, "open", 100 * rlc, 9),  # another signer's
+        ]
+    ):
+        orders.insert_one(
+            {
+                "orderHash": f"0x{i:064x}",
+                "status": status,
+                "keys": {"signer": signer.lower()},
+                "order": {"workerpoolprice": price},
+                "remaining": remaining,
+            }
+        )
+
+    def health(stake: int, wei: int) -> Any:
+        settings = _settings()
+        app = create_app(
+            settings,
+            store,
+            redis=fakeredis.FakeRedis(),
+            chain=ChainProbe(settings, FundedChainClient(stake, wei)),
+        )
+        return app.test_client().get("/healthz")
+
+    # Given 20 RLC of free stake for 21 RLC of pool stake: a warning, the pool still healthy
+    short = health(20 * rlc, 10**18)
+    assert short.status_code == 200
+    body = short.get_json()
+    assert body["funds"] == {
+        "owner": OWNER,
+        "stake": 20 * rlc,
+        "locked": 7,
+        "ordersNeed": 21 * rlc,
+        "gas": {"wei": 10**18, "transactions": 1000},
+    }
+    (warning,) = body["warnings"]
+    assert "free stake (20 RLC) does not cover its 2 published order(s)" in warning
+    assert "7 remaining task(s) locks 21 RLC" in warning and "deposit 1 RLC more" in warning
+    # With enough stake: no warning
+    assert health(21 * rlc, 10**18).get_json()["warnings"] == []
+    # Gas for fewer than 10 transactions of 1,000,000 gas at the node's fee: a warning
+    low = health(21 * rlc, 5 * 10**15).get_json()["warnings"]
+    assert low == [
+        f"scheduler wallet: gas balance is very low: {OWNER} holds 0.005 ETH for gas, "
+        "5 transaction(s) left"
+    ]
+    empty = health(21 * rlc, 10**14).get_json()["warnings"]
+    assert "gas balance is empty" in empty[0] and "please refill it" in empty[0]
+
+
+def test_healthz_fails_on_a_node_of_another_chain(store: Store) -> None:
+    # the fake node reports chain 65535; the settings name Arbitrum One
+    response = _app(store, chain="arbitrum-mainnet").test_client().get("/healthz")
+    assert response.status_code == 503
+    chain = response.get_json()["checks"]["chain"]
+    assert chain["ok"] is False
+    assert chain["error"] == "the node reports chain 65535, the settings name chain 42161"

@@ -279,7 +279,8 @@ def test_settings_of_every_service_parse(resolved: dict[str, Any]) -> None:
         settings = Settings.from_env(environment)  # raises SettingsError naming a bad value
         assert settings.mongo_host == "mongo" and settings.ipfs_host == "ipfs"
         assert settings.redis_url == "redis://redis:6379/0"
-        assert settings.chain_id == 134
+        assert settings.chain == "arbitrum-mainnet" and settings.chain_id == 42161
+        assert settings.hub_address == "0x098bFCb1E50ebcA0BaA92C12eA0c3F045A1aD9f0"
         assert settings.worker_dir == "/var/lib/workerpool/worker"
 
 
@@ -712,7 +713,7 @@ def test_image_runs_the_cli_as_a_non_root_user(
     )
     shown = run([*docker, "--env-file", str(env_file), built_image, "settings"])
     assert shown.returncode == 0, shown.stderr
-    assert "mongo_host = 'mongo'" in shown.stdout and "chain_id = 134" in shown.stdout
+    assert "mongo_host = 'mongo'" in shown.stdout and "chain_id = 42161" in shown.stdout
     # the healthcheck is installed and says unhealthy when nothing listens
     probe = run([*docker, "--entrypoint", "workerpool-healthcheck", built_image, "api"])
     assert probe.returncode == 1 and "api:" in probe.stdout

@@ -9,6 +9,7 @@ import json
 import threading
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -183,3 +184,76 @@ def test_output_flood_and_timeout_are_stopped_and_the_worker_keeps_serving(
     pool.wait_tasks(ok.taskids(), _completed, timeout=90)
     names = json.dumps([r["worker"] for r in pool.store.replicates_of(ok.taskids()[0])])
     assert pool.devnet.accounts["workers"][3]["address"].lower() in names
+
+
+def test_nodes_without_gas_or_stake_give_the_job_back_and_a_funded_node_computes_it(
+    chain_snapshot: DevnetHandle, running_pool: RunningPool
+) -> None:
+    from poco import actions
+
+    pool = running_pool
+    devnet = chain_snapshot
+    dry, unstaked, funded = (pool.worker_address(n) for n in (13, 14, 15))
+    # Given a node whose wallet cannot pay for gas, and one with no free stake left
+    devnet.rpc("anvil_setBalance", [dry, "0x0"])
+    poor = devnet.worker_wallet(14)
+    actions.withdraw(poor, devnet.client.view_account(poor.address).stake)
+    pool.start_worker(13)
+    pool.start_worker(14)
+    # When a trust-2 deal comes (contribute locks the worker stake: 30 % of the price)
+    deal = pool.match(trust=2, workerpoolprice=POOL_PRICE, params=deal_params("funds"))
+    (taskid,) = deal.taskids()
+
+    # Then each node gives the job back with its reason, before any authorization
+    def refusals() -> dict[str, str]:
+        return {
+            w["address"]: w.get("refusing", "")
+            for w in pool.store.workers.find({"address": {"$in": [dry, unstaked]}})
+        }
+
+    pool.wait_tasks([taskid], lambda _: all(refusals().get(w) for w in (dry, unstaked)), timeout=60)
+    reasons = refusals()
+    assert "gas balance is empty" in reasons[dry] and "please refill" in reasons[dry]
+    assert "stake too low" in reasons[unstaked]
+    assert f"locks {POOL_PRICE * 30 // 100 / 10**9:g} RLC" in reasons[unstaked]
+    assert pool.store.replicates_of(taskid) == []
+    logs = "".join(p.read_text() for p in pool.logs)
+    assert "job given back for another node: gas balance is empty" in logs
+    assert "job given back for another node: stake too low" in logs
+    # And a funded node takes it: the task completes with its contribution only
+    pool.start_worker(15)
+    pool.wait_tasks([taskid], _completed, timeout=120)
+    assert [r["worker"] for r in pool.store.replicates_of(taskid)] == [funded]
+    assert devnet.client.view_task(taskid).contributors == (
+        devnet.accounts["workers"][15]["address"],
+    )
+
+
+def test_a_deal_on_the_native_mode_devnet_completes(
+    native_devnet: DevnetHandle,
+    redis_url: str,
+    redis_client: Any,
+    ipfs_api_url: str,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    from pool_fixtures import pool_running
+
+    devnet = native_devnet
+    worker = devnet.accounts["workers"][0]["address"]
+    with pool_running(devnet, redis_url, ipfs_api_url, tmp_path, db="e2e-native") as pool:
+        pool.start_worker(0)
+        before = _stakes(devnet, devnet.address("requester"), worker)
+        deal = pool.match(
+            trust=1, appprice=APP_PRICE, workerpoolprice=POOL_PRICE, params=deal_params("native")
+        )
+        (taskid,) = deal.taskids()
+        (doc,) = pool.wait_tasks([taskid], _completed, timeout=120)
+        chain = devnet.client.view_task(taskid)
+        assert chain.status == ChainTaskStatus.COMPLETED and doc["resultLink"]
+        assert chain.results.decode() == doc["resultLink"]
+        after = _stakes(devnet, devnet.address("requester"), worker)
+        assert [a - b for a, b in zip(after, before, strict=True)] == [
+            -(APP_PRICE + POOL_PRICE),
+            POOL_PRICE * 99 // 100,
+        ]

@@ -137,7 +137,9 @@ def test_a_worker_added_in_the_middle_of_a_deal_takes_part_of_the_work(
     pool = running_pool
     for n in (10, 11, 12):
         pool.start_worker(n, WORKERPOOL_WORKER_SLOTS="1")
-    deal = pool.match(app="sleep", volume=10, params=deal_params("2"))
+    # enough queued work (12 tasks of 4 s on 3 slots) that the newcomer still finds jobs
+    # waiting once it has started, even on a busy machine
+    deal = pool.match(app="sleep", volume=12, params=deal_params("4"))
     ids = deal.taskids()
 
     def some_done(_: dict[str, Any]) -> bool:

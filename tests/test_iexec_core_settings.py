@@ -313,4 +313,5 @@ def test_a_node_without_a_chain_url_uses_the_one_its_scheduler_publishes(
         timeout=60,
     )
     assert wrong.returncode == 1, wrong.stderr
-    assert f"is on chain {devnet.client.chain_id}, not on chain 1" in wrong.stderr
+    assert "from the scheduler: chain id 1" in wrong.stderr
+    assert f"reports chain {devnet.client.chain_id}" in wrong.stderr

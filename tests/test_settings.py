@@ -90,3 +90,46 @@ def test_docs_settings_is_generated_from_the_table() -> None:
     assert (ROOT / "docs" / "settings.md").read_text() == out
     for spec in SETTINGS.values():
         assert f"`{spec.env}`" in out
+
+
+def test_a_chain_preset_fills_chain_id_and_hub_and_explicit_values_win() -> None:
+    from pool.settings import CHAINS
+
+    # Given IEXEC_CHAIN alone, Then the SDK 9 values of that network are filled in
+    for name, chain_id, hub in (
+        ("arbitrum-mainnet", 42161, "0x098bFCb1E50ebcA0BaA92C12eA0c3F045A1aD9f0"),
+        ("arbitrum-sepolia-testnet", 421614, "0xB2157BF2fAb286b2A4170E3491Ac39770111Da3E"),
+    ):
+        s = Settings.from_env({"IEXEC_CHAIN": name})
+        assert (s.chain, s.chain_id, s.hub_address) == (name, chain_id, hub)
+        assert s.preset is CHAINS[name]
+    assert CHAINS["arbitrum-mainnet"].rlc == "0xe649e6a1F2afc63ca268C2363691ceCAF75CF47C"
+    assert CHAINS["arbitrum-sepolia-testnet"].rlc == "0x9923eD3cbd90CD78b910c475f9A731A6e0b8C963"
+    # names are read case-insensitively, as operators type them
+    assert Settings.from_env({"IEXEC_CHAIN": " Arbitrum-Mainnet "}).chain_id == 42161
+    # explicit IEXEC_CHAIN_ID / IEXEC_HUB_ADDRESS win over the preset
+    hub = "0x" + "ab" * 20
+    s = Settings.from_env(
+        {"IEXEC_CHAIN": "arbitrum-mainnet", "IEXEC_CHAIN_ID": "7", "IEXEC_HUB_ADDRESS": hub}
+    )
+    assert (s.chain_id, s.hub_address.lower()) == (7, hub)  # type: ignore[union-attr]
+    # keyword construction (tests, tools) fills the same way
+    assert Settings(chain="devnet").hub_address == CHAINS["devnet"].hub
+    # without a preset nothing is filled: the hub stays required
+    assert Settings.from_env({}).hub_address is None and Settings.from_env({}).chain_id == 0
+
+
+def test_an_unknown_chain_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(SettingsError, match="IEXEC_CHAIN='bellecour': unknown chain; known: "):
+        Settings.from_env({"IEXEC_CHAIN": "bellecour"})
+    with pytest.raises(SettingsError, match="arbitrum-mainnet, arbitrum-sepolia-testnet, devnet"):
+        Settings(chain="mainnet")
+
+
+def test_node_names_in_messages_hide_what_may_be_a_secret() -> None:
+    from pool.wallets import node_name
+
+    assert node_name("https://user:pw@arb-mainnet.example.com/v2/KEY123?x=1") == (
+        "https://arb-mainnet.example.com"
+    )
+    assert node_name("http://127.0.0.1:8545") == "http://127.0.0.1:8545"

@@ -9,19 +9,19 @@ the docstring says so and why.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 import urllib3
+
+from poco.params import DealParams
+from poco.params import parse_deal_params as parse_deal_params
 
 log = logging.getLogger(__name__)
 
@@ -60,132 +60,37 @@ class DataDownloadError(InputError):
         self.url = url
 
 
-# --- deal params ---------------------------------------------------------------
+# --- deal params: parsed in poco.params (the API shows the command line from them) ---------
 
 
-@dataclass
-class DealParams:
-    """The deal's ``params`` (iexec-commons-poco ``DealParams``), with its defaults.
+def refusal(params: DealParams, *, tee: bool, callback: bool) -> str:
+    """Why this pool refuses to run a task with these ``params`` ("" when it runs it).
 
-    An empty ``iexec_result_storage_provider`` / ``_proxy`` means "not set": the worker
-    uses IPFS and the pool's result proxy. A standard (non-TEE) task asking for
-    ``iexec_result_encryption`` must be refused by the caller, as iexec-worker does.
+    iexec-worker v9 checks at start that a standard (non-TEE) task does not ask for
+    ``iexec_result_encryption``: a standard worker cannot encrypt for the beneficiary and
+    would otherwise publish the result in clear. The replicate ends START_FAILED with cause
+    TASK_DESCRIPTION_INVALID before the app is pulled. A result storage provider other than
+    IPFS is refused the same way here (deliberate difference: v9 runs the app, then fails
+    the upload with RESULT_LINK_MISSING, after pushing the result to its proxy; refusing
+    first runs nothing and publishes nothing). With a callback the result goes on chain, so
+    the provider does not matter. An empty provider means IPFS (lenient: v9 would fail it,
+    but the iExec SDK always writes ``ipfs`` for standard tasks).
     """
-
-    iexec_args: str = ""
-    iexec_input_files: list[str] = field(default_factory=list)
-    iexec_result_storage_provider: str = ""
-    iexec_result_storage_proxy: str = ""
-    iexec_result_encryption: bool = False
-    iexec_secrets: dict[str, str] = field(default_factory=dict)
-    bulk_cid: str = ""
-
-
-_KNOWN_PARAMS = frozenset(
-    {
-        "iexec_args",
-        "iexec_input_files",
-        "iexec_result_storage_provider",
-        "iexec_result_storage_proxy",
-        "iexec_result_encryption",
-        "iexec_secrets",
-        "bulk_cid",
-    }
-)
-
-
-class _NotParams(ValueError):
-    """Internal: the text is not a DealParams JSON object (so it is all ``iexec_args``)."""
-
-
-def _as_text(key: str, value: Any) -> str:
-    """A JSON scalar as Jackson coerces it into a String field (``5`` -> ``"5"``)."""
-    if value is None:
+    if tee:
         return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return json.dumps(value)
-    raise _NotParams(f"{key}: expected a string, got {type(value).__name__}")
-
-
-def _as_bool(key: str, value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return value != 0
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise _NotParams(f"{key}: expected a boolean, got {value!r}")
-
-
-def parse_deal_params(params: str | bytes | None) -> DealParams:
-    """Read the deal's ``params`` as iexec-commons-poco ``DealParams.createFromString`` does.
-
-    - empty -> defaults (the empty string is the args, which split to none);
-    - a JSON object whose keys are all known -> those fields;
-    - anything else (not JSON, not an object, an unknown key such as the removed
-      ``iexec_developer_logger``, a value of the wrong type) -> the **whole string** is
-      ``iexec_args``. This looks odd but is iexec-worker's rule (Jackson fails on unknown
-      properties and the worker falls back to "the requester wants to run the whole
-      string"); following it keeps old deals and plain-text params meaning the same here.
-
-    Like Jackson (``FAIL_ON_TRAILING_TOKENS`` off), text after the JSON object is ignored
-    and scalars are coerced into string fields. Where Java would crash (the JSON ``null``)
-    we fall back to args too.
-    """
-    if params is None:
-        return DealParams()
-    if isinstance(params, bytes):
-        params = params.decode("utf-8", errors="replace")
-    try:
-        return _params_from_json(params)
-    except _NotParams as exc:
-        if params.strip():
-            log.info("deal params are not a DealParams JSON object (%s): all of it is args", exc)
-        return DealParams(iexec_args=params)
-
-
-def _params_from_json(text: str) -> DealParams:
-    stripped = text.lstrip()
-    try:
-        data, _end = json.JSONDecoder().raw_decode(stripped)
-    except ValueError as exc:
-        raise _NotParams(f"not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise _NotParams(f"JSON {type(data).__name__}, not an object")
-    unknown = sorted(set(data) - _KNOWN_PARAMS)
-    if unknown:
-        raise _NotParams(f"unknown key(s) {', '.join(unknown)}")
-    files = data.get("iexec_input_files")
-    if files is None:
-        files = []
-    if not isinstance(files, list):
-        raise _NotParams("iexec_input_files: expected a list")
-    secrets = data.get("iexec_secrets")
-    if secrets is None:
-        secrets = {}
-    if not isinstance(secrets, dict):
-        raise _NotParams("iexec_secrets: expected an object")
-    return DealParams(
-        iexec_args=_as_text("iexec_args", data.get("iexec_args")),
-        iexec_input_files=[_as_text("iexec_input_files[]", item) for item in files],
-        iexec_result_storage_provider=_as_text(
-            "iexec_result_storage_provider", data.get("iexec_result_storage_provider")
-        ),
-        iexec_result_storage_proxy=_as_text(
-            "iexec_result_storage_proxy", data.get("iexec_result_storage_proxy")
-        ),
-        iexec_result_encryption=_as_bool(
-            "iexec_result_encryption", data.get("iexec_result_encryption")
-        ),
-        iexec_secrets={str(k): _as_text("iexec_secrets{}", v) for k, v in secrets.items()},
-        bulk_cid=_as_text("bulk_cid", data.get("bulk_cid")),
-    )
+    if params.iexec_result_encryption:
+        return (
+            "iexec_result_encryption needs a TEE task: a standard task's result cannot be "
+            "encrypted for the beneficiary, so the task is refused (nothing ran, nothing "
+            "was published)"
+        )
+    provider = params.iexec_result_storage_provider
+    if not callback and provider not in ("", "ipfs"):
+        return (
+            f"iexec_result_storage_provider {provider[:40]!r} is not supported for standard "
+            "tasks (only ipfs), so the task is refused (nothing ran, nothing was published)"
+        )
+    return ""
 
 
 # --- args ------------------------------------------------------------------------

@@ -27,13 +27,16 @@ from typing import Any, Unpack
 from poco import actions
 from poco.chain import ChainClient, Wallet
 from poco.errors import PocoError, TransactionReverted
+from poco.funds import GasCheck, format_rlc, gas_check
 from poco.orders import ZERO_ADDRESS
 from poco.results import result_link
-from poco.types import ChainTaskStatus, ContributionStatus
+from poco.tags import tag_to_int
+from poco.types import ChainTaskStatus, ContributionStatus, Deal
 from pool import keys
 from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
 from pool.settings import Settings
 from pool.states import ReplicateStatus
+from pool.states import ReplicateStatusCause as Cause
 from workers import inputs as inputs_mod
 from workers import results as results_mod
 from workers.identity import IndexLease, LeaseLost
@@ -51,6 +54,10 @@ MB = 1024 * 1024
 # before the contribution deadline (the scheduler's own rule for a new authorization)
 RECOMPUTE_TIME_RATIO = 1.0
 _CONTRIBUTED = (ContributionStatus.CONTRIBUTED, ContributionStatus.PROVED)
+# the node's gas balance is read at most this often for the check before each job
+FUNDS_TTL = 5.0
+# a refusal stays in the heartbeat (the scheduler and the API show it) this long
+REFUSAL_SHOWN = 60.0
 
 
 class JobRefused(Exception):
@@ -102,6 +109,8 @@ class WorkerNode:
         self.broker_id = hashlib.sha256(settings.redis_url.encode()).hexdigest()[:16]
         self._busy_lock = threading.Lock()
         self.authorization_timeout = 30.0
+        self._gas: tuple[float, GasCheck] | None = None
+        self._refusal: tuple[float, str] | None = None  # (monotonic time, reason)
 
     # ---- messages to the scheduler ----------------------------------------------------------
     def report(self, taskid: str, status: ReplicateStatus, **fields: Unpack[ReportFields]) -> None:
@@ -113,6 +122,8 @@ class WorkerNode:
         self.messages.heartbeat(self.info())
 
     def info(self) -> Heartbeat:
+        refusal = self._refusal
+        refusing = refusal[1] if refusal and time.monotonic() - refusal[0] < REFUSAL_SHOWN else None
         return Heartbeat(
             worker=self.address,
             name=self.name,
@@ -122,6 +133,7 @@ class WorkerNode:
             version=VERSION,
             cpus=os.cpu_count(),
             memory_mb=_memory_mb(),
+            refusing=refusing,
         )
 
     def authorize(self, taskid: str) -> tuple[str, bool]:
@@ -133,6 +145,59 @@ class WorkerNode:
         if not answer.granted:
             raise JobRefused(answer.reason or "refused", answer.requeue)
         return answer.signature, answer.fast_path
+
+    # ---- funds: gas and stake ----------------------------------------------------------------
+    def gas(self, max_age: float = FUNDS_TTL) -> GasCheck:
+        """The node's gas balance against one transaction's cost (iexec-worker's
+        ``hasEnoughGas``), read at most every ``max_age`` seconds."""
+        cached = self._gas
+        if cached is not None and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        budget = int(self.settings.gas_price_budget_gwei * 10**9)
+        check = gas_check(self.client, self.address, budget)
+        self._gas = (time.monotonic(), check)
+        if check.empty:
+            log.error("%s", check.describe(self.address))
+        elif check.low:
+            log.warning("%s", check.describe(self.address))
+        return check
+
+    def expects_fast_path(self, deal: Deal) -> bool:
+        """Whether this node's replicate of ``deal`` should go through contributeAndFinalize,
+        which locks no worker stake (PoCo: trust-1 deals only; the scheduler grants it unless
+        WORKERPOOL_CONTRIBUTE_AND_FINALIZE=false, which pools set alike on every service)."""
+        return deal.trust == 1 and self.settings.contribute_and_finalize
+
+    def stake_shortfall(self, deal: Deal) -> str:
+        """Why this node's free stake cannot cover the worker stake ``contribute`` locks for
+        ``deal`` ("" when it can)."""
+        if deal.worker_stake <= 0:
+            return ""
+        stake = self.client.view_account(self.address).stake
+        if stake >= deal.worker_stake:
+            return ""
+        return (
+            f"stake too low: {self.address} has {format_rlc(stake)} RLC of free stake, a "
+            f"contribution to deal {deal.dealid} locks {format_rlc(deal.worker_stake)} RLC; "
+            "deposit more (workerpool account deposit)"
+        )
+
+    def cannot_take(self, deal: Deal) -> str:
+        """Why this node must not take a job of ``deal`` now ("" when it may), checked before
+        it asks for an authorization, as iexec-worker does before asking for a replicate: gas
+        for at least one transaction, and the free stake a contribution locks (none for
+        contributeAndFinalize)."""
+        gas = self.gas()
+        if gas.empty:
+            return gas.describe(self.address)
+        if self.expects_fast_path(deal):
+            return ""
+        return self.stake_shortfall(deal)
+
+    def refuse(self, taskid: str, reason: str) -> None:
+        """Remember and log why this node gave a job back (the heartbeat carries it)."""
+        self._refusal = (time.monotonic(), reason)
+        log.warning("task %s: job given back for another node: %s", taskid, reason)
 
     # ---- the replicate job ------------------------------------------------------------------
     def run_replicate(self, taskid: str, deadline: int | None = None) -> JobOutcome:
@@ -146,12 +211,23 @@ class WorkerNode:
             return JobOutcome(taskid, "DROPPED", f"task is {task.status.name} on chain")
         if task.contribution_deadline <= now:
             return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
+        deal = self.client.view_deal(task.dealid)
+        problem = self.cannot_take(deal)
+        if problem:
+            self.refuse(taskid, problem)
+            raise JobRefused(problem, requeue=True)
         try:
             authorization, fast = self.authorize(taskid)
         except JobRefused as exc:
             if exc.requeue:
                 raise
             return JobOutcome(taskid, "DROPPED", str(exc))
+        if not fast and self.expects_fast_path(deal):
+            # the scheduler asked for the classic contribute after all: it locks stake
+            short = self.stake_shortfall(deal)
+            if short:
+                self.refuse(taskid, short)
+                return self._fail(taskid, R.ABORTED, short)
         with self._busy_lock:
             self.busy += 1
         try:
@@ -179,17 +255,37 @@ class WorkerNode:
         # what a restarted node needs to compute this replicate again (see resume)
         _write_json(task_dir / "state.json", {"authorization": authorization, "fastPath": fast})
 
+        params = inputs_mod.parse_deal_params(deal.params)
+        has_callback = int(deal.callback, 16) != 0
+        # iexec-worker v9's check at start: what this pool cannot honour is refused before
+        # the app is pulled, so nothing runs and nothing is published
+        refused = inputs_mod.refusal(
+            params, tee=bool(tag_to_int(deal.tag) & 1), callback=has_callback
+        )
+        if refused:
+            return self._fail(taskid, R.START_FAILED, refused, cause=Cause.TASK_DESCRIPTION_INVALID)
+
         self.report(taskid, R.APP_DOWNLOADING)
         try:
             image = self.client.app_multiaddr(deal.app.pointer).decode()
             self.runner.ensure_image(image)
         except (AppImageError, UnicodeDecodeError) as exc:
-            return self._fail(taskid, R.APP_DOWNLOAD_FAILED, f"app image: {exc}")
+            return self._fail(
+                taskid,
+                R.APP_DOWNLOAD_FAILED,
+                f"app image: {exc}",
+                cause=Cause.APP_IMAGE_DOWNLOAD_FAILED,
+            )
         try:
-            params = inputs_mod.parse_deal_params(deal.params)
             args = inputs_mod.split_args(params.iexec_args)
         except inputs_mod.ArgsError as exc:
-            return self._fail(taskid, R.COMPUTE_FAILED, f"bad iexec_args: {exc}")
+            return self._fail(
+                taskid,
+                R.COMPUTE_FAILED,
+                f"bad iexec_args: {exc}",
+                cause=Cause.TASK_DESCRIPTION_INVALID,
+            )
+        cause = Cause.INPUT_FILES_DOWNLOAD_FAILED
         try:
             names = inputs_mod.download_inputs(
                 params.iexec_input_files,
@@ -199,6 +295,7 @@ class WorkerNode:
             )
             has_dataset = int(deal.dataset.pointer, 16) != 0
             if has_dataset:
+                cause = Cause.DATASET_FILE_DOWNLOAD_FAILED
                 multiaddr, checksum = self._dataset_location(deal.dataset.pointer)
                 inputs_mod.download_dataset(
                     multiaddr,
@@ -209,7 +306,9 @@ class WorkerNode:
                     timeout=60,
                 )
         except inputs_mod.DataDownloadError as exc:
-            return self._fail(taskid, R.DATA_DOWNLOAD_FAILED, str(exc))
+            if "checksum mismatch" in str(exc):
+                cause = Cause.DATASET_FILE_BAD_CHECKSUM
+            return self._fail(taskid, R.DATA_DOWNLOAD_FAILED, str(exc), cause=cause)
         env = inputs_mod.app_env(
             deal_id=dealid,
             task_id=taskid,
@@ -247,26 +346,37 @@ class WorkerNode:
         try:
             outcome = self.runner.run(run)
         except EngineError as exc:  # not the app's fault: ABORTED, the scheduler plans it again
-            return self._fail(taskid, R.ABORTED, f"container engine failure: {exc}")
+            return self._fail(
+                taskid, R.ABORTED, f"container engine failure: {exc}", cause=Cause.ABORTED_BY_WORKER
+            )
         except RunnerError as exc:
-            return self._fail(taskid, R.COMPUTE_FAILED, f"container: {exc}")
+            return self._fail(
+                taskid, R.COMPUTE_FAILED, f"container: {exc}", cause=Cause.APP_COMPUTE_FAILED
+            )
         limits_hit = outcome.timed_out or outcome.oom_killed or outcome.output_too_large
         if outcome.error and outcome.exit_code is None and not limits_hit:
             # the engine lost track of the container: not the app's fault, so the replicate
             # is ABORTED (the scheduler plans it again) rather than COMPUTE_FAILED
-            return self._fail(taskid, R.ABORTED, f"container engine failure: {outcome.error}")
+            return self._fail(
+                taskid,
+                R.ABORTED,
+                f"container engine failure: {outcome.error}",
+                cause=Cause.ABORTED_BY_WORKER,
+            )
         if not outcome.ok:
             return self._fail(
                 taskid,
                 R.COMPUTE_FAILED,
                 outcome.reason(),
+                cause=Cause.APP_COMPUTE_TIMEOUT if outcome.timed_out else Cause.APP_COMPUTE_FAILED,
                 log_tail=outcome.log_tail,
                 exit_code=outcome.exit_code,
+                stdout=outcome.stdout,
+                stderr=outcome.stderr,
             )
         try:
             results_mod.write_logs(out_dir, outcome.stdout, outcome.stderr)
             computed = results_mod.read_computed(out_dir)
-            has_callback = int(deal.callback, 16) != 0
             digest = results_mod.result_digest(out_dir, computed, has_callback)
             zip_path = results_mod.package(
                 out_dir,
@@ -274,7 +384,15 @@ class WorkerNode:
                 max_bytes=self.settings.app_output_limit_mb * MB,
             )
         except results_mod.ResultError as exc:
-            return self._fail(taskid, R.COMPUTE_FAILED, str(exc), log_tail=outcome.log_tail)
+            return self._fail(
+                taskid,
+                R.COMPUTE_FAILED,
+                str(exc),
+                cause=Cause.POST_COMPUTE_FAILED_UNKNOWN_ISSUE,
+                log_tail=outcome.log_tail,
+                stdout=outcome.stdout,
+                stderr=outcome.stderr,
+            )
         state = {
             "digest": digest,
             "zip": str(zip_path),
@@ -284,7 +402,14 @@ class WorkerNode:
             "fastPath": fast,
         }
         _write_json(task_dir / "state.json", state)
-        self.report(taskid, R.COMPUTED, result_digest=digest, duration=outcome.duration)
+        self.report(
+            taskid,
+            R.COMPUTED,
+            result_digest=digest,
+            duration=outcome.duration,
+            stdout=outcome.stdout or None,
+            stderr=outcome.stderr or None,
+        )
         # the compute slot ends here: contributing is the control process's job
         self.messages.contribute(self.address, taskid)
         return JobOutcome(taskid, str(R.COMPUTED))
@@ -294,13 +419,18 @@ class WorkerNode:
         try:
             state = self._state(taskid)
         except PocoError as exc:
-            return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+            return self._fail(
+                taskid, R.CONTRIBUTE_FAILED, str(exc), cause=Cause.DETERMINISM_HASH_NOT_FOUND
+            )
         digest = state["digest"]
         if self.settings.fault_inject == "wrong-digest":
             digest = "0x" + bytes(b ^ 0xFF for b in bytes.fromhex(digest[2:])).hex()
             log.warning("FAULT INJECTION: contributing a wrong digest for %s", taskid)
             state["digest"] = digest
             _write_json(self.workdir / taskid / "state.json", state)
+        gas = self.gas()
+        if gas.empty:  # iexec-worker: OUT_OF_GAS before contribute, rather than a node error
+            return self._fail(taskid, R.CONTRIBUTE_FAILED, gas.describe(self.address))
         if state.get("fastPath"):
             return self._contribute_and_finalize(taskid, state)
         self.report(taskid, R.CONTRIBUTING)
@@ -312,7 +442,9 @@ class WorkerNode:
             if self._on_chain(taskid) in _CONTRIBUTED:  # a resent request, or a resumed one
                 self.report(taskid, R.CONTRIBUTED, note="already contributed on chain")
                 return JobOutcome(taskid, str(R.CONTRIBUTED))
-            return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+            return self._fail(
+                taskid, R.CONTRIBUTE_FAILED, str(exc), cause=Cause.CHAIN_RECEIPT_NOT_VALID
+            )
         if self.settings.fault_inject == "crash-after-contribute":
             _crash(f"after contributing to {taskid}, before reporting it")
         self.report(taskid, R.CONTRIBUTED, tx_hash=receipt.tx_hash)
@@ -345,7 +477,9 @@ class WorkerNode:
             if self._on_chain(taskid) == ContributionStatus.PROVED:  # sent twice: it is done
                 receipt = None
             else:
-                return self._fail(taskid, R.CONTRIBUTE_FAILED, str(exc))
+                return self._fail(
+                    taskid, R.CONTRIBUTE_FAILED, str(exc), cause=Cause.CHAIN_RECEIPT_NOT_VALID
+                )
         self.report(
             taskid,
             R.COMPLETED,
@@ -377,11 +511,23 @@ class WorkerNode:
         status: ReplicateStatus,
         reason: str,
         *,
+        cause: Cause | None = None,
         log_tail: str | None = None,
         exit_code: int | None = None,
+        stdout: str | None = None,
+        stderr: str | None = None,
     ) -> JobOutcome:
         log.warning("task %s: %s: %s", taskid, status, reason)
-        self.report(taskid, status, reason=reason[:2000], log_tail=log_tail, exit_code=exit_code)
+        self.report(
+            taskid,
+            status,
+            reason=reason[:2000],
+            cause=cause,
+            log_tail=log_tail,
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr or None,
+        )
         return JobOutcome(taskid, str(status), reason)
 
     # ---- reveal and upload, asked by the scheduler --------------------------------------------
@@ -397,7 +543,12 @@ class WorkerNode:
         try:
             state = self._state(taskid)
         except PocoError as exc:
-            return self._fail(taskid, R.REVEAL_FAILED, str(exc))
+            return self._fail(taskid, R.REVEAL_FAILED, str(exc), cause=Cause.CANNOT_REVEAL)
+        gas = self.gas()
+        if gas.empty:
+            return self._fail(
+                taskid, R.REVEAL_FAILED, gas.describe(self.address), cause=Cause.CANNOT_REVEAL
+            )
         self.report(taskid, R.REVEALING)
         try:
             receipt = actions.reveal(self.wallet, taskid, state["digest"])
@@ -405,7 +556,9 @@ class WorkerNode:
             if self._on_chain(taskid) == ContributionStatus.PROVED:  # revealed already
                 self.report(taskid, R.REVEALED, note="already revealed on chain")
                 return JobOutcome(taskid, str(R.REVEALED))
-            return self._fail(taskid, R.REVEAL_FAILED, str(exc))
+            return self._fail(
+                taskid, R.REVEAL_FAILED, str(exc), cause=Cause.CHAIN_RECEIPT_NOT_VALID
+            )
         self.report(taskid, R.REVEALED, tx_hash=receipt.tx_hash)
         return JobOutcome(taskid, str(R.REVEALED))
 
@@ -524,12 +677,17 @@ class WorkerNode:
             stop.wait(period)
 
     def janitor_forever(self, period: float, stop: threading.Event) -> None:
-        """Remove orphan app containers every ``period`` seconds until ``stop``."""
+        """Remove orphan app containers every ``period`` seconds until ``stop``, and look at
+        the node's gas (logged when it runs low or out, as iexec-worker does)."""
         while not stop.is_set():
             try:
                 self.remove_orphans()
             except Exception as exc:  # Docker slow or down: try again next period
                 log.warning("orphan container clean-up failed: %s", exc)
+            try:
+                self.gas(max_age=period)
+            except Exception as exc:  # the chain does not answer: the next job checks again
+                log.warning("gas balance unknown: %s", exc)
             stop.wait(period)
 
     def remove_orphans(self) -> int:

@@ -304,6 +304,21 @@ def _tail_text(data: bytes, limit: int) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def cut_notice(limit: int) -> str:
+    """The first line of a compute log that was cut, saying the cap."""
+    return f"[workerpool: output cut: only its last {limit} bytes are kept]\n"
+
+
+def capped_log(data: bytes, limit: int) -> str:
+    """A stream of the app as the requester gets it (``stdout.txt``, the compute logs): at
+    most ``limit`` bytes; when more was written (or the engine gave only its last lines), the
+    end of it under a first line that says so."""
+    if len(data) <= limit and data.count(b"\n") < _LOG_TAIL_LINES:
+        return data.decode("utf-8", errors="replace")
+    notice = cut_notice(limit)
+    return notice + _tail_text(data, limit - len(notice.encode()))
+
+
 class _OutputWatch:
     """Measures a running app's output directory every ``interval`` seconds (less often when
     the tree is slow to walk) on its own thread, and kills the container through ``kill``
@@ -674,7 +689,7 @@ class DockerRunner:
             log.warning("could not read the logs of %s: %s", container.name, exc)
             return "", "", ""
         limit = self.max_log_bytes
-        return _tail_text(out, limit), _tail_text(err, limit), _tail_text(both, LOG_TAIL_BYTES)
+        return capped_log(out, limit), capped_log(err, limit), _tail_text(both, LOG_TAIL_BYTES)
 
     @staticmethod
     def _kill_container(container: Container) -> None:

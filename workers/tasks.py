@@ -21,7 +21,6 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from poco.chain import ChainClient
 from poco.errors import RetryableError
 from pool import keys
 from pool.messages import (
@@ -35,7 +34,7 @@ from pool.messages import (
 )
 from pool.settings import Settings, SettingsError, with_public_config
 from pool.states import ReplicateStatus
-from pool.wallets import chain_client
+from pool.wallets import checked_chain_client
 from workers.identity import IndexLease, LeaseLost
 from workers.node import JobRefused, WorkerNode
 from workers.publishers import PublishError, make_publisher
@@ -72,15 +71,6 @@ def from_scheduler(settings: Settings, redis: Any) -> tuple[Settings, list[str]]
     return settings, taken
 
 
-def check_chain_id(settings: Settings, client: ChainClient) -> None:
-    """The chain node must be on the chain the settings (or the scheduler) name."""
-    if settings.chain_id and client.chain_id != settings.chain_id:
-        raise SettingsError(
-            f"the chain node {settings.chain_rpc_url} is on chain {client.chain_id}, not on "
-            f"chain {settings.chain_id} (IEXEC_CHAIN_ID, or the scheduler's chain id)"
-        )
-
-
 def compute_queues(settings: Settings) -> list[str]:
     queues = []
     for capability in settings.worker_capabilities:
@@ -101,8 +91,9 @@ def build_node(
     redis: Any = None,
     lease: IndexLease | None = None,
 ) -> WorkerNode:
-    """A node from settings: chain client, wallet, Docker runner, result publisher."""
-    client = chain_client(settings)
+    """A node from settings: chain client (checked to be the chain the settings name),
+    wallet, Docker runner, result publisher."""
+    client = checked_chain_client(settings)
     wallet = client.wallet(private_key)
     local_dir = Path(
         settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"

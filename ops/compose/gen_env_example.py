@@ -117,6 +117,12 @@ COMPOSE_VARS: list[tuple[str, list[Var]]] = [
                 "results this node pins. The RPC API (5001) is never published.",
             ),
             Var(
+                "IPFS_GATEWAY_PORT",
+                "8080",
+                "Host port of the IPFS gateway (read-only), on API_PUBLISH_ADDRESS: requesters "
+                "download results through it (docs/deploy.md, Requesters).",
+            ),
+            Var(
                 "REDIS_PASSWORD",
                 "",
                 "Password of Redis (secret). Empty: none, Redis is reachable on the compose "
@@ -165,17 +171,23 @@ COMPOSE_VARS: list[tuple[str, list[Var]]] = [
 
 # ---- settings given another value than the code's default in a compose deployment -------------
 EXAMPLE_VALUES: dict[str, tuple[str, str]] = {
+    "IEXEC_CHAIN": (
+        "arbitrum-mainnet",
+        "Shown: Arbitrum One, where iExec runs (token mode: stakes in RLC); "
+        "arbitrum-sepolia-testnet to try the pool on iExec's testnet first (docs/deploy.md).",
+    ),
     "IEXEC_PRIVATE_CHAIN_ADDRESS": (
-        "https://bellecour.iex.ec",
-        "REQUIRED. Shown: iExec's Bellecour sidechain (chain id 134). On another chain use its "
-        "RPC node, chain id and PoCo proxy (@iexec/poco deployments/).",
+        "https://arb1.arbitrum.io/rpc",
+        "REQUIRED. Shown: Arbitrum's public node, which limits requests (eth_getLogs above "
+        "all): use a node of your own or a provider's. Every service checks that it reports "
+        "IEXEC_CHAIN's chain id.",
     ),
     "IEXEC_HUB_ADDRESS": (
-        "0x3eca1B216A7DF1C7689aEb259fFB83ADFB894E7f",
-        "REQUIRED. Shown: the iExec PoCo proxy on Bellecour.",
+        "",
+        "Empty: IEXEC_CHAIN's hub (arbitrum-mainnet: 0x098bFCb1E50ebcA0BaA92C12eA0c3F045A1aD9f0).",
     ),
     "POOL_ADDRESS": ("", "REQUIRED: `iexec workerpool deploy` prints it (docs/deploy.md)."),
-    "IEXEC_CHAIN_ID": ("134", ""),
+    "IEXEC_CHAIN_ID": ("", "Empty: IEXEC_CHAIN's id (arbitrum-mainnet: 42161)."),
     "IEXEC_START_BLOCK_NUMBER": (
         "0",
         "Set it to the block of your pool's creation: the first start then reads the chain "

@@ -247,9 +247,10 @@ _wp_ipfs_clear_stale_lock() {
 
 # start_ipfs: an offline js-ipfs daemon, RPC API on 127.0.0.1:$WP_IPFS_API_PORT and gateway
 # on 127.0.0.1:$WP_IPFS_GATEWAY_PORT, unless an IPFS API already answers on that port;
-# exports WORKERPOOL_TEST_IPFS_API. The repo ($WP_IPFS_REPO) is created once; its config
-# is rewritten on every start (ports from the environment, no swarm, no bootstrap, no MDNS:
-# the node never talks to the network, results only need to be added, pinned and read).
+# exports WORKERPOOL_TEST_IPFS_API and WORKERPOOL_TEST_IPFS_GATEWAY. The repo ($WP_IPFS_REPO)
+# is created once; its config is rewritten on every start (ports from the environment, no
+# swarm, no bootstrap, no MDNS: the node never talks to the network, results only need to be
+# added, pinned and read).
 #
 # Several ops/test runs share one checkout here, so a daemon one run started may be in use
 # by another. Each run holds a shared lock on .cache/run/ipfs.users.lock from here until
@@ -259,6 +260,7 @@ _wp_ipfs_clear_stale_lock() {
 start_ipfs() {
     local port=$WP_IPFS_API_PORT startfd rc=0
     export WORKERPOOL_TEST_IPFS_API="http://127.0.0.1:$port"
+    export WORKERPOOL_TEST_IPFS_GATEWAY="http://127.0.0.1:$WP_IPFS_GATEWAY_PORT"
     mkdir -p "$WP_RUN_DIR" "$WP_LOG_DIR"
     if [[ -z $WP_IPFS_USERS_FD ]]; then
         exec {WP_IPFS_USERS_FD}>>"$WP_RUN_DIR/ipfs.users.lock"

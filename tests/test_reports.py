@@ -1,0 +1,108 @@
+"""Worker reports applied by the scheduler, on the fakes of ``testing/``: the cases the
+devnet tests reach only under load."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from poco.types import ChainTaskStatus, ContributionStatus
+from pool.messages import REVEAL, UPLOAD, Messenger, ReplicateReport
+from pool.settings import Settings
+from pool.states import ReplicateStatus, TaskStatus
+from pool.store import Store
+from scheduler.context import SchedulerContext, TickReport
+from scheduler.service import Scheduler
+from testing.celery import FakeCelery
+from testing.chain import FakeChain, FakeWallet, chain_task, contribution
+from testing.store import memory_store
+
+POOL = "0x" + "11" * 20
+WORKER = "0x" + "aa" * 20
+TASK = "0x" + "0a" * 32
+NOW = 1_000_000
+LINK = '{ "storage": "ipfs", "location": "/ipfs/QmYnLRMJpuWMYdor2GYo5M4NZCPoEpVaXJeS56aPz77hdc" }'
+
+
+@pytest.fixture
+def chain() -> FakeChain:
+    return FakeChain(now=NOW, hub=POOL)
+
+
+@pytest.fixture
+def store() -> Store:
+    return memory_store("workerpool-reports")
+
+
+@pytest.fixture
+def celery() -> FakeCelery:
+    return FakeCelery()
+
+
+@pytest.fixture
+def scheduler(store: Store, chain: FakeChain, celery: FakeCelery) -> Scheduler:
+    settings = Settings(
+        pool_address=POOL, chain_rpc_url="http://fake", hub_address=POOL, reveal_timeout_period=1
+    )
+    ctx = SchedulerContext(settings, store, chain, FakeWallet(chain), Messenger(celery))  # type: ignore[arg-type]
+    return Scheduler(ctx)
+
+
+def report(scheduler: Scheduler, status: ReplicateStatus, **fields: Any) -> None:
+    scheduler.reports.apply(ReplicateReport(TASK, WORKER, status, **fields))
+
+
+def test_an_upload_reported_after_it_was_given_up_as_timed_out_is_finalized(
+    scheduler: Scheduler,
+    store: Store,
+    chain: FakeChain,
+    celery: FakeCelery,
+) -> None:
+    # Given a trust-1 task whose only winner revealed and was asked to upload
+    store.save_deal(
+        {"chainDealId": "0x" + "de" * 32},
+        [
+            {
+                "chainTaskId": TASK,
+                "chainDealId": "0x" + "de" * 32,
+                "index": 0,
+                "status": "RUNNING",
+                "trust": 1,
+                "queue": "replicates.standard",
+                "timeref": 300,
+                "contributionDeadline": NOW + 1000,
+                "finalDeadline": NOW + 3000,
+                "jobsQueued": 1,
+                "replicatesNeeded": 1,
+                "replicatesGranted": 1,
+            }
+        ],
+    )
+    store.create_replicate(TASK, WORKER, {})
+    store.advance_replicate(TASK, WORKER, ReplicateStatus.CONTRIBUTED)
+    chain.tasks[TASK] = chain_task(
+        TASK, ChainTaskStatus.REVEALING, [WORKER], winner_counter=1, reveal_deadline=NOW + 600
+    )
+    chain.contributions[(TASK, WORKER)] = contribution(ContributionStatus.CONTRIBUTED)
+    assert scheduler.consensus.check(TASK)
+    assert [m.args[0]["taskid"] for m in celery.of(REVEAL.name)] == [TASK]
+    chain.tasks[TASK] = chain_task(
+        TASK, ChainTaskStatus.REVEALING, [WORKER], winner_counter=1, reveal_counter=1
+    )
+    report(scheduler, ReplicateStatus.REVEALED)
+    assert store.task(TASK)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
+    assert len(celery.of(UPLOAD.name)) == 1
+    # When the uploader stays silent past REVEAL_TIMEOUT_PERIOD (a busy or restarting node)
+    store.set_task_fields(TASK, {"uploadRequestedAt": store.task(TASK)["createdAt"]})  # type: ignore[index]
+    scheduler.finalizer.upload_timeouts()
+    assert store.task(TASK)["status"] == "AT_LEAST_ONE_REVEALED"  # type: ignore[index]
+    # And its upload is reported after all
+    report(scheduler, ReplicateStatus.RESULT_UPLOADING)
+    report(scheduler, ReplicateStatus.RESULT_UPLOADED, result_link=LINK, callback_data="")
+    # Then the link is used: the task is finalized with it, not left waiting for an upload
+    assert chain.txs["finalize"] == 1 and chain.tasks[TASK].results == LINK.encode()
+    assert store.task(TASK)["status"] == str(TaskStatus.COMPLETED)  # type: ignore[index]
+    assert store.task(TASK)["resultLink"] == LINK  # type: ignore[index]
+    scheduler.reconciler.reconcile(TickReport())
+    assert len(celery.of(UPLOAD.name)) == 1  # nobody asked to upload again
