@@ -51,7 +51,7 @@ def healthz() -> Any:
         )
     bound = context.settings.api_max_lag
     if checks["mongo"]["ok"] and facts.head is not None:
-        position = listener_position(context, facts.head)
+        position = listener_position(context, facts.head, facts.chain_id)
         ok = position["lag"] is not None and position["lag"] <= bound
         checks["listener"] = {"ok": ok, "lag": position["lag"], "maxLag": bound}
         if not ok:

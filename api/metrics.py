@@ -217,7 +217,7 @@ class PoolCollector(Collector):
             return
         yield GaugeMetricFamily("workerpool_chain_head_block", "Head block.", value=facts.head)
         try:
-            position: dict[str, Any] = listener_position(self.context, facts.head)
+            position: dict[str, Any] = listener_position(self.context, facts.head, facts.chain_id)
         except Exception:
             return
         if position["block"] is not None:

@@ -144,22 +144,27 @@ def refused_messages(ctx: ApiContext) -> dict[tuple[str, str], int]:
     return Refusals(ctx.redis).read()
 
 
-def listener_position(ctx: ApiContext, head: int | None) -> dict[str, Any]:
+def listener_position(
+    ctx: ApiContext, head: int | None, chain_id: int | None = None
+) -> dict[str, Any]:
     """The chain listener's cursor and how far it is behind the head it may read
-    (head - confirmations). Before its first range the listener stands just before
-    IEXEC_START_BLOCK_NUMBER."""
+    (head - confirmations, the chain's default when WORKERPOOL_CONFIRMATIONS is empty).
+    Before its first range the listener stands just before IEXEC_START_BLOCK_NUMBER."""
     settings = ctx.settings
+    confirmations = settings.confirmations_for(
+        chain_id if chain_id is not None else settings.chain_id
+    )
     cursor = None
     if settings.pool_address:
         cursor = ctx.store.get_cursor(f"SchedulerNotice:{str(settings.pool_address).lower()}")
     position = cursor if cursor is not None else settings.start_block - 1
     lag = None
     if head is not None:
-        lag = max(0, head - settings.confirmations - position)
+        lag = max(0, head - confirmations - position)
     return {
         "block": cursor,
         "startBlock": settings.start_block,
-        "confirmations": settings.confirmations,
+        "confirmations": confirmations,
         "lag": lag,
     }
 
@@ -178,7 +183,7 @@ def pool_summary(ctx: ApiContext) -> dict[str, Any]:
         "chainId": chain.chain_id if chain.chain_id is not None else ctx.settings.chain_id or None,
         "hub": ctx.settings.hub_address,
         "chain": {"reachable": chain.reachable, "headBlock": chain.head, "error": chain.error},
-        "listener": listener_position(ctx, chain.head),
+        "listener": listener_position(ctx, chain.head, chain.chain_id),
         **{k: v for k, v in workers_summary(ctx, now).items() if k != "byStatus"},
         "queues": queues,
         "queuesError": queue_error,

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from eth_account import Account
 from eth_utils import to_checksum_address
+from pymongo.errors import PyMongoError
 
 from cli.errors import REFUSALS, CommandError, refusals
+from orders.book import live_nodes_of
 from orders.client import OrderbookClient
 from orders.rules import (
     UNPUBLISH_ALL,
@@ -33,6 +36,7 @@ from orders.rules import (
     UNPUBLISH_ORDERHASH,
     OrderbookError,
     PreflightError,
+    check_fleet,
     check_order,
     check_terms,
     parse_order,
@@ -47,7 +51,8 @@ from poco.chain import ChainClient
 from poco.errors import PocoError
 from poco.orders import WorkerpoolOrder, random_salt
 from poco.tags import TagError, encode_tag
-from pool.settings import Settings
+from pool.settings import SETTINGS, Settings
+from pool.store import connect
 from pool.wallets import chain_client, scheduler_key
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,24 @@ def _client(settings: Settings) -> ChainClient:
 def _key(settings: Settings) -> str:
     with refusals():
         return scheduler_key(settings)
+
+
+def _live_nodes(settings: Settings) -> Callable[[str], int]:
+    """Live worker nodes serving a capability, read from the pool's store (MongoDB) only
+    when an order's tag needs them (GPU, TEE)."""
+
+    def count(capability: str) -> int:
+        try:
+            return live_nodes_of(connect(settings), settings)(capability)
+        except PyMongoError as exc:
+            raise PreflightError(
+                "tag",
+                f"cannot tell whether live worker nodes serve {capability} tasks: the pool's "
+                f"store ({SETTINGS['mongo_host'].env}/{SETTINGS['mongo_url'].env}) does not "
+                f"answer: {exc}",
+            ) from exc
+
+    return count
 
 
 def orderbook_url(settings: Settings, override: str | None = None) -> str:
@@ -152,7 +175,9 @@ def order() -> None:
 )
 @click.option("--price", type=click.IntRange(0), help="workerpoolprice, nRLC per task.")
 @click.option("--volume", type=int, help="Tasks sold by this order.")
-@click.option("--tag", help="standard, tee,scone, tee,gramine or a bytes32.")
+@click.option(
+    "--tag", help="standard, gpu, or tee,scone / tee,gramine / tee,tdx (WORKERPOOL_TEE_STACK)."
+)
 @click.option("--category", type=click.IntRange(0))
 @click.option("--trust", type=click.IntRange(0))
 @click.option("--apprestrict", help="Only this app (default: the zero address, any app).")
@@ -176,7 +201,7 @@ def order_init(out: Path, force: bool, **overrides: Any) -> None:
             except TagError as exc:
                 raise PreflightError("tag", str(exc)) from exc
         checked = parse_order(template)  # field-level errors name the field
-        check_terms(checked)
+        check_terms(checked, settings.tee_stack)
         return {name: getattr(checked, name) for name in TEMPLATE_FIELDS}
 
     data = _run(build)
@@ -209,7 +234,10 @@ def order_sign(file: Path, out: Path) -> None:
             {**{k: v for k, v in data.items() if k not in ("salt", "sign")}, "salt": random_salt()}
         )
         wallet = Account.from_key(key).address
-        checked = check_order(unsigned, client, signer=wallet, signed=False)
+        checked = check_order(
+            unsigned, client, signer=wallet, signed=False, tee_stack=settings.tee_stack
+        )
+        check_fleet(unsigned, _live_nodes(settings))
         signed = unsigned.signed(key, client.domain())
         verify_order_signature(signed, checked.order_hash, checked.owner, client)
         return signed, checked.order_hash, checked.owner
@@ -241,7 +269,8 @@ def order_publish(file: Path, orderbook: str | None) -> None:
 
     def publish() -> dict[str, Any]:
         signed = parse_order(data)
-        checked = check_order(signed, client)
+        checked = check_order(signed, client, tee_stack=settings.tee_stack)
+        check_fleet(signed, _live_nodes(settings))
         wallet = Account.from_key(key).address
         if wallet.lower() != checked.owner.lower():
             raise PreflightError(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from cli.errors import refusals
 from pool.messages import SCHEDULER_QUEUE
-from pool.settings import Settings
+from pool.settings import Settings, without_effect
 
 
 @click.command("scheduler")
@@ -33,6 +35,10 @@ def command(concurrency: int, beat: bool, beat_only: bool, loglevel: str) -> Non
         f"scheduler for pool {settings.pool_address} on {settings.chain_rpc_url} "
         f"(wallet {scheduler.ctx.wallet.address})"
     )
+    for name, reason in without_effect(settings, os.environ, "scheduler"):
+        click.echo(f"note: {name}: {reason}", err=True)
+    if settings.public_chain_url:
+        click.echo(f"worker nodes without a chain URL use {settings.public_chain_url}")
     if beat_only:
         app.start(["beat", "--loglevel", loglevel])
         return

@@ -22,7 +22,7 @@ import tempfile
 import click
 
 from cli.errors import refusals
-from pool.settings import Settings
+from pool.settings import SETTINGS, Settings, without_effect
 
 PR_SET_PDEATHSIG = 1
 
@@ -48,6 +48,18 @@ def _celery_argv(queues: str, concurrency: int, loglevel: str, name: str) -> lis
         "--without-gossip",
         "--without-mingle",
     ]
+
+
+def _resolved(settings: Settings) -> dict[str, str]:
+    """The values a node may take from its scheduler, as environment for its control child."""
+    out: dict[str, str] = {}
+    for name in ("chain_rpc_url", "hub_address", "public_url"):
+        value = getattr(settings, name)
+        if value:
+            out[SETTINGS[name].env] = str(value)
+    if settings.chain_id:
+        out[SETTINGS["chain_id"].env] = str(settings.chain_id)
+    return out
 
 
 @click.command("worker")
@@ -79,7 +91,7 @@ def run_control(loglevel: str) -> None:
 def run_compute(loglevel: str) -> None:
     from pool import broker
     from workers import identity
-    from workers.tasks import compute_queues, create_compute_app
+    from workers.tasks import compute_queues, create_compute_app, from_scheduler
 
     with refusals(ValueError):
         settings = Settings.from_env()
@@ -89,10 +101,16 @@ def run_compute(loglevel: str) -> None:
                 settings, worker_dir=tempfile.mkdtemp(prefix="workerpool-worker-")
             )
         client = broker.redis_client(settings)
+        settings, taken = from_scheduler(settings, client)
+        if taken:  # before the node is built and its chain checked against these values
+            click.echo(f"from the scheduler: {', '.join(taken)}", err=True)
         key, lease = identity.resolve(settings, client)
         app, node = create_compute_app(settings, key, client, lease)
+    for name, reason in without_effect(settings, os.environ, "worker"):
+        click.echo(f"note: {name}: {reason}", err=True)
 
-    env = {**os.environ, "IEXEC_WORKER_BASE_DIR": settings.worker_dir}
+    # the control process reads the same settings, the scheduler's published ones included
+    env = {**os.environ, "IEXEC_WORKER_BASE_DIR": settings.worker_dir, **_resolved(settings)}
     child = subprocess.Popen(
         [sys.executable, "-m", "cli", "worker", "--control", "--loglevel", loglevel],
         stdin=subprocess.PIPE,

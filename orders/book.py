@@ -4,10 +4,12 @@ An operator sells the pool's capacity with signed workerpool orders (EIP-712, si
 workerpool owner = the scheduler wallet). This module holds everything the three users of
 orders share, so the CLI, the API and the scheduler's replenish policy apply the same rules:
 
-* **preflight checks** (:func:`check_terms`, :func:`check_order`): tag, trust, volume, category,
-  owner, signature. They raise :class:`PreflightError` naming the field, because an order that
-  fails them would be refused by PoCo's ``matchOrders`` much later, with a bare revert code,
-  when a requester tries to buy it;
+* **preflight checks** (:func:`check_terms`, :func:`check_order`, :func:`check_fleet`): tag,
+  trust, volume, category, owner, signature, and whether the fleet serves the tag (a TEE tag
+  only for a framework of WORKERPOOL_TEE_STACK, GPU only while live GPU nodes exist). They
+  raise :class:`PreflightError` naming the field, because an order that fails them would be
+  refused by PoCo's ``matchOrders`` much later, with a bare revert code, when a requester
+  tries to buy it, or sold capacity the nodes cannot serve;
 * **the orderbook** (:class:`Orderbook` over :class:`OrderStore`): publish / unpublish / query,
   with the iExec market's publication rules (at most ``WORKERPOOL_ORDERBOOK_MAX_OPEN`` open
   orders per signer, the owner's stake must cover 30 % of price * remaining volume of all of
@@ -50,6 +52,7 @@ from orders.rules import (
     OrderbookError,
     OrderStatus,
     PreflightError,
+    check_fleet,
     check_order,
     check_terms,
     parse_order,
@@ -63,6 +66,7 @@ from poco.funds import format_rlc
 from poco.orders import ZERO_ADDRESS
 from pool.clock import utcnow
 from pool.settings import Settings
+from pool.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +149,16 @@ def _bits(value: int) -> list[int]:
     return [bit for bit in range(256) if value >> bit & 1]
 
 
+def live_nodes_of(store: Store, settings: Settings) -> Callable[[str], int]:
+    """Live worker nodes serving a capability: ALIVE, heard from within WORKER_LOST_TIMEOUT."""
+
+    def count(capability: str) -> int:
+        since = utcnow() - dt.timedelta(seconds=settings.worker_lost_timeout)
+        return store.count_live(capability, since)
+
+    return count
+
+
 # ---- does the owner's stake cover its orders? -------------------------------------------------
 @dataclass(frozen=True)
 class StakeCoverage:
@@ -198,11 +212,14 @@ class Orderbook:
         client: ChainClient,
         *,
         clock: Callable[[], dt.datetime] = utcnow,
+        live_nodes: Callable[[str], int] | None = None,
     ) -> None:
         self.settings = settings
         self.orders = orders
         self.client = client
         self.clock = clock
+        # live worker nodes serving a capability (the fleet in the same database by default)
+        self.live_nodes = live_nodes or live_nodes_of(Store(orders.db), settings)
         self.pool = str(settings.pool_address) if settings.pool_address else None
 
     # ---- chain id ---------------------------------------------------------------------------
@@ -265,14 +282,15 @@ class Orderbook:
             raise PreflightError(
                 "workerpool", f"this orderbook lists orders of workerpool {self.pool} only"
             )
-        check_terms(order)
+        check_terms(order, self.settings.tee_stack)
+        check_fleet(order, self.live_nodes)
         order_hash = order.hash(self.client.domain())
         existing = self.orders.get(order_hash)
         if existing is not None and existing["status"] == OrderStatus.OPEN:
             raise Conflict(f"order {order_hash} is already published")
         if existing is not None and existing["status"] not in TRACKED:
             raise Conflict(f"order {order_hash} is {existing['status']} on chain")
-        checked = check_order(order, self.client)
+        checked = check_order(order, self.client, tee_stack=self.settings.tee_stack)
         if authorized.lower() != checked.owner.lower():
             raise OrderbookError(
                 f"only the order signer {checked.owner} can publish it "

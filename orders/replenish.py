@@ -37,6 +37,7 @@ from orders.rules import (
     UNPUBLISH_ORDERHASH,
     OrderbookError,
     OrderStatus,
+    check_terms,
     required_stake,
     template_from_settings,
 )
@@ -129,6 +130,9 @@ class Replenisher:
     def _step(self, result: ReplenishResult) -> None:
         self.book.sync()
         template = template_from_settings(self.settings)
+        # a TEE tag the pool cannot run is refused here, with the reason (a GPU tag without
+        # live GPU nodes simply has no capacity: its orders are withdrawn below)
+        check_terms(template, self.settings.tee_stack)
         queue = queue_for_tag(template.tag)
         per_task = replicates_needed(template.trust)
         result.free_slots = self.free_slots(queue.removeprefix("replicates."))

@@ -7,6 +7,7 @@ revert code, when a requester tries to buy it."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -16,14 +17,30 @@ from web3.exceptions import Web3Exception
 
 from poco.chain import ChainClient
 from poco.orders import OrderError, WorkerpoolOrder
-from poco.tags import TagError, decode_tag, encode_tag, tag_to_int
+from poco.tags import (
+    TAG_BITS,
+    TEE_FRAMEWORK_BITS,
+    TagError,
+    decode_tag,
+    encode_tag,
+    tag_to_int,
+    tee_framework,
+)
+from pool.messages import QUEUE_CAPABILITY, queue_for_tag
 from pool.settings import SETTINGS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
 # ---- protocol constants ---------------------------------------------------------------------
 WORKERPOOL_STAKE_RATIO = 30  # PoCo locks price * 30 / 100 per task from the owner at match
-ALLOWED_TAGS: dict[int, str] = {0: "standard", 0x3: "tee,scone", 0x5: "tee,gramine"}
+GPU_TAG = 1 << TAG_BITS["gpu"]
+# every tag a pool may sell: standard, GPU, and one TEE framework (tee + scone, gramine or
+# tdx, the one SDK 9 signs); a TEE tag only with that framework in WORKERPOOL_TEE_STACK
+ALLOWED_TAGS: dict[int, str] = {
+    0: "standard",
+    GPU_TAG: "gpu",
+    **{bits: f"tee,{name}" for name, bits in TEE_FRAMEWORK_BITS.items()},
+}
 TEE_BIT = 1
 
 # what an unpublish asks the orderbook to withdraw (the market API's targets)
@@ -126,8 +143,9 @@ def template_from_settings(settings: Settings) -> WorkerpoolOrder:
 
 
 # ---- preflight ---------------------------------------------------------------------------------
-def check_terms(order: WorkerpoolOrder) -> None:
-    """Checks that need no chain: volume, tag, trust, and numbers a store can hold."""
+def check_terms(order: WorkerpoolOrder, tee_stack: tuple[str, ...] = ()) -> None:
+    """Checks that need no chain: volume, tag, trust, and numbers a store can hold. A TEE
+    tag is sold only for a framework of ``tee_stack`` (WORKERPOOL_TEE_STACK)."""
     if order.volume < 1:
         raise PreflightError("volume", f"must be at least 1, got {order.volume}")
     tag = tag_to_int(order.tag)
@@ -136,7 +154,17 @@ def check_terms(order: WorkerpoolOrder) -> None:
         raise PreflightError(
             "tag",
             f"{order.tag} ({names}) is not a tag this pool sells; use standard (0x0…00), "
-            "tee,scone (0x0…03) or tee,gramine (0x0…05)",
+            "gpu (0x0…0100), or tee,scone / tee,gramine / tee,tdx (0x0…03 / 0x0…05 / 0x0…09) "
+            "for a framework of WORKERPOOL_TEE_STACK",
+        )
+    framework = tee_framework(tag) if tag & TEE_BIT else None
+    if framework is not None and framework not in tee_stack:
+        stack = ", ".join(tee_stack) if tee_stack else "empty"
+        raise PreflightError(
+            "tag",
+            f"{ALLOWED_TAGS[tag]} is a TEE tag, and this pool runs no {framework} enclave "
+            f"(WORKERPOOL_TEE_STACK is {stack}): a deal bought with it could not run on its "
+            "nodes, so it is not sold",
         )
     if tag & TEE_BIT and order.trust != 1:
         raise PreflightError(
@@ -145,6 +173,23 @@ def check_terms(order: WorkerpoolOrder) -> None:
     for name in ("workerpoolprice", "volume", "category", "trust"):
         if getattr(order, name) > MONGO_INT_MAX:
             raise PreflightError(name, f"{getattr(order, name)} is too large (max 2^63-1)")
+
+
+def check_fleet(order: WorkerpoolOrder, live_nodes: Callable[[str], int]) -> None:
+    """A GPU or TEE order is sold only while live worker nodes serve its queue:
+    ``live_nodes(capability)`` counts them (a standard order needs none: the pool's own
+    nodes may start after it is published)."""
+    queue = queue_for_tag(order.tag)
+    capability = QUEUE_CAPABILITY[queue]
+    if capability == "standard":
+        return
+    if live_nodes(capability) < 1:
+        raise PreflightError(
+            "tag",
+            f"{tag_label(order.tag)}: no live worker node serves {capability} tasks (a node "
+            f"with {capability} in WORKERPOOL_WORKER_CAPABILITIES): a deal bought now would "
+            "wait for one",
+        )
 
 
 @dataclass(frozen=True)
@@ -179,13 +224,14 @@ def check_order(
     *,
     signer: str | None = None,
     signed: bool = True,
+    tee_stack: tuple[str, ...] = (),
 ) -> CheckedOrder:
     """Every check PoCo would otherwise make at matchOrders time, with a clear message.
 
     ``signer`` is the wallet about to sign (``order sign``): it must own the workerpool.
     With ``signed``, the signature must verify on chain (``verifySignature``) for the owner.
     """
-    check_terms(order)
+    check_terms(order, tee_stack)
     count = client.count_category()
     if order.category >= count:
         raise PreflightError(

@@ -7,7 +7,13 @@ Why it looks like this:
 * transactions are signed locally; one :class:`NonceManager` per (node, account) is shared by
   every :class:`Wallet` of that account in the process, and the nonce is taken and the raw
   transaction sent under one lock, so concurrent senders never clash and a failed send never
-  leaves a gap;
+  leaves a gap. Several processes sending with one account share their next nonce through a
+  :class:`SharedNonces` given to the client (a lock and a counter held outside this layer, in
+  Redis for the scheduler): the lock is taken around taking the nonce and sending;
+* a node refusing a transaction is answered, not raised: a nonce it says is used (too low,
+  a pending transaction holds it: "replacement transaction underpriced") is taken again from
+  the node, fees below its base fee are read again, anything else becomes a retryable
+  :class:`~poco.errors.TransactionRejected` (the tick or the message retries it);
 * gas is estimated before a nonce is taken: a call that would revert raises
   :class:`~poco.errors.TransactionReverted` with PoCo's reason, or (Poco2 reverts carry none)
   with a diagnosis read from ``viewTask``/``viewContribution`` (:mod:`poco.diagnose`);
@@ -30,20 +36,34 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import requests
 from eth_account import Account as EthAccount
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from web3 import Web3
-from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.exceptions import (
+    BlockNotFound,
+    ContractLogicError,
+    TransactionNotFound,
+    Web3RPCError,
+)
 from web3.providers.rpc import HTTPProvider
 from web3.types import RPCEndpoint
 
 from poco.abi import load_abi, native_proxy_abi, proxy_abi
-from poco.errors import PermanentError, TransactionReverted, TransactionTimeout, TransportError
+from poco.errors import (
+    InsufficientFunds,
+    PermanentError,
+    PocoError,
+    TransactionRejected,
+    TransactionReverted,
+    TransactionTimeout,
+    TransportError,
+)
 from poco.orders import Domain
 from poco.types import Account, Category, ChainTaskStatus, Contribution, Deal, Task
 
@@ -95,6 +115,38 @@ class NonceManager:
         if mined_below is not None:
             for old in [n for n in self.signed if n < mined_below]:
                 del self.signed[old]
+
+
+class SharedNonces(Protocol):
+    """The next nonce of one account when several processes send with it. :meth:`hold` is
+    exclusive across those processes while a nonce is taken and its transaction sent;
+    :meth:`load` is None until the first is stored. Implemented outside the protocol layer
+    (``pool.nonces``: Redis) and given to :class:`ChainClient` as a factory."""
+
+    def hold(self) -> AbstractContextManager[object]: ...
+
+    def load(self) -> int | None: ...
+
+    def store(self, next_nonce: int) -> None: ...
+
+
+# (chain id, address) -> the shared nonce of that account
+SharedNoncesFactory = Callable[[int, str], SharedNonces]
+
+# what a node answers when the nonce is not free (used, or held by a pending transaction)
+NONCE_TAKEN = ("nonce too low", "nonce too high", "replacement transaction underpriced")
+# what it answers when the fees are below what it takes now
+FEES_TOO_LOW = (
+    "max fee per gas less than block base fee",
+    "fee cap less than block base fee",
+    "transaction underpriced",
+    "gas price too low",
+)
+SEND_ATTEMPTS = 5
+
+
+def _refusal(exc: Exception) -> str:
+    return str(getattr(exc, "message", None) or exc).lower()
 
 
 _NONCE_MANAGERS: dict[tuple[str, str], NonceManager] = {}
@@ -168,6 +220,11 @@ class _Immutable:
                     self._values.popitem(last=False)
         return value
 
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key``: what was true may have been undone (a chain reorganisation)."""
+        with self._lock:
+            self._values.pop(key, None)
+
 
 class ChainClient:
     """Reads and log queries against one PoCo deployment. Build wallets with :meth:`wallet`."""
@@ -187,8 +244,10 @@ class ChainClient:
         replace_after: float = 30.0,
         fee_bump: float = 1.25,
         max_fee: int = 0,
+        shared_nonces: SharedNoncesFactory | None = None,
     ) -> None:
         self.rpc_url = rpc_url
+        self.shared_nonces = shared_nonces
         provider = _CountingProvider(
             rpc_url,
             request_kwargs={"timeout": request_timeout},
@@ -224,6 +283,8 @@ class ChainClient:
         self._latest: tuple[float, int] | None = None  # (monotonic read time, block timestamp)
         self.rpc_calls = 0
         self.transactions: Counter[str] = Counter()  # sent (replacements too), by function
+        # sends the node refused, by reason (nonce taken, fees too low, other)
+        self.refusals: Counter[str] = Counter()
         self._tx_lock = threading.Lock()
 
     # ---- transport ----------------------------------------------------------------------
@@ -259,6 +320,15 @@ class ChainClient:
         with self._tx_lock:
             self.transactions[name] += 1
 
+    def _count_refusal(self, kind: str) -> None:
+        with self._tx_lock:
+            self.refusals[kind] += 1
+
+    def forget_fees(self) -> None:
+        """Read the fees again at the next transaction (the node found them too low)."""
+        with self._fees_lock:
+            self._fees = None
+
     def contract(self, name: str, address: str) -> Any:
         return self.eth.contract(
             address=to_checksum_address(address), abi=load_abi(name), decode_tuples=True
@@ -273,6 +343,18 @@ class ChainClient:
 
     def block_number(self) -> int:
         return self.rpc("block_number", lambda: int(self.eth.block_number))
+
+    def block_hash(self, block: int) -> str | None:
+        """The hash of block ``block`` on the node's canonical chain (None: no such block)."""
+
+        def read() -> str | None:
+            try:
+                found = self.eth.get_block(block)
+            except BlockNotFound:
+                return None
+            return "0x" + bytes(found["hash"]).hex()
+
+        return self.rpc("get_block", read)
 
     def block_timestamp(self, block: int | str = "latest", max_age: float = 0.0) -> int:
         """The timestamp of ``block``. With ``max_age``, the latest block's timestamp may be
@@ -300,14 +382,18 @@ class ChainClient:
         return self._domain
 
     # ---- reads ------------------------------------------------------------------------------
-    def view_deal(self, dealid: str) -> Deal:
-        """The deal; read once per process once it exists (matchOrders sets every field)."""
+    def view_deal(self, dealid: str, *, fresh: bool = False) -> Deal:
+        """The deal; read once per process once it exists (matchOrders sets every field).
+        ``fresh`` reads it again: a chain reorganisation may have removed or moved it."""
 
         def read() -> Deal:
             raw = self.rpc("viewDeal", lambda: self.hub.functions.viewDeal(_hex32(dealid)).call())
             return Deal.from_chain(dealid, raw)
 
-        return self._immutable.get(("deal", dealid.lower()), read, lambda d: d.exists)
+        key = ("deal", dealid.lower())
+        if fresh:
+            self._immutable.forget(key)
+        return self._immutable.get(key, read, lambda d: d.exists)
 
     def view_task(self, taskid: str) -> Task:
         raw = self.rpc("viewTask", lambda: self.hub.functions.viewTask(_hex32(taskid)).call())
@@ -525,6 +611,7 @@ class Wallet:
         self.address: str = account.address
         self.nonces = nonce_manager_for(client.rpc_url, account.address)
         self.gas_price_multiplier = 1.0
+        self._shared: SharedNonces | None = None
 
     def __repr__(self) -> str:  # never show the key
         return f"Wallet({self.address})"
@@ -534,6 +621,15 @@ class Wallet:
 
     def _resync(self) -> int:
         return self._count("pending")
+
+    def shared_nonces(self) -> SharedNonces | None:
+        """The nonce this account shares with other processes (None: this process only)."""
+        factory = self.client.shared_nonces
+        if factory is None:
+            return None
+        if self._shared is None:
+            self._shared = factory(self.client.chain_id, self.address)
+        return self._shared
 
     def _count(self, block: str) -> int:
         return self.client.rpc(
@@ -575,6 +671,12 @@ class Wallet:
                 raise TransactionReverted(
                     name, _revert_reason(exc), diagnose() if diagnose else ""
                 ) from exc
+            except Web3RPCError as exc:
+                if "revert" in _refusal(exc):  # a revert the node words its own way
+                    raise TransactionReverted(
+                        name, str(exc), diagnose() if diagnose else ""
+                    ) from exc
+                raise _rejected(name, self.address, exc) from exc
             # the margin covers state that changes between estimate and mining (another
             # contribution landing first makes ours the one that reaches consensus)
             gas = max(int(estimate * 1.25) + 20_000, min_gas)
@@ -595,30 +697,15 @@ class Wallet:
                 return self.account.sign_transaction(fields)
             return self.account.sign_transaction(fn.build_transaction(fields))
 
-        with self.nonces.lock:
+        shared = self.shared_nonces()
+        with self.nonces.lock, shared.hold() if shared is not None else nullcontext():
+            if shared is not None:  # another process may have sent since: its count wins
+                self.nonces.next_nonce = shared.load()
             if self.nonces.next_nonce is None:
                 self.nonces.next_nonce = self._resync()
-            for _ in range(3):
-                nonce = self.nonces.next_nonce
-                signed = sign(nonce, fees)
-                try:
-                    tx_hash = self._send_raw(signed.raw_transaction, name)
-                except Web3RPCError as exc:
-                    text = str(exc).lower()
-                    if "nonce too low" in text or "nonce too high" in text:
-                        if self._known(signed.hash):
-                            # an earlier attempt of this very transaction got through
-                            tx_hash = "0x" + bytes(signed.hash).hex()
-                            self.nonces.next_nonce = nonce + 1
-                            break
-                        log.warning("%s: %s; resyncing nonce", self.address, exc)
-                        self.nonces.next_nonce = self._resync()
-                        continue
-                    raise
-                self.nonces.next_nonce = nonce + 1
-                break
-            else:
-                raise TransportError(f"{name}: could not find a free nonce for {self.address}")
+            nonce, signed, tx_hash, fees = self._send_next(name, sign, fees)
+            if shared is not None:
+                shared.store(nonce + 1)
             self.nonces.remember(nonce, bytes(signed.raw_transaction))
         log.debug("%s sent %s nonce=%d tx=%s", self.address, name, nonce, tx_hash)
         if not wait:
@@ -632,6 +719,58 @@ class Wallet:
             )
             raise TransactionReverted(name, why, diagnose() if diagnose else "", receipt.tx_hash)
         return receipt
+
+    def _send_next(
+        self, name: str, sign: Callable[[int, dict[str, int]], Any], fees: dict[str, int]
+    ) -> tuple[int, Any, str, dict[str, int]]:
+        """Sign with the next nonce and send (the caller holds the nonce locks); returns the
+        nonce, the signed transaction, its hash and the fees it carries. A nonce the node says
+        is taken is read again from the node, fees below what it takes now are read again and
+        raised; any other refusal is raised as :class:`TransactionRejected` (or
+        :class:`InsufficientFunds`)."""
+        last: Exception | None = None
+        for _ in range(SEND_ATTEMPTS):
+            nonce = self.nonces.next_nonce
+            assert nonce is not None, "nonce not synced"
+            signed = sign(nonce, fees)
+            try:
+                tx_hash = self._send_raw(signed.raw_transaction, name)
+            except Web3RPCError as exc:
+                last = exc
+                text = _refusal(exc)
+                if any(reason in text for reason in NONCE_TAKEN):
+                    if not self._known(signed.hash):
+                        self.client._count_refusal("nonce")
+                        log.warning(
+                            "%s: %s with nonce %d refused (%s); taking the next free one",
+                            self.address,
+                            name,
+                            nonce,
+                            text,
+                        )
+                        # a pending transaction holds it: the next one at least, whatever a
+                        # node behind a load balancer counts
+                        floor = nonce + 1 if "underpriced" in text else 0
+                        self.nonces.next_nonce = max(self._resync(), floor)
+                        continue
+                    # an earlier attempt of this very transaction got through
+                    tx_hash = "0x" + bytes(signed.hash).hex()
+                elif any(reason in text for reason in FEES_TOO_LOW):
+                    self.client._count_refusal("fees")
+                    log.warning(
+                        "%s: %s fees refused (%s); reading them again", self.address, name, text
+                    )
+                    self.client.forget_fees()
+                    fees = _bumped(self._fees(), self.client.fee_bump, self.client.max_fee)
+                    continue
+                else:
+                    self.client._count_refusal("other")
+                    raise _rejected(name, self.address, exc) from exc
+            self.nonces.next_nonce = nonce + 1
+            return nonce, signed, tx_hash, fees
+        raise TransactionRejected(
+            f"{name}: the chain node refused it {SEND_ATTEMPTS} times, last: {last}"
+        )
 
     def _known(self, tx_hash: bytes | str) -> bool:
         try:
@@ -740,7 +879,7 @@ class Wallet:
                     "%s: replacement of %s underpriced: %s", self.address, pending.name, exc
                 )
                 return
-            raise
+            raise _rejected(pending.name, self.address, exc) from exc
         log.warning(
             "%s: %s nonce %d not mined after %.0fs; replaced by %s with fees %s",
             self.address,
@@ -758,7 +897,10 @@ class Wallet:
     def _fill_gap(self, first: int, stop: int) -> None:
         """Nonces [first, stop) were never mined: send again what we signed for them, or a
         0-value transfer to ourselves where we have nothing (another sender skipped it) or
-        the node refuses it now."""
+        the node refuses it now. Nonces the node holds pending transactions for (another
+        process sharing the account sent them) are not gaps: they are left alone, so that a
+        filler never replaces someone's transaction."""
+        first = max(first, self._count("pending"))
         fees = _bumped(self.client.fees(), self.client.fee_bump, self.client.max_fee)
         for nonce in range(first, stop):
             with self.nonces.lock:
@@ -821,6 +963,13 @@ def _bumped(fees: dict[str, int], factor: float, ceiling: int) -> dict[str, int]
         if "maxPriorityFeePerGas" in out:
             out["maxPriorityFeePerGas"] = min(out["maxPriorityFeePerGas"], out["maxFeePerGas"])
     return out
+
+
+def _rejected(name: str, sender: str, exc: Exception) -> PocoError:
+    """What a node's refusal of a transaction becomes (never a bare JSON-RPC error)."""
+    if "insufficient funds" in _refusal(exc):
+        return InsufficientFunds(f"{name}: {sender} cannot pay for the gas: {exc}")
+    return TransactionRejected(f"{name}: the chain node refused the transaction of {sender}: {exc}")
 
 
 def _revert_reason(exc: ContractLogicError) -> str:

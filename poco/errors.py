@@ -59,6 +59,12 @@ class TransactionReverted(PermanentError):
         super().__init__("; ".join(parts))
 
 
+class TransactionRejected(RetryableError):
+    """The chain node refused to take a transaction (JSON-RPC error at estimate or send, other
+    than a revert): a nonce or fee it does not accept, a rate limit, a node out of sync. Kept
+    retryable: the next tick, or the next attempt of a message, sends it again."""
+
+
 class InsufficientFunds(PermanentError):
     """A wallet or a PoCo account holds less than an operation needs (gas, RLC, stake); the
     message says what is missing and how much. Raised before anything is sent."""

@@ -90,3 +90,18 @@ def has_bits(tag: str | bytes | int, required: str | bytes | int) -> bool:
 
 def is_tee(tag: str | bytes | int) -> bool:
     return bool(tag_to_int(tag) & 1)
+
+
+# a TEE tag's low nibble names its framework (tee + one of scone, gramine, tdx), as the iExec
+# worker and scheduler read it; any other TEE nibble names none
+TEE_FRAMEWORK_BITS: dict[str, int] = {"scone": 0x3, "gramine": 0x5, "tdx": 0x9}
+
+
+def tee_framework(tag: str | bytes | int) -> str | None:
+    """The TEE framework a tag asks for (scone, gramine, tdx), or None (standard, or a TEE
+    bit with no single framework)."""
+    nibble = tag_to_int(tag) & 0xF
+    for name, bits in TEE_FRAMEWORK_BITS.items():
+        if nibble == bits:
+            return name
+    return None

@@ -10,7 +10,14 @@
 * ``workerpool:worker-index:<i>`` — the lease of mnemonic derivation index ``i``;
 * ``workerpool:msg-nonce:<address>:<nonce>`` — the nonce of a worker's signed message the
   scheduler took (a replay is refused), kept as long as the message could be accepted;
-* ``workerpool:messages-refused`` — a hash: worker messages refused, by ``message|reason``.
+* ``workerpool:messages-refused`` — a hash: worker messages refused, by ``message|reason``;
+* ``workerpool:public-config`` — what the scheduler hands its worker nodes (JSON: the chain
+  URL nodes use, IEXEC_PUBLIC_CHAIN_ADDRESS, the hub, the chain id, the result base URL),
+  written at its start and on every tick; a node without a chain URL of its own reads it at
+  start (:func:`pool.settings.with_public_config`);
+* ``workerpool:nonce:<chain id>:<address>`` and ``…:lock`` — the next transaction nonce of a
+  wallet several scheduler processes send with, and the lease held around taking it and
+  sending.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ TICK_LOCK = "workerpool:scheduler:tick"
 SEEN_PREFIX = "workerpool:node-seen:"
 ALIVE_PREFIX = "workerpool:node-alive:"
 INDEX_PREFIX = "workerpool:worker-index:"
-NONCE_PREFIX = "workerpool:msg-nonce:"
+MESSAGE_NONCE_PREFIX = "workerpool:msg-nonce:"
 MESSAGES_REFUSED = "workerpool:messages-refused"
+PUBLIC_CONFIG = "workerpool:public-config"
+TX_NONCE_PREFIX = "workerpool:nonce:"
 
 
 def node_seen(address: str) -> str:
@@ -36,4 +45,12 @@ def worker_index(index: int) -> str:
 
 
 def message_nonce(address: str, nonce: str) -> str:
-    return f"{NONCE_PREFIX}{address.lower()}:{nonce.lower()}"
+    return f"{MESSAGE_NONCE_PREFIX}{address.lower()}:{nonce.lower()}"
+
+
+def nonce(chain_id: int, address: str) -> str:
+    return f"{TX_NONCE_PREFIX}{chain_id}:{address.lower()}"
+
+
+def nonce_lock(chain_id: int, address: str) -> str:
+    return f"{nonce(chain_id, address)}:lock"

@@ -52,7 +52,7 @@ from eth_utils import is_address, keccak, to_checksum_address
 from kombu import Queue
 
 from poco.orders import ZERO_ADDRESS
-from poco.tags import tag_to_int
+from poco.tags import tag_to_int, tee_framework
 from pool import broker, keys
 from pool.settings import Settings
 from pool.states import ReplicateStatus, ReplicateStatusCause
@@ -68,6 +68,7 @@ REPLICATE_QUEUES = {
     "gpu": "replicates.gpu",
     "tee-scone": "replicates.tee-scone",
     "tee-gramine": "replicates.tee-gramine",
+    "tee-tdx": "replicates.tee-tdx",
 }
 QUEUE_CAPABILITY = {queue: name for name, queue in REPLICATE_QUEUES.items()}
 
@@ -77,16 +78,15 @@ def worker_queue(address: str) -> str:
     return f"worker.{address.lower()}"
 
 
-TEE, SCONE, GRAMINE, GPU = 1 << 0, 1 << 1, 1 << 2, 1 << 8
+TEE, GPU = 1 << 0, 1 << 8
 
 
 def queue_for_tag(tag: str | bytes | int) -> str:
-    """The replicate queue a deal's tag selects (TEE framework first, then GPU)."""
+    """The replicate queue a deal's tag selects (its TEE framework first, then GPU)."""
     value = tag_to_int(tag)
-    if value & TEE and value & SCONE:
-        return REPLICATE_QUEUES["tee-scone"]
-    if value & TEE and value & GRAMINE:
-        return REPLICATE_QUEUES["tee-gramine"]
+    framework = tee_framework(value) if value & TEE else None
+    if framework is not None:
+        return REPLICATE_QUEUES[f"tee-{framework}"]
     if value & GPU:
         return REPLICATE_QUEUES["gpu"]
     return REPLICATE_QUEUES["standard"]

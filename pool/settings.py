@@ -9,6 +9,7 @@ stops start-up with a :class:`SettingsError` that names the variable.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -104,6 +105,53 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _opt_url(value: str) -> str:
+    return _url(value) if value.strip() else ""
+
+
+def _opt_pos_int(value: str) -> int | None:
+    return _pos_int(value) if value.strip() else None
+
+
+def _opt_nonneg_int(value: str) -> int | None:
+    return _nonneg_int(value) if value.strip() else None
+
+
+# TEE frameworks a pool may run (the tag's low nibble names one: tee+scone, tee+gramine, tee+tdx)
+TEE_STACKS = ("scone", "gramine", "tdx")
+
+
+def _tee_stack(value: str) -> tuple[str, ...]:
+    names = _str_list(value.lower())
+    unknown = [name for name in names if name not in TEE_STACKS]
+    if unknown:
+        raise ValueError(
+            f"unknown TEE framework {', '.join(unknown)}; known: {', '.join(TEE_STACKS)}"
+        )
+    return names
+
+
+# Blocks the listener waits by default, by chain id: deals are read only once that many blocks
+# are built on theirs (a reorganisation deeper than the re-read window is not followed).
+# Arbitrum's blocks come every ~0.25 s from one sequencer, Ethereum's every 12 s; a local
+# devnet has one node and never reorganises.
+CONFIRMATIONS_BY_CHAIN: dict[int, int] = {
+    42161: 20,  # Arbitrum One
+    421614: 20,  # Arbitrum Sepolia
+    1: 12,  # Ethereum
+    11155111: 12,  # Sepolia
+    31337: 0,  # anvil / hardhat devnet
+    1337: 0,  # geth --dev, ganache
+    65535: 0,  # iExec's local poco-chain
+}
+DEFAULT_CONFIRMATIONS = 12
+CONFIRMATIONS_SHOWN = (
+    ("Arbitrum One and Arbitrum Sepolia", 20),
+    ("Ethereum and Sepolia", 12),
+    ("a local devnet (31337, 1337, 65535)", 0),
+)
+
+
 @dataclass(frozen=True)
 class ChainPreset:
     """A network iExec runs on: what ``IEXEC_CHAIN`` fills in (the iExec SDK 9's values)."""
@@ -178,7 +226,16 @@ SETTINGS: dict[str, Spec] = {
         "IEXEC_PRIVATE_CHAIN_ADDRESS",
         _url,
         None,
-        "JSON-RPC URL of the chain node (iexec-core's name).",
+        "JSON-RPC URL of the chain node (iexec-core's name). A worker node without one uses "
+        "the IEXEC_PUBLIC_CHAIN_ADDRESS its scheduler publishes.",
+    ),
+    "public_chain_url": Spec(
+        "IEXEC_PUBLIC_CHAIN_ADDRESS",
+        _opt_url,
+        "",
+        "JSON-RPC URL worker nodes use (iexec-core's name): the scheduler publishes it in Redis "
+        "with the hub and chain id, and a node that has no IEXEC_PRIVATE_CHAIN_ADDRESS of its "
+        "own uses it (after checking the chain id). Empty: every node needs its own.",
     ),
     "hub_address": Spec(
         "IEXEC_HUB_ADDRESS",
@@ -207,9 +264,20 @@ SETTINGS: dict[str, Spec] = {
     ),
     "confirmations": Spec(
         "WORKERPOOL_CONFIRMATIONS",
+        _opt_nonneg_int,
+        "",
+        "Blocks to wait before reading a block's deals (head - confirmations). Empty: by chain "
+        "id, "
+        + ", ".join(f"{n} on {name}" for name, n in CONFIRMATIONS_SHOWN)
+        + f", {DEFAULT_CONFIRMATIONS} on any other chain.",
+    ),
+    "reorg_window": Spec(
+        "WORKERPOOL_REORG_WINDOW",
         _nonneg_int,
-        "0",
-        "Blocks to wait before reading a block's deals (head - confirmations).",
+        "64",
+        "Blocks below its cursor the chain listener reads again on every poll, so that a deal "
+        "a chain reorganisation moved to another block (or brought in) is seen; deals already "
+        "stored are not stored twice.",
     ),
     "log_range": Spec(
         "WORKERPOOL_LOG_RANGE", _pos_int, "2000", "Largest block range of one eth_getLogs query."
@@ -328,9 +396,27 @@ SETTINGS: dict[str, Spec] = {
     "tag_bits": Spec(
         "WORKERPOOL_TAG_BITS",
         _str_list,
-        "tee,scone,gramine,gpu",
+        "",
         "Tag bits the pool can serve (names: tee, scone, gramine, tdx, gpu). A deal needing "
-        "another bit is skipped.",
+        "another bit is skipped. Empty: gpu, plus tee and the frameworks of "
+        "WORKERPOOL_TEE_STACK.",
+        group="scheduler",
+    ),
+    "sms_host": Spec(
+        "IEXEC_SMS_HOST",
+        _str,
+        "",
+        "Secret Management Service of TEE tasks (iexec-core's name). Accepted and named at "
+        "start without effect: this version asks it nothing.",
+        group="scheduler",
+    ),
+    "ask_replicate_period": Spec(
+        "IEXEC_ASK_REPLICATE_PERIOD",
+        _opt_pos_int,
+        "",
+        "iexec-core's period (ms) between two requests of a worker for work. Accepted and "
+        "without effect (named at start): a worker node takes a replicate from its queue as "
+        "soon as one is planned, without polling.",
         group="scheduler",
     ),
     "contribute_and_finalize": Spec(
@@ -577,6 +663,31 @@ SETTINGS: dict[str, Spec] = {
         "result links, the task routes' links and the pool-discovery route answer with it.",
         group="results",
     ),
+    "result_repository_protocol": Spec(
+        "IEXEC_RESULT_REPOSITORY_PROTOCOL",
+        _str,
+        "http",
+        "Scheme of the result repository URL (iexec-core's name).",
+        group="results",
+    ),
+    "result_repository_host": Spec(
+        "IEXEC_RESULT_REPOSITORY_HOST",
+        _str,
+        "",
+        "Where results are served from (iexec-core's name; a host, or a URL): with "
+        "WORKERPOOL_RESULT_STORAGE=local and no WORKERPOOL_PUBLIC_URL, result links are "
+        "<protocol>://<host>:<port>/results/<taskid>.zip, and the scheduler publishes that base "
+        "to its nodes. With ipfs storage results are served by IPFS and it has no effect "
+        "(named at start).",
+        group="results",
+    ),
+    "result_repository_port": Spec(
+        "IEXEC_RESULT_REPOSITORY_PORT",
+        _opt_pos_int,
+        "",
+        "Port of that result repository (empty: the scheme's default, or the one in the URL).",
+        group="results",
+    ),
     # ---- storage and broker -------------------------------------------------------------
     "mongo_url": Spec(
         "MONGO_URL",
@@ -697,7 +808,20 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_ORDER_TAG",
         _str,
         "standard",
-        "Tag of the pool's orders: standard, tee,scone or tee,gramine (names or bytes32).",
+        "Tag of the pool's orders: standard, gpu, or a TEE tag of WORKERPOOL_TEE_STACK "
+        "(tee,scone / tee,gramine / tee,tdx); names or a bytes32.",
+        group="orders",
+    ),
+    "tee_stack": Spec(
+        "WORKERPOOL_TEE_STACK",
+        _tee_stack,
+        "",
+        "TEE frameworks the pool's worker nodes run (comma list of scone, gramine, tdx). Orders "
+        "with a TEE tag (tee,scone / tee,gramine / tee,tdx) are signed, published and "
+        "replenished only for a framework listed here, and TEE deals accepted and queued for "
+        "nodes of that framework (tee-<framework>). The worker nodes of this version run "
+        "standard and GPU tasks only: leave it empty (the default) unless nodes that run the "
+        "framework serve the pool.",
         group="orders",
     ),
     "order_category": Spec(
@@ -791,11 +915,13 @@ class Settings:
 
     chain: str = ""
     chain_rpc_url: str | None = None
+    public_chain_url: str = ""
     hub_address: str | None = None
     pool_address: str | None = None
     chain_id: int = 0
     start_block: int = 0
-    confirmations: int = 0
+    confirmations: int | None = None
+    reorg_window: int = 64
     log_range: int = 2000
     rpc_timeout: float = 10.0
     rpc_retries: int = 5
@@ -813,7 +939,10 @@ class Settings:
     listen_period: float = 0.5
     init_batch_size: int = 20
     categories: tuple[int, ...] = ()
-    tag_bits: tuple[str, ...] = ("tee", "scone", "gramine", "gpu")
+    tag_bits: tuple[str, ...] = ()
+    tee_stack: tuple[str, ...] = ()
+    sms_host: str = ""
+    ask_replicate_period: int | None = None
     contribute_and_finalize: bool = True
     reveal_timeout_period: int = 120_000
     worker_allowlist: tuple[str, ...] = ()
@@ -847,6 +976,9 @@ class Settings:
     result_storage: str = "ipfs"
     local_results_dir: str = ""
     public_url: str = ""
+    result_repository_protocol: str = "http"
+    result_repository_host: str = ""
+    result_repository_port: int | None = None
     logs_availability_days: int = 3
     mongo_url: str = ""
     mongo_host: str = "127.0.0.1"
@@ -922,6 +1054,39 @@ class Settings:
     def mongo_uri(self) -> str:
         return self.mongo_url or f"mongodb://{self.mongo_host}:{self.mongo_port}"
 
+    def confirmations_for(self, chain_id: int) -> int:
+        """WORKERPOOL_CONFIRMATIONS, or the default of chain ``chain_id`` when it is empty."""
+        if self.confirmations is not None:
+            return self.confirmations
+        return CONFIRMATIONS_BY_CHAIN.get(chain_id, DEFAULT_CONFIRMATIONS)
+
+    def served_tag_bits(self) -> tuple[str, ...]:
+        """Tag bits a deal may need (WORKERPOOL_TAG_BITS, or gpu plus the TEE stack's)."""
+        if self.tag_bits:
+            return self.tag_bits
+        return ("gpu", "tee", *self.tee_stack) if self.tee_stack else ("gpu",)
+
+    def result_base_url(self) -> str:
+        """The base of local result links: WORKERPOOL_PUBLIC_URL, else the result repository
+        (IEXEC_RESULT_REPOSITORY_*), else the API on this host."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        repository = self.result_repository()
+        return repository or f"http://{self.api_host}:{self.core_port}"
+
+    def result_repository(self) -> str:
+        """``<protocol>://<host>[:<port>]`` from IEXEC_RESULT_REPOSITORY_*; empty without a host."""
+        host = self.result_repository_host.strip().rstrip("/")
+        if not host:
+            return ""
+        base = host if "://" in host else f"{self.result_repository_protocol}://{host}"
+        authority = base.split("://", 1)[1].split("/", 1)[0]
+        if self.result_repository_port is not None and ":" not in authority:
+            scheme, rest = base.split("://", 1)
+            head, sep, path = rest.partition("/")
+            base = f"{scheme}://{head}:{self.result_repository_port}{sep}{path}"
+        return base
+
     def public(self) -> dict[str, Any]:
         """Every setting with secrets masked: safe to log or serve (a URL keeps its scheme,
         host and port only: its userinfo, path and query may hold a password or a key)."""
@@ -946,3 +1111,119 @@ def markdown_table() -> str:
         )
         lines.append(f"| `{spec.env}` | {default} | {spec.doc} |")
     return "\n".join(lines)
+
+
+# ---- what a scheduler hands its worker nodes (iexec-core's public configuration) ----------------
+def public_config(settings: Settings, chain_id: int) -> dict[str, Any]:
+    """What the scheduler publishes for its worker nodes (Redis ``keys.PUBLIC_CONFIG``): the
+    chain they use (IEXEC_PUBLIC_CHAIN_ADDRESS), the hub and chain id, and where results are
+    served from. A node takes each value only when it has none of its own."""
+    config: dict[str, Any] = {"chainId": chain_id}
+    if settings.hub_address:
+        config["hub"] = settings.hub_address
+    if settings.pool_address:
+        config["pool"] = settings.pool_address
+    if settings.public_chain_url:
+        config["chainUrl"] = settings.public_chain_url
+    base = settings.public_url.rstrip("/") or settings.result_repository()
+    if base and settings.result_storage == "local":  # IPFS results have no base URL
+        config["resultBaseUrl"] = base
+    return config
+
+
+def with_public_config(settings: Settings, config: Mapping[str, Any]) -> tuple[Settings, list[str]]:
+    """A worker node's settings completed from its scheduler's published configuration: the
+    chain URL and hub when the node has none, its chain id when IEXEC_CHAIN_ID is 0, the
+    result base when neither WORKERPOOL_PUBLIC_URL nor a result repository is set. Returns
+    the settings and what was taken (for the start-up log). A malformed value is refused."""
+    taken: list[str] = []
+    values: dict[str, Any] = {}
+
+    def parse(key: str, parser: Callable[[str], Any]) -> Any:
+        raw = config.get(key)
+        try:
+            return parser(str(raw))
+        except ValueError as exc:
+            raise SettingsError(
+                f"the scheduler's published configuration has a bad {key} {raw!r}: {exc}"
+            ) from exc
+
+    if not settings.chain_rpc_url:
+        own = settings.public_chain_url
+        if own:
+            values["chain_rpc_url"] = own
+            taken.append(f"chain {own} (this node's IEXEC_PUBLIC_CHAIN_ADDRESS)")
+        elif config.get("chainUrl"):
+            values["chain_rpc_url"] = parse("chainUrl", _url)
+            taken.append(f"chain {values['chain_rpc_url']} (IEXEC_PUBLIC_CHAIN_ADDRESS)")
+    if not settings.hub_address and config.get("hub"):
+        values["hub_address"] = parse("hub", _address)
+        taken.append(f"hub {values['hub_address']}")
+    if not settings.chain_id and config.get("chainId") is not None:
+        values["chain_id"] = parse("chainId", _nonneg_int)
+        taken.append(f"chain id {values['chain_id']}")
+    own_base = settings.public_url or settings.result_repository_host
+    if not own_base and config.get("resultBaseUrl"):
+        values["public_url"] = parse("resultBaseUrl", _url)
+        taken.append(f"result base {values['public_url']}")
+    return dataclasses.replace(settings, **values), taken
+
+
+# ---- settings accepted without effect ---------------------------------------------------------
+ASK_REPLICATE_REASON = (
+    "no effect: a worker node takes a replicate from its queue as soon as one is planned; "
+    "nodes do not poll the scheduler for work"
+)
+
+
+def without_effect(
+    settings: Settings, environ: Mapping[str, str], role: str = "scheduler"
+) -> list[tuple[str, str]]:
+    """The variables set in ``environ`` that do nothing in this pool (or in a ``role``
+    process: scheduler or worker), each with the reason, to be named once at start. iexec-core
+    names are accepted so that its compose environment runs unchanged."""
+    present = {name for name, value in environ.items() if value.strip()}
+    notes: list[tuple[str, str]] = []
+    if "IEXEC_ASK_REPLICATE_PERIOD" in present:
+        notes.append(("IEXEC_ASK_REPLICATE_PERIOD", ASK_REPLICATE_REASON))
+    if "IEXEC_SMS_HOST" in present:
+        notes.append(
+            (
+                "IEXEC_SMS_HOST",
+                "no effect: this pool runs no TEE task (WORKERPOOL_TEE_STACK is empty), and "
+                "only TEE tasks use a Secret Management Service"
+                if not settings.tee_stack
+                else "no effect in this version: the scheduler asks no Secret Management "
+                "Service for TEE enclave challenges",
+            )
+        )
+    repository = [
+        name
+        for name in (
+            "IEXEC_RESULT_REPOSITORY_HOST",
+            "IEXEC_RESULT_REPOSITORY_PORT",
+            "IEXEC_RESULT_REPOSITORY_PROTOCOL",
+        )
+        if name in present
+    ]
+    if repository and settings.result_storage != "local":
+        reason = (
+            f"no effect: results are published to IPFS (WORKERPOOL_RESULT_STORAGE="
+            f"{settings.result_storage}) and served by IPFS, not from a result repository"
+        )
+        notes += [(name, reason) for name in repository]
+    elif repository and settings.public_url:
+        reason = "no effect: WORKERPOOL_PUBLIC_URL is set, and result links use it"
+        notes += [(name, reason) for name in repository]
+    if role == "worker" and "IEXEC_PUBLIC_CHAIN_ADDRESS" in present and settings.chain_rpc_url:
+        notes.append(
+            (
+                "IEXEC_PUBLIC_CHAIN_ADDRESS",
+                "no effect on this node: it uses its own IEXEC_PRIVATE_CHAIN_ADDRESS",
+            )
+        )
+    known = {spec.env for spec in SETTINGS.values()}
+    for name in sorted(present):
+        if name.startswith("IEXEC_") and name not in known:
+            notes.append((name, "not a setting of this pool: ignored"))
+    return notes

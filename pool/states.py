@@ -16,6 +16,9 @@ from typing import Any
 class DealStatus(StrEnum):
     ACCEPTED = "ACCEPTED"  # the pool serves it: its tasks are stored
     SKIPPED = "SKIPPED"  # stored with a reason (category, tag, deadline), never run
+    # its SchedulerNotice vanished in a chain reorganisation before anything was sent for it:
+    # its tasks are deleted; it is taken again if the chain shows it again
+    REORGED = "REORGED"
 
 
 class WorkerStatus(StrEnum):

@@ -31,6 +31,7 @@ from pool.settings import Settings
 from pool.states import (
     REPLICATE_TRANSITIONS,
     TASK_TRANSITIONS,
+    DealStatus,
     InvalidTransition,
     ReplicateStatus,
     TaskStatus,
@@ -50,14 +51,23 @@ MAX_TASK_LOGS = 32
 PRIVATE_REPLICATE_FIELDS = ("logTail", "resultDigest", "enclave", "revealRequested")
 
 
+_MEMORY_CLIENTS: dict[str, Any] = {}
+
+
 def connect(settings: Settings) -> Store:
-    """Build the store named by the settings (``mongomock://`` gives an in-memory one)."""
+    """Build the store named by the settings. ``mongomock://`` gives a new in-memory one;
+    ``mongomock://<name>`` the in-memory one of that name in this process (several parts of
+    one process, e.g. a command run in-process by a test, share it)."""
     uri = settings.mongo_uri()
     client: Any
     if uri.startswith("mongomock://"):
         import mongomock_ng as mongomock
 
-        client = mongomock.MongoClient()
+        name = uri.removeprefix("mongomock://").strip("/")
+        if not name:
+            client = mongomock.MongoClient()
+        else:
+            client = _MEMORY_CLIENTS.setdefault(name, mongomock.MongoClient())
     else:
         client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, tz_aware=False)
     store = Store(client[settings.mongo_db])
@@ -88,6 +98,7 @@ class Store:
         self.replicates.create_index("status")
         self.replicates.create_index("worker")  # a worker's replicates (API, lost workers)
         self.workers.create_index("address", unique=True)
+        self.workers.create_index([("status", 1), ("capabilities", 1)])  # who serves a queue
         self.cursors.create_index("name", unique=True)
         self.task_logs.create_index("chainTaskId", unique=True)
         # MongoDB deletes a task's logs once their retention is over (purge_compute_logs does
@@ -135,6 +146,57 @@ class Store:
 
     def deal(self, dealid: str) -> dict[str, Any] | None:
         return self.deals.find_one({"chainDealId": dealid}, {"_id": 0})
+
+    def deal_location(self, dealid: str) -> dict[str, Any] | None:
+        """Status, block and block hash of a stored deal (where its SchedulerNotice was)."""
+        return self.deals.find_one(
+            {"chainDealId": dealid},
+            {"_id": 0, "chainDealId": 1, "status": 1, "blockNumber": 1, "blockHash": 1},
+        )
+
+    def drop_reorged_deal(self, dealid: str, note: str) -> bool:
+        """A deal whose SchedulerNotice a chain reorganisation removed: its tasks still
+        RECEIVED (nothing sent for them) are deleted and the deal becomes REORGED. False, and
+        nothing changed, when any of its tasks is past RECEIVED (something was sent)."""
+        received = str(TaskStatus.RECEIVED)
+        if self.tasks.find_one({"chainDealId": dealid, "status": {"$ne": received}}, {"_id": 1}):
+            return False
+        self.tasks.delete_many({"chainDealId": dealid, "status": received})
+        now = utcnow()
+        result = self.deals.update_one(
+            {"chainDealId": dealid, "status": {"$ne": str(DealStatus.REORGED)}},
+            {
+                "$set": {"status": str(DealStatus.REORGED), "updatedAt": now},
+                "$push": {"timeline": {"status": str(DealStatus.REORGED), "at": now, "note": note}},
+            },
+        )
+        return result.modified_count == 1
+
+    def revive_deal(self, deal: dict[str, Any], tasks: Iterable[dict[str, Any]]) -> bool:
+        """A REORGED deal seen again on chain (re-mined, maybe at another block): its fields
+        replaced by ``deal`` (read again from the chain) and its tasks stored again. True when
+        this call revived it (another scheduler may have done it first)."""
+        now = utcnow()
+        fields = {k: v for k, v in deal.items() if k not in ("chainDealId", "timeline")}
+        stale = {"$unset": {"skipReason": ""}} if "skipReason" not in fields else {}
+        result = self.deals.update_one(
+            {"chainDealId": deal["chainDealId"], "status": str(DealStatus.REORGED)},
+            {
+                **stale,
+                "$set": {**fields, "updatedAt": now},
+                "$push": {
+                    "timeline": {
+                        "status": deal["status"],
+                        "at": now,
+                        "note": f"seen again at block {deal['blockNumber']}",
+                    }
+                },
+            },
+        )
+        if result.modified_count != 1:
+            return False
+        self.save_deal(deal, tasks)  # the deal exists: only its tasks are inserted
+        return True
 
     def task(self, taskid: str) -> dict[str, Any] | None:
         return self.tasks.find_one({"chainTaskId": taskid}, {"_id": 0})
@@ -534,6 +596,18 @@ class Store:
         return int(
             self.workers.count_documents(
                 {"status": str(WorkerStatus.ALIVE), "capabilities": capability}
+            )
+        )
+
+    def count_live(self, capability: str, seen_since: dt.datetime) -> int:
+        """ALIVE workers heard from since ``seen_since`` that serve ``capability``."""
+        return int(
+            self.workers.count_documents(
+                {
+                    "status": str(WorkerStatus.ALIVE),
+                    "capabilities": capability,
+                    "lastSeen": {"$gte": seen_since},
+                }
             )
         )
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from eth_account import Account
 
 from poco.chain import ChainClient
 from poco.errors import NetworkMismatch
+from pool.nonces import redis_nonces
 from pool.settings import CHAINS, Settings, SettingsError
 
 GWEI = 10**9
 
 
-def chain_client(settings: Settings) -> ChainClient:
-    """The chain client every service builds from the chain settings."""
+def chain_client(settings: Settings, redis: Any = None) -> ChainClient:
+    """The chain client every service builds from the chain settings. With ``redis``, the
+    nonces of its wallets are shared in Redis with every other process sending with them
+    (the scheduler's processes: :mod:`pool.nonces`)."""
     settings.require("chain_rpc_url", "hub_address")
     return ChainClient(
         str(settings.chain_rpc_url),
@@ -29,6 +33,7 @@ def chain_client(settings: Settings) -> ChainClient:
         replace_after=settings.tx_replace_after,
         fee_bump=settings.tx_fee_bump,
         max_fee=int(settings.max_fee_gwei * GWEI),
+        shared_nonces=redis_nonces(redis) if redis is not None else None,
     )
 
 
@@ -66,10 +71,10 @@ def check_chain(settings: Settings, client: ChainClient) -> None:
         )
 
 
-def checked_chain_client(settings: Settings) -> ChainClient:
-    """:func:`chain_client`, checked against the node (:func:`check_chain`): what every
-    service builds at start-up."""
-    client = chain_client(settings)
+def checked_chain_client(settings: Settings, redis: Any = None) -> ChainClient:
+    """:func:`chain_client` (nonces shared in ``redis`` when given), checked against the node
+    (:func:`check_chain`): what every service builds at start-up."""
+    client = chain_client(settings, redis)
     check_chain(settings, client)
     return client
 

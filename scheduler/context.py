@@ -74,6 +74,11 @@ class SchedulerContext:
         """The nonces of the worker messages taken (replays are refused)."""
         return Nonces(self.redis)
 
+    @property
+    def confirmations(self) -> int:
+        """Blocks the listener waits: WORKERPOOL_CONFIRMATIONS, or the chain's default."""
+        return self.settings.confirmations_for(self.client.chain_id)
+
 
 @dataclass
 class TickReport:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from poco.consensus import replicates_needed
 from poco.proofs import task_id
-from poco.tags import TAG_BITS, decode_tag, tag_to_int
+from poco.tags import TAG_BITS, decode_tag, is_tee, tag_to_int, tee_framework
 from poco.types import Category, Deal
 from pool.messages import queue_for_tag
 from pool.states import DealStatus, TaskStatus
@@ -29,7 +30,7 @@ class DealListener:
         self.cursor_name = f"SchedulerNotice:{ctx.pool.lower()}"
         self._categories: dict[int, Category] = {}
         supported = 0
-        for name in ctx.settings.tag_bits:
+        for name in ctx.settings.served_tag_bits():
             supported |= 1 << TAG_BITS[name]
         self.supported_tag_bits = supported
 
@@ -39,13 +40,17 @@ class DealListener:
         return self.ctx.settings.start_block if cursor is None else cursor + 1
 
     def listen(self, report: TickReport, head: int | None = None) -> None:
-        """Read SchedulerNotice logs for our pool from the cursor up to head - confirmations
-        (``head``: that block, when the caller has just read it)."""
+        """Read SchedulerNotice logs for our pool up to head - confirmations (``head``: that
+        block, when the caller has just read it), from WORKERPOOL_REORG_WINDOW blocks below
+        the cursor: a chain reorganisation may have replaced blocks already read, with a deal
+        in another block or a new one. A deal already stored is not stored again."""
         settings = self.ctx.settings
         start = self.next_block()
         if head is None:
-            head = self.client.block_number() - settings.confirmations
+            head = self.client.block_number() - self.ctx.confirmations
         report.head = head
+        if start > settings.start_block:  # blocks were read before: read the last ones again
+            start = max(settings.start_block, start - settings.reorg_window)
         if head < start:
             return
         step = settings.log_range
@@ -60,9 +65,29 @@ class DealListener:
             self.store.advance_cursor(self.cursor_name, hi)
 
     def accept_deal(self, dealid: str, entry: Any, report: TickReport) -> None:
-        if self.store.deal(dealid) is not None:
-            return  # stored by an earlier (maybe interrupted) poll or another scheduler
-        deal = self.client.view_deal(dealid)
+        stored = self.store.deal_location(dealid)
+        if stored is not None:
+            known = stored.get("blockHash")
+            same = known is None or known == _block_hash(entry)
+            if same and stored["status"] != DealStatus.REORGED:
+                return  # stored by an earlier (maybe interrupted) poll or another scheduler
+            # its notice is in another block now (a reorganisation moved it), or back after
+            # one removed it
+            self._seen_again(dealid, stored, entry, report)
+            return
+        doc, tasks, reason = self._read(dealid, entry, fresh=False)
+        if self.store.save_deal(doc, tasks):
+            if reason:
+                report.deals_skipped += 1
+            else:
+                report.deals_new += 1
+                log.info("deal %s stored with %d task(s)", dealid, len(tasks))
+
+    def _read(
+        self, dealid: str, entry: Any, *, fresh: bool
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+        """The deal's document and tasks from the chain, or its skip reason."""
+        deal = self.client.view_deal(dealid, fresh=fresh)
         category = self._category(deal.category)
         reason = self._skip_reason(deal, category)
         doc = _deal_doc(deal, category, entry)
@@ -73,12 +98,73 @@ class DealListener:
         else:
             doc["status"] = str(DealStatus.ACCEPTED)
             tasks = _task_docs(deal, category, doc["queue"])
-        if self.store.save_deal(doc, tasks):
+        return doc, tasks, reason
+
+    def _seen_again(
+        self, dealid: str, stored: dict[str, Any], entry: Any, report: TickReport
+    ) -> None:
+        """The deal's notice is at another block than the one stored: read the deal again
+        (a re-mined deal starts at its new block's time) and store it with its tasks, unless
+        something was already sent for it."""
+        block = int(entry["blockNumber"])
+        if stored["status"] != DealStatus.REORGED:
+            note = f"moved by a chain reorganisation from block {stored.get('blockNumber')}"
+            if not self.store.drop_reorged_deal(dealid, note):
+                log.warning(
+                    "deal %s moved from block %s to %d by a chain reorganisation after tasks "
+                    "were initialized: the chain decides what happens to them",
+                    dealid,
+                    stored.get("blockNumber"),
+                    block,
+                )
+                return
+        if not self.client.view_deal(dealid, fresh=True).exists:
+            return  # the node answers from another fork: look again next poll
+        doc, tasks, reason = self._read(dealid, entry, fresh=False)
+        if self.store.revive_deal(doc, tasks):
+            log.info(
+                "deal %s seen again at block %d: stored with %d task(s)", dealid, block, len(tasks)
+            )
             if reason:
                 report.deals_skipped += 1
             else:
                 report.deals_new += 1
-                log.info("deal %s stored with %d task(s)", dealid, len(tasks))
+
+    def drop_vanished(self, dealids: Iterable[str]) -> set[str]:
+        """Before anything is sent for these deals: those whose SchedulerNotice block is no
+        longer on the chain, and which the chain no longer has, are dropped (REORGED, their
+        tasks deleted); those the chain has at another block wait until the listener sees
+        them there. Returns the deals not to initialize now."""
+        hold: set[str] = set()
+        hashes: dict[int, str | None] = {}
+        for dealid in dealids:
+            stored = self.store.deal_location(dealid)
+            if stored is None or stored.get("blockHash") is None:
+                continue
+            block = int(stored["blockNumber"])
+            if block not in hashes:
+                hashes[block] = self.client.block_hash(block)
+            if hashes[block] == stored["blockHash"]:
+                continue
+            hold.add(dealid)
+            if self.client.view_deal(dealid, fresh=True).exists:
+                log.info(
+                    "deal %s is no longer at block %d (chain reorganisation): waiting to see it "
+                    "at its new block",
+                    dealid,
+                    block,
+                )
+                continue
+            if self.store.drop_reorged_deal(
+                dealid, f"block {block} left the chain and the deal with it (reorganisation)"
+            ):
+                log.warning(
+                    "deal %s vanished in a chain reorganisation (block %d): dropped, nothing "
+                    "was sent for it",
+                    dealid,
+                    block,
+                )
+        return hold
 
     def _category(self, category: int) -> Category:
         if category not in self._categories:
@@ -93,11 +179,17 @@ class DealListener:
         unsupported = tag_to_int(deal.tag) & ~self.supported_tag_bits
         if unsupported:
             return f"tag needs {', '.join(decode_tag(unsupported))}, which this pool does not serve"
+        if is_tee(deal.tag) and tee_framework(deal.tag) is None:
+            return "tag has the TEE bit without exactly one framework (scone, gramine or tdx)"
         final_deadline = deal.start_time + FINAL_DEADLINE_RATIO * category.work_clock_time_ref
         now = self.client.block_timestamp()
         if final_deadline <= now:
             return f"final deadline {final_deadline} already passed (chain time {now})"
         return ""
+
+
+def _block_hash(entry: Any) -> str:
+    return "0x" + bytes(entry["blockHash"]).hex()
 
 
 def _deal_doc(deal: Deal, category: Category, entry: Any) -> dict[str, Any]:
@@ -124,6 +216,7 @@ def _deal_doc(deal: Deal, category: Category, entry: Any) -> dict[str, Any]:
         "workerStake": deal.worker_stake,
         "queue": queue_for_tag(deal.tag),
         "blockNumber": int(entry["blockNumber"]),
+        "blockHash": _block_hash(entry),
         "txHash": "0x" + bytes(entry["transactionHash"]).hex(),
         "seenAt": time.time(),
     }

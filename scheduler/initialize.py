@@ -1,5 +1,7 @@
 """Initialization: pending tasks initialized on chain in batches (initializeArray), earliest
-deadline first; a batch that reverts is split to find the task that cannot be."""
+deadline first; a batch that reverts is split to find the task that cannot be. Before any
+batch, the deals are checked to still be where the listener saw them (a chain reorganisation
+may have removed them)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from poco.types import ChainTaskStatus
 from pool.redact import redact_urls
 from pool.states import TaskStatus
 from scheduler.context import SchedulerContext, TickReport
+from scheduler.deals import DealListener
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +22,11 @@ T = TaskStatus
 
 
 class Initializer:
-    def __init__(self, ctx: SchedulerContext) -> None:
+    def __init__(self, ctx: SchedulerContext, deals: DealListener) -> None:
         self.ctx = ctx
         self.store = ctx.store
         self.client = ctx.client
+        self.deals = deals
 
     def initialize(self, report: TickReport) -> None:
         """Initialize pending tasks on chain in batches, earliest deadline first."""
@@ -33,6 +37,11 @@ class Initializer:
         # read the backlog once (earliest deadline first) and batch it here: re-querying it
         # per batch made initialization quadratic in the backlog (ops/bench, 10,000 tasks)
         pending = self.store.tasks_in([T.RECEIVED], fields=("chainTaskId", "chainDealId", "index"))
+        # nothing is sent for a deal a chain reorganisation removed (or moved: it waits until
+        # the listener sees it at its new block)
+        hold = self.deals.drop_vanished(dict.fromkeys(t["chainDealId"] for t in pending))
+        if hold:
+            pending = [t for t in pending if t["chainDealId"] not in hold]
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             for task in batch:

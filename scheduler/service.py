@@ -22,6 +22,7 @@ next one and two schedulers on one store duplicate nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ from poco.funds import gas_check
 from pool import broker, keys
 from pool.leases import Lease
 from pool.messages import Messenger
-from pool.settings import Settings
+from pool.settings import Settings, public_config
 from pool.store import connect
 from pool.wallets import checked_chain_client, scheduler_key
 from scheduler.authorization import Authorizer
@@ -65,7 +66,7 @@ class Scheduler:
         self.settings = ctx.settings
         self.store = ctx.store
         self.deals = DealListener(ctx)
-        self.initializer = Initializer(ctx)
+        self.initializer = Initializer(ctx, self.deals)
         self.planner = Planner(ctx)
         self.fleet = Fleet(ctx, self.planner)
         self.finalizer = Finalizer(ctx, self.fleet)
@@ -83,6 +84,7 @@ class Scheduler:
         with the chain, requeue lost jobs, replenish the orderbook. When a fast listen holds
         the lock, it waits for it a little rather than skip a whole period."""
         report = TickReport()
+        self.publish_public_config()
         wait = min(self.settings.poll_period, 5.0) if self.settings.listen_period else 0.0
         with self._exclusive(wait) as renew:
             if renew is None:
@@ -99,13 +101,26 @@ class Scheduler:
             self._run_steps(steps, report, renew)
         return report
 
+    def publish_public_config(self) -> None:
+        """Hand the worker nodes what they may lack (iexec-core's public configuration): the
+        chain they use (IEXEC_PUBLIC_CHAIN_ADDRESS), the hub, the chain id and where results
+        are served from, in Redis (``keys.PUBLIC_CONFIG``). Written at start and on every
+        tick, so a Redis that lost its data has it again within a poll period."""
+        if self.ctx.redis is None:
+            return
+        config = public_config(self.settings, self.ctx.client.chain_id)
+        try:
+            self.ctx.redis.set(keys.PUBLIC_CONFIG, json.dumps(config, sort_keys=True))
+        except Exception as exc:  # Redis away: the tick's own steps say so too
+            log.warning("public configuration not published: %s", exc)
+
     def listen_tick(self) -> TickReport:
         """The fast schedule beside the tick (every WORKERPOOL_LISTEN_PERIOD), so that a new
         deal does not wait for the next full tick: one ``eth_blockNumber``, and only when the
         chain moved past the cursor, the tick's first steps (listen, initialize, plan). It
         shares the tick lock and never waits for it: while a tick runs, that tick listens."""
         report = TickReport()
-        head = self.ctx.client.block_number() - self.settings.confirmations
+        head = self.ctx.client.block_number() - self.ctx.confirmations
         report.head = head
         if head < self.deals.next_block():
             return report  # no new block: nothing to read
@@ -244,7 +259,9 @@ def build(settings: Settings, messages: Messenger) -> Scheduler:
     """Wire a scheduler from settings: chain client, scheduler wallet (it must own the pool),
     store and Redis; it sends its messages with ``messages`` (the process's Celery app)."""
     settings.require("chain_rpc_url", "hub_address", "pool_address")
-    client = checked_chain_client(settings)
+    # every scheduler process signs with the one wallet: its nonce is shared in Redis
+    redis = broker.redis_client(settings)
+    client = checked_chain_client(settings, redis)
     wallet = client.wallet(scheduler_key(settings))
     owner = client.workerpool_owner(str(settings.pool_address))
     if owner.lower() != wallet.address.lower():
@@ -258,9 +275,10 @@ def build(settings: Settings, messages: Messenger) -> Scheduler:
         client,
         wallet,
         messages,
-        broker.redis_client(settings),
+        redis,
     )
     scheduler = Scheduler(ctx)
+    scheduler.publish_public_config()
     for warning in funds_warnings(ctx):
         log.warning("%s", warning)
     return scheduler

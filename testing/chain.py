@@ -86,13 +86,18 @@ def contribution(
     )
 
 
+def fake_block_hash(block: int) -> str:
+    """The hash of block ``block`` on the fake chain (which never reorganises)."""
+    return "0x" + Web3.keccak(text=f"block-{block}").hex().removeprefix("0x")
+
+
 class FakeChain:
     """The ChainClient methods the scheduler calls, answered from memory; :attr:`calls`
     counts them by JSON-RPC method (``eth_blockNumber``, ``viewTask`` ...)."""
 
     def __init__(self, *, now: int | None = None, head: int = 1000, hub: str = HUB) -> None:
         self.rpc_url = "fake://chain"
-        self.chain_id = 65535
+        self.chain_id = 31337  # a devnet's: no confirmations by default
         self.hub_address = hub
         self.head = head
         self.now = int(time.time()) if now is None else now
@@ -142,6 +147,7 @@ class FakeChain:
             {
                 "args": {"workerpool": POOL, "dealid": bytes.fromhex(dealid[2:])},
                 "blockNumber": self.head,
+                "blockHash": bytes.fromhex(fake_block_hash(self.head)[2:]),
                 "logIndex": 0,
                 "transactionHash": bytes.fromhex(dealid[2:]),
             }
@@ -168,7 +174,11 @@ class FakeChain:
         self._count("eth_getLogs")
         return [e for e in self.logs if lo <= e["blockNumber"] <= hi]
 
-    def view_deal(self, dealid: str) -> Deal:
+    def block_hash(self, block: int) -> str | None:
+        self._count("eth_getBlockByNumber")
+        return fake_block_hash(block) if block <= self.head else None
+
+    def view_deal(self, dealid: str, *, fresh: bool = False) -> Deal:
         self._count("viewDeal")
         return self.deals[dealid]
 

@@ -80,5 +80,8 @@ def pool_across_hosts(
             "IEXEC_IPFS_HOST": net.core_ip,
             "IEXEC_IPFS_PORT": str(ipfs_port),
         }
-        with pool_running(devnet, redis_url, ipfs_api_url, tmp, db="hosts", **extra_env) as pool:
+        scheduler_env: dict[str, Any] = dict(extra_env)  # (Any: not pool_running's store)
+        with pool_running(
+            devnet, redis_url, ipfs_api_url, tmp, db="hosts", **scheduler_env
+        ) as pool:
             yield PoolAcrossHosts(pool, net, worker_env, group)

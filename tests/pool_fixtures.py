@@ -283,15 +283,17 @@ def pool_running(
     ipfs_api_url: str,
     tmp: Path,
     db: str = "e2e",
+    store: Store | None = None,
     **extra_env: str,
 ) -> Iterator[RunningPool]:
     """Run a pool's scheduler here until the block ends (function or module fixtures).
-    ``extra_env`` goes to the scheduler and to every worker (e.g. another chain URL)."""
+    ``extra_env`` goes to the scheduler and to every worker (e.g. another chain URL);
+    ``store`` is the scheduler's (default: a new in-memory one)."""
     env = {**pool_env(devnet, redis_url, ipfs_api_url), **extra_env}
     settings = Settings.from_env(
         {**env, "IEXEC_START_BLOCK_NUMBER": str(devnet.client.block_number() + 1)}
     )
-    store = memory_store(db)
+    store = store or memory_store(db)
     process = SchedulerProcess(devnet, settings, store, redis_url)
     scheduler = process.start()
     pool = RunningPool(devnet, scheduler, store, env, tmp, process=process)

@@ -229,10 +229,10 @@ class _ChainOutOfReach(FakeChain):
     """A chain that answers the node's first look at the deal (before the authorization),
     then no more."""
 
-    def view_deal(self, dealid: str) -> Any:
+    def view_deal(self, dealid: str, *, fresh: bool = False) -> Any:
         self.calls["viewDeal"] += 1
         if self.calls["viewDeal"] == 1:
-            return super().view_deal(dealid)
+            return super().view_deal(dealid, fresh=fresh)
         raise TransportError("viewDeal: chain node unreachable after 6 attempts")
 
 

@@ -45,6 +45,7 @@ OPS = ROOT / "ops" / "compose"
 
 CORE_SERVICES = {"mongo", "redis", "ipfs", "scheduler", "prepare", "worker", "api"}
 MONITORING_SERVICES = {"flower", "prometheus", "grafana"}
+MONGO_UI_SERVICES = {"mongo_ui"}  # iexec-core's mongo-express console, profile mongo-ui
 APP_SERVICES = ("scheduler", "worker", "api")
 ONE_SHOT = {"prepare"}
 # variables docker compose itself reads from .env
@@ -303,7 +304,8 @@ def test_compose_config_validates_with_env_example() -> None:
         require_service("docker compose", "no compose tool installed (ops/test installs one)")
     for tool in tools:  # every compose implementation present must accept the file
         config = compose_config(tool, ENV_EXAMPLE)
-        assert set(config["services"]) == CORE_SERVICES | MONITORING_SERVICES, tool
+        expected = CORE_SERVICES | MONITORING_SERVICES | MONGO_UI_SERVICES
+        assert set(config["services"]) == expected, tool
 
 
 def test_services_have_healthchecks_conditions_and_restart_policies(
@@ -318,6 +320,8 @@ def test_services_have_healthchecks_conditions_and_restart_policies(
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for name in MONITORING_SERVICES:
         assert services[name].get("profiles") == ["monitoring"], name
+    for name in MONGO_UI_SERVICES:
+        assert services[name].get("profiles") == ["mongo-ui"], name
     for name in CORE_SERVICES:
         assert not services[name].get("profiles"), name
 
@@ -340,6 +344,28 @@ def test_services_have_healthchecks_conditions_and_restart_policies(
     assert services["scheduler"]["command"] == ["-v", "scheduler"]
     assert services["worker"]["command"] == ["-v", "worker"]
     assert services["api"]["command"] == ["-v", "api"]
+
+
+def test_mongo_ui_is_local_behind_basic_auth_and_refuses_to_start_without_a_password(
+    resolved: dict[str, Any], tmp_path: Path
+) -> None:
+    ui = resolved["services"]["mongo_ui"]
+    assert ports(ui) == [("127.0.0.1", "8081", "8081", "tcp")]
+    env = ui["environment"]
+    assert env["ME_CONFIG_BASICAUTH"] == "true" and env["ME_CONFIG_BASICAUTH_USERNAME"] == "admin"
+    assert env["ME_CONFIG_MONGODB_URL"] == "mongodb://mongo:27017"
+    assert ui["depends_on"]["mongo"]["condition"] == "service_healthy"
+    # its command (run by the image's entrypoint) with .env.example's empty password: refused
+    # before the console starts; with a password it hands over to the image's entrypoint
+    command = [part.replace("$$", "$") for part in ui["command"]]  # compose's own escape
+    assert command[:2] == ["bash", "-c"]
+    refused = run(command, env={"PATH": os.environ["PATH"], "ME_CONFIG_BASICAUTH_PASSWORD": ""})
+    assert refused.returncode == 1 and "set MONGO_UI_PASSWORD in .env" in refused.stderr
+    started = run(
+        command, env={"PATH": os.environ["PATH"], "ME_CONFIG_BASICAUTH_PASSWORD": "s3cret"}
+    )
+    assert "MONGO_UI_PASSWORD" not in started.stderr
+    assert "/docker-entrypoint.sh" in started.stderr  # absent here: exec reached it
 
 
 def test_storage_broker_and_ipfs(resolved: dict[str, Any]) -> None:

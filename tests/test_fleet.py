@@ -4,18 +4,26 @@ redis-server and dockerd, worker nodes as real processes."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
-from pool_fixtures import RunningPool
+from click.testing import CliRunner
+from devnet_fixtures import DevnetHandle
+from pool_fixtures import RunningPool, pool_running
 
+from cli.main import main
 from devnet.network import FIRST_WORKER_INDEX, PUBLIC_TEST_MNEMONIC
 from devnet.requester import deal_params
+from poco.orders import WorkerpoolOrder
 from poco.proofs import result_hash
 from poco.tags import encode_tag
 from poco.types import ChainTaskStatus, ContributionStatus
+from pool.settings import Settings
+from pool.store import connect
 from workers.identity import LeaseLost, derive, lease_index
 
 pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]
@@ -200,3 +208,47 @@ def test_a_gpu_deal_waits_visibly_until_a_gpu_worker_joins(running_pool: Running
     (doc,) = pool.wait_tasks([taskid], _completed, timeout=90)
     assert pool.store.replicate(taskid, pool.worker_address(15)) is not None
     assert doc.get("waitingReason", "") == ""
+
+
+def test_a_gpu_order_signed_while_a_gpu_node_is_alive_sells_deals_only_that_node_runs(
+    devnet: DevnetHandle,
+    redis_url: str,
+    redis_client: Any,
+    ipfs_api_url: str,
+    app_images: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    settings = Settings(mongo_url="mongomock://gpu-order-e2e", mongo_db="e2e")
+    store = connect(settings)  # the scheduler's store, which `order sign` reads in-process
+    with pool_running(devnet, redis_url, ipfs_api_url, tmp_path, store=store) as pool:
+        pool.start_worker(10)  # standard only
+        pool.start_worker(11, WORKERPOOL_WORKER_CAPABILITIES="standard,gpu")
+        template, signed = tmp_path / "gpu.json", tmp_path / "gpu.signed.json"
+        env = {
+            **{k: v for k, v in pool.env.items() if k.startswith(("IEXEC_", "WORKERPOOL_"))},
+            "POOL_ADDRESS": devnet.info["workerpool"],
+            "IEXEC_CORE_WALLET_PRIVATE_KEY": devnet.key("scheduler"),
+            "MONGO_URL": str(settings.mongo_url),
+            "MONGO_DB": settings.mongo_db,
+            "WORKERPOOL_ORDER_TAG": "gpu",
+            "WORKERPOOL_ORDER_VOLUME": "3",
+            "WORKERPOOL_ORDER_TRUST": "1",
+        }
+        runner = CliRunner()
+        for args in (
+            ["order", "init", "--out", str(template)],
+            ["order", "sign", str(template), "--out", str(signed)],
+        ):
+            result = runner.invoke(main, args, env=env)
+            assert result.exit_code == 0, result.output
+        order = WorkerpoolOrder.from_dict(json.loads(signed.read_text()))
+        assert order.tag == encode_tag("gpu")
+
+        deal = pool.match(volume=3, tag=order.tag, workerpoolorder=order)
+        pool.wait_tasks(deal.taskids(), _completed, timeout=180)
+        gpu_node, standard_node = pool.worker_address(11), pool.worker_address(10)
+        for taskid in deal.taskids():
+            assert pool.chain_status(taskid) == ChainTaskStatus.COMPLETED
+            assert (pool.store.task(taskid) or {})["queue"] == "replicates.gpu"
+            assert {r["worker"] for r in pool.store.replicates_of(taskid)} == {gpu_node}
+        assert pool.store.replicates_of_worker(standard_node) == []

@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mongomock_ng as mongomock
 import pytest
 import requests
 from click.testing import CliRunner, Result
@@ -40,13 +40,14 @@ from poco import actions
 from poco.errors import TransactionReverted
 from poco.orders import WorkerpoolOrder, random_salt
 from pool.settings import Settings
-from pool.store import Store
+from pool.store import Store, connect
 
 pytestmark = pytest.mark.devnet
 
 ZERO = "0x" + "00" * 20
 TEE_SCONE = "0x" + "00" * 31 + "03"
 TEE_GRAMINE = "0x" + "00" * 31 + "05"
+TEE_TDX = "0x" + "00" * 31 + "09"
 GPU = "0x" + "00" * 30 + "0100"
 
 
@@ -141,7 +142,16 @@ class Book:
             "WORKERPOOL_ORDER_PRICE": "1000",
             "WORKERPOOL_ORDER_VOLUME": "5",
             "WORKERPOOL_ORDER_TRUST": "1",
+            "WORKERPOOL_TEE_STACK": ",".join(self.settings.tee_stack),
+            "MONGO_URL": self.settings.mongo_url,
+            "MONGO_DB": self.settings.mongo_db,
         }
+
+    def gpu_node(self, address: str = "0x" + "9a" * 20) -> None:
+        """A worker node serving GPU tasks, alive (its heartbeat in the pool's store)."""
+        self.store.record_heartbeat(
+            address, {"name": "gpu-node", "capabilities": ["standard", "gpu"], "slots": 1}
+        )
 
     def cli(self, *args: str, role: str = "scheduler", **env: str) -> Result:
         return CliRunner().invoke(main, list(args), env={**self.env(role), **env})
@@ -154,16 +164,20 @@ def serve(app: Flask) -> tuple[str, Any]:
 
 
 @pytest.fixture
-def book(devnet: DevnetHandle, tmp_path: Path) -> Iterator[Book]:
+def book(devnet: DevnetHandle, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Book]:
+    """The orderbook; parametrize it indirectly with a TEE stack to sell TEE tags. Its store
+    is a named in-memory one the CLI (run in-process) reaches through MONGO_URL."""
     settings = Settings(
         chain_rpc_url=devnet.info["rpc_url"],
         hub_address=devnet.info["hub"],
         pool_address=devnet.info["workerpool"],
         devnet=True,
         orderbook_sync_interval=1e-6,  # every read syncs: tests see the chain at once
+        mongo_url=f"mongomock://orders-{uuid.uuid4().hex}",
+        mongo_db="orders",
+        tee_stack=tuple(getattr(request, "param", ())),
     )
-    store = Store(mongomock.MongoClient()["orders"])
-    store.ensure_indexes()
+    store = connect(settings)
     app = Flask("orderbook-test")
     app.register_blueprint(orderbook_blueprint(settings, store, devnet.client))
     url, server = serve(app)
@@ -258,10 +272,9 @@ def test_init_sign_publish_match_unpublish_cancel_then_matching_reverts(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--tag", "gpu"], "tag: 0x" + "00" * 30 + "0100 (gpu) is not a tag this pool sells"),
+        (["--tag", "scone"], "tag: 0x" + "00" * 31 + "02 (scone) is not a tag this pool sells"),
         (["--tag", "tee"], "is not a tag this pool sells"),
-        (["--tag", "tee,scone", "--trust", "0"], "trust: a TEE order (tee,scone) needs trust 1"),
-        (["--tag", "tee,gramine", "--trust", "3"], "needs trust 1, got 3"),
+        (["--tag", "tee,scone,gpu"], "is not a tag this pool sells"),
         (["--tag", "cuda"], "unknown tag name 'cuda'"),
         (["--volume", "0"], "volume: must be at least 1"),
         (["--apprestrict", "0x1234"], "apprestrict: '0x1234' is not an address"),
@@ -276,8 +289,41 @@ def test_cli_init_refuses_bad_terms(
     assert not out.exists()
 
 
-def test_cli_init_accepts_tee_names_and_bytes32(book: Book, tmp_path: Path) -> None:
-    for tag, expected in (("tee,scone", TEE_SCONE), (TEE_GRAMINE, TEE_GRAMINE)):
+def test_cli_init_refuses_tee_tags_without_a_tee_stack(book: Book, tmp_path: Path) -> None:
+    for tag in ("tee,scone", TEE_GRAMINE, "tee,tdx"):
+        out = tmp_path / "t.json"
+        _refused(
+            book.cli("order", "init", "--out", str(out), "--tag", tag, "--trust", "1"),
+            "preflight",
+            "is a TEE tag, and this pool runs no",
+            "WORKERPOOL_TEE_STACK is empty",
+        )
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("book", [("scone", "gramine")], indirect=True)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--tag", "tee,scone", "--trust", "0"], "trust: a TEE order (tee,scone) needs trust 1"),
+        (["--tag", "tee,gramine", "--trust", "3"], "needs trust 1, got 3"),
+    ],
+)
+def test_cli_init_refuses_a_tee_order_of_the_stack_without_trust_1(
+    book: Book, tmp_path: Path, options: list[str], message: str
+) -> None:
+    _refused(book.cli("order", "init", "--out", str(tmp_path / "t.json"), *options), message)
+
+
+@pytest.mark.parametrize("book", [("scone", "gramine", "tdx")], indirect=True)
+def test_cli_init_accepts_tee_names_and_bytes32_with_a_tee_stack(
+    book: Book, tmp_path: Path
+) -> None:
+    for tag, expected in (
+        ("tee,scone", TEE_SCONE),
+        (TEE_GRAMINE, TEE_GRAMINE),
+        ("tee,tdx", TEE_TDX),
+    ):
         out = tmp_path / f"{expected[-2:]}.json"
         _ok(book.cli("order", "init", "--out", str(out), "--tag", tag, "--trust", "1"))
         assert json.loads(out.read_text())["tag"] == expected
@@ -288,8 +334,10 @@ def test_cli_init_accepts_tee_names_and_bytes32(book: Book, tmp_path: Path) -> N
     [
         ({"category": 99}, "scheduler", "category: category 99 does not exist on chain"),
         ({"volume": 0}, "scheduler", "volume: must be at least 1"),
-        ({"tag": "tee,scone", "trust": 0}, "scheduler", "needs trust 1"),
-        ({"tag": GPU}, "scheduler", "is not a tag this pool sells"),
+        ({"tag": "tee,scone", "trust": 1}, "scheduler", "this pool runs no scone enclave"),
+        ({"tag": "tee,tdx", "trust": 1}, "scheduler", "WORKERPOOL_TEE_STACK is empty"),
+        ({"tag": GPU}, "scheduler", "no live worker node serves gpu tasks"),
+        ({"tag": "0x" + "00" * 31 + "02"}, "scheduler", "is not a tag this pool sells"),
         ({"datasetrestrict": "0xnope"}, "scheduler", "datasetrestrict: '0xnope' is not an address"),
         ({}, "requester", "does not own workerpool"),
         ({"workerpool": "app"}, "scheduler", "is not a workerpool registered on chain"),
@@ -318,7 +366,8 @@ def test_cli_sign_refuses_what_poco_would(
         ("other_signer", "recovers to"),
         ("garbage", "the signature does not decode"),
         ("unsigned", "the order is not signed"),
-        ("tee_trust", "needs trust 1"),
+        ("tee", "is a TEE tag"),
+        ("gpu", "no live worker node serves gpu tasks"),
         ("wrong_wallet", "is not the order's signer"),
     ],
 )
@@ -336,8 +385,10 @@ def test_cli_publish_refuses_bad_orders_before_contacting_the_orderbook(
         data["sign"] = "0x1234"
     elif case == "unsigned":
         data["sign"] = "0x"
-    elif case == "tee_trust":
-        data = book.order(tag=TEE_SCONE, trust=0).to_dict()
+    elif case == "tee":
+        data = book.order(tag=TEE_SCONE, trust=1).to_dict()
+    elif case == "gpu":
+        data = book.order(tag=GPU).to_dict()
     elif case == "wrong_wallet":
         role = "requester"
     path = tmp_path / "s.json"
@@ -350,8 +401,9 @@ def test_cli_publish_refuses_bad_orders_before_contacting_the_orderbook(
 @pytest.mark.parametrize(
     ("case", "status", "message"),
     [
-        ("bad_tag", 400, "tag: 0x" + "00" * 30 + "0100 (gpu) is not a tag this pool sells"),
-        ("tee_trust", 400, "trust: a TEE order (tee,gramine) needs trust 1, got 0"),
+        ("bad_tag", 400, "tag: 0x" + "00" * 30 + "0400 (bit10) is not a tag this pool sells"),
+        ("tee", 400, "tag: tee,gramine is a TEE tag, and this pool runs no gramine enclave"),
+        ("gpu", 400, "tag: gpu: no live worker node serves gpu tasks"),
         ("category", 400, "category: category 42 does not exist on chain"),
         ("volume", 400, "volume: must be at least 1"),
         ("address", 400, "apprestrict: '0xabc' is not an address"),
@@ -368,9 +420,11 @@ def test_api_publish_preflight_errors(book: Book, case: str, status: int, messag
     role = "scheduler"
     data = book.order(volume=1).to_dict()
     if case == "bad_tag":
+        data = book.order(tag="0x" + "00" * 30 + "0400").to_dict()
+    elif case == "tee":
+        data = book.order(tag="tee,gramine", trust=1).to_dict()
+    elif case == "gpu":
         data = book.order(tag=GPU).to_dict()
-    elif case == "tee_trust":
-        data = book.order(tag="tee,gramine", trust=0).to_dict()
     elif case == "category":
         data = book.order(category=42).to_dict()
     elif case == "volume":
@@ -510,12 +564,55 @@ def test_missing_or_forged_challenges_are_refused(book: Book, case: str, message
     assert book.listing()["count"] == before
 
 
+@pytest.mark.parametrize("book", [("gramine",)], indirect=True)
+def test_a_tee_order_of_the_stack_is_sold_with_trust_1_only(book: Book) -> None:
+    code, body = book.publish(book.order(tag="tee,gramine", trust=0).to_dict())
+    assert (code, body["error"]) == (400, "trust: a TEE order (tee,gramine) needs trust 1, got 0")
+    # the framework is in the stack, but no node serves it yet
+    code, body = book.publish(book.order(tag="tee,gramine", trust=1).to_dict())
+    assert code == 400 and "no live worker node serves tee-gramine tasks" in body["error"]
+    book.store.record_heartbeat("0x" + "7e" * 20, {"capabilities": ["tee-gramine"], "slots": 1})
+    code, body = book.publish(book.order(tag="tee,gramine", trust=1).to_dict())
+    assert code == 200, body
+    # another framework stays refused
+    code, body = book.publish(book.order(tag="tee,scone", trust=1).to_dict())
+    assert code == 400 and "(WORKERPOOL_TEE_STACK is gramine)" in body["error"]
+
+
+def test_a_gpu_order_is_signed_and_published_while_a_gpu_node_is_alive(
+    book: Book, tmp_path: Path
+) -> None:
+    template, signed = tmp_path / "gpu.json", tmp_path / "gpu.signed.json"
+    _ok(book.cli("order", "init", "--out", str(template), "--tag", "gpu"))
+    assert json.loads(template.read_text())["tag"] == GPU
+    _refused(
+        book.cli("order", "sign", str(template), "--out", str(signed)),
+        "preflight",
+        "tag: gpu: no live worker node serves gpu tasks",
+    )
+    assert not signed.exists()
+    book.gpu_node()
+    _ok(book.cli("order", "sign", str(template), "--out", str(signed)))
+    out = _ok(book.cli("order", "publish", str(signed)))
+    order_hash = out.split()[1]
+    assert book.one(order_hash)["order"]["tag"] == GPU
+    # a node heard from longer ago than WORKER_LOST_TIMEOUT does not count
+    book.store.workers.update_many({}, {"$set": {"lastSeen": dt.datetime(2020, 1, 1)}})
+    _refused(book.cli("order", "sign", str(template), "--out", str(signed)), "no live worker")
+
+
 # ---- publication rules ---------------------------------------------------------------------------
+@pytest.mark.parametrize("book", [("scone", "gramine")], indirect=True)
 def test_fifty_open_orders_per_signer_then_queries_filters_and_pages(book: Book) -> None:
     app = book.devnet.app("echo")
     requester = book.devnet.address("requester")
     published: dict[int, str] = {}
     # Given 50 open orders of assorted terms (a standard, tee,scone, tee,gramine mix)
+    for framework in ("scone", "gramine"):
+        book.store.record_heartbeat(
+            "0x" + "7e" * 19 + framework[:1].encode().hex(),
+            {"capabilities": [f"tee-{framework}"], "slots": 1},
+        )
     for i in range(50):
         fields: dict[str, Any] = {
             "workerpoolprice": 100 + i,

@@ -324,6 +324,25 @@ def test_a_bad_order_setting_is_reported_not_raised(fleet: Fleet) -> None:
     report = TickReport()
     result = fleet.replenisher(order_tag="sgx").replenish(report)
     assert result.published == [] and "WORKERPOOL_ORDER_TAG='sgx'" in report.errors[0]
-    fleet.worker("0xgpu", slots=2, busy=0, capabilities=("gpu",))
-    result = fleet.replenisher(order_tag="gpu").replenish(report)  # capacity, but refused
-    assert "is not a tag this pool sells" in result.errors[0]
+    # a TEE tag the pool runs no enclave for: refused with the reason, nothing published,
+    # even with nodes claiming that capability
+    fleet.worker("0xtee", slots=2, busy=0, capabilities=("tee-scone",))
+    result = fleet.replenisher(order_tag="tee,scone", order_trust=1).replenish(report)
+    assert result.published == []
+    assert "tee,scone is a TEE tag, and this pool runs no scone enclave" in result.errors[0]
+    assert "(WORKERPOOL_TEE_STACK is empty)" in result.errors[0]
+
+
+def test_gpu_capacity_is_sold_while_gpu_nodes_are_alive_and_withdrawn_after(
+    fleet: Fleet,
+) -> None:
+    fleet.worker("0xa", slots=4, busy=0)  # standard only: no GPU capacity
+    assert fleet.replenisher(order_tag="gpu", replenish_orders=1).replenish().published == []
+    fleet.worker("0xgpu", slots=2, busy=0, capabilities=("standard", "gpu"))
+    result = fleet.replenisher().replenish()
+    assert result.errors == [] and result.capacity == 2 and len(result.published) == 1
+    (entry,) = fleet.listed()
+    assert entry["order"]["tag"] == "0x" + "00" * 30 + "0100" and entry["remaining"] == 2
+    fleet.worker("0xgpu", slots=2, busy=0, capabilities=("standard", "gpu"), status="LOST")
+    result = fleet.replenisher().replenish()
+    assert result.withdrawn == [entry["orderHash"]] and fleet.listed() == []

@@ -522,7 +522,7 @@ def test_redis_with_a_password_and_tls_carries_a_whole_deal(
         plain = url.replace("rediss://", "redis://")
         with pytest.raises(redis.RedisError):
             redis.Redis.from_url(plain, password=password, socket_timeout=3).ping()
-        env = {
+        env: dict[str, Any] = {  # (Any: mypy would match str values to pool_running's store)
             "WORKERPOOL_REDIS_PASSWORD_FILE": str(tmp_path / "redis-password"),
             "WORKERPOOL_REDIS_CA_FILE": str(ca),
         }

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from poco.errors import RetryableError
+from pool import keys
 from pool.messages import (
     CONTRIBUTE,
     REPLICATE_QUEUES,
@@ -32,7 +34,7 @@ from pool.messages import (
     Messenger,
     make_celery,
 )
-from pool.settings import Settings, SettingsError
+from pool.settings import Settings, SettingsError, with_public_config
 from pool.states import ReplicateStatus
 from pool.wallets import checked_chain_client
 from workers.identity import IndexLease, LeaseLost
@@ -44,6 +46,31 @@ log = logging.getLogger(__name__)
 
 REQUEUE_DELAY = 3.0  # seconds before a job refused to this worker is offered again
 MAX_REQUEUES = 50
+
+
+def from_scheduler(settings: Settings, redis: Any) -> tuple[Settings, list[str]]:
+    """The node's settings completed by what its scheduler publishes in Redis (the chain URL
+    nodes use, hub, chain id, result base), each only where the node has none; returns them
+    with what was taken. A node left without a chain URL is refused with what to set."""
+    config: dict[str, Any] = {}
+    raw = redis.get(keys.PUBLIC_CONFIG)
+    if raw is not None:
+        try:
+            config = json.loads(raw)
+        except ValueError as exc:
+            raise SettingsError(
+                f"the scheduler's published configuration is not JSON: {exc}"
+            ) from exc
+        if not isinstance(config, dict):
+            raise SettingsError("the scheduler's published configuration is not a JSON object")
+    settings, taken = with_public_config(settings, config)
+    if not settings.chain_rpc_url:
+        raise SettingsError(
+            "missing IEXEC_PRIVATE_CHAIN_ADDRESS: this node has no chain URL and its scheduler "
+            "publishes none (set IEXEC_PUBLIC_CHAIN_ADDRESS on the scheduler, or "
+            "IEXEC_PRIVATE_CHAIN_ADDRESS here)"
+        )
+    return settings, taken
 
 
 def compute_queues(settings: Settings) -> list[str]:
@@ -81,7 +108,7 @@ def build_node(
         settings.result_storage,
         ipfs_api_url=f"http://{settings.ipfs_host}:{settings.ipfs_port}",
         local_dir=local_dir,
-        base_url=settings.public_url or f"http://{settings.api_host}:{settings.core_port}",
+        base_url=settings.result_base_url(),
     )
     return WorkerNode(
         settings, client, wallet, messages, DockerRunner(), publisher, redis=redis, lease=lease

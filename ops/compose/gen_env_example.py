@@ -51,8 +51,9 @@ COMPOSE_VARS: list[tuple[str, list[Var]]] = [
             Var(
                 "COMPOSE_PROFILES",
                 "",
-                "'monitoring' also starts Flower, Prometheus and Grafana (docker compose reads "
-                "it; same as --profile monitoring).",
+                "'monitoring' also starts Flower, Prometheus and Grafana, 'mongo-ui' a MongoDB "
+                "web console; both: monitoring,mongo-ui (docker compose reads it; same as "
+                "--profile).",
             ),
             Var(
                 "WORKERPOOL_IMAGE",
@@ -158,6 +159,24 @@ COMPOSE_VARS: list[tuple[str, list[Var]]] = [
                 "GRAFANA_ADMIN_PASSWORD",
                 "",
                 "Its password (secret); empty: 'admin', which Grafana asks to change.",
+            ),
+        ],
+    ),
+    (
+        "MongoDB web console (COMPOSE_PROFILES=mongo-ui); published on 127.0.0.1 only",
+        [
+            Var(
+                "MONGO_UI_IMAGE",
+                "mongo-express:1.0.2-20-alpine3.19",
+                "mongo-express image (pinned).",
+            ),
+            Var("MONGO_UI_PORT", "8081", "Host port of the console."),
+            Var("MONGO_UI_USER", "admin", "Basic-auth user of the console."),
+            Var(
+                "MONGO_UI_PASSWORD",
+                "",
+                "Its password (secret). Required by the mongo-ui profile: the console refuses "
+                "to start without one (it can read and change every document of the store).",
             ),
         ],
     ),
