@@ -56,6 +56,7 @@ from web3.types import RPCEndpoint
 
 from poco.abi import load_abi, native_proxy_abi, proxy_abi
 from poco.errors import (
+    FilterRefused,
     InsufficientFunds,
     PermanentError,
     PocoError,
@@ -525,6 +526,40 @@ class ChainClient:
 
     def is_final(self, taskid: str) -> bool:
         return self.view_task(taskid).status in (ChainTaskStatus.COMPLETED, ChainTaskStatus.FAILED)
+
+    # ---- new blocks -------------------------------------------------------------------------
+    def new_block_filter(self) -> str:
+        """A block filter on the node (``eth_newBlockFilter``): its id, for
+        :meth:`block_filter_changes`. Raises :class:`FilterRefused` when the node makes none."""
+
+        def make() -> str:
+            found = self.provider.make_request(RPCEndpoint("eth_newBlockFilter"), [])
+            if "error" in found or not isinstance(found.get("result"), str):
+                raise FilterRefused(f"the chain node makes no block filter: {found.get('error')}")
+            return str(found["result"])
+
+        return self.rpc("new_block_filter", make)
+
+    def block_filter_changes(self, filter_id: str) -> list[str]:
+        """The hashes of the blocks the node added since the last look at ``filter_id``
+        (``eth_getFilterChanges``). Raises :class:`FilterRefused` when the node no longer
+        knows the filter."""
+
+        def changes() -> list[str]:
+            found = self.provider.make_request(RPCEndpoint("eth_getFilterChanges"), [filter_id])
+            result = found.get("result")
+            if "error" in found or not isinstance(result, list):
+                raise FilterRefused(f"block filter {filter_id}: {found.get('error')}")
+            return [str(h) for h in result]
+
+        return self.rpc("block_filter_changes", changes)
+
+    def uninstall_filter(self, filter_id: str) -> None:
+        """Let the node forget ``filter_id`` (``eth_uninstallFilter``; whatever it answers)."""
+        self.rpc(
+            "uninstall_filter",
+            lambda: self.provider.make_request(RPCEndpoint("eth_uninstallFilter"), [filter_id]),
+        )
 
     # ---- logs -------------------------------------------------------------------------------
     def get_logs(

@@ -72,3 +72,9 @@ class InsufficientFunds(PermanentError):
 
 class NetworkMismatch(PermanentError):
     """The chain node is not the chain the settings name (chain id, or no PoCo at the hub)."""
+
+
+class FilterRefused(PermanentError):
+    """The chain node keeps no filter for us: it refuses ``eth_newBlockFilter`` (a node or a
+    provider without filters, a load balancer whose nodes do not share them), or it no longer
+    knows the filter it made (it expired or the node restarted)."""

@@ -36,8 +36,12 @@ def deal_id(request_order_hash: str | bytes, consumed_before: int) -> str:
 
 
 def task_id(dealid: str | bytes, index: int) -> str:
-    """taskid = keccak256(packed(dealid, idx)), idx in [botFirst, botFirst + botSize)."""
-    return hex32(Web3.solidity_keccak(["bytes32", "uint256"], [_b32(dealid), index]))
+    """taskid = keccak256(packed(dealid, idx)), idx in [botFirst, botFirst + botSize).
+    (``packed`` of a bytes32 and a uint256 is their 64 bytes: hashed without web3's
+    type-checking encoder, which took most of the time of storing a large deal.)"""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2**256:
+        raise ValueError(f"a task index is a uint256, not {index!r}")
+    return hex32(keccak(_b32(dealid) + index.to_bytes(32, "big")))
 
 
 def authorization_digest(worker: str, taskid: str | bytes, enclave: str = ZERO_ADDRESS) -> bytes:

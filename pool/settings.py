@@ -374,9 +374,10 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_LISTEN_PERIOD",
         _nonneg_float,
         "0.5",
-        "Seconds between two checks for new deals between full ticks: one eth_blockNumber, "
-        "and only when the chain moved, listen, initialize and plan (0: new deals wait for "
-        "the next full tick).",
+        "Seconds between two looks for a new block between full ticks: one "
+        "eth_getFilterChanges on a block filter where the chain node keeps one, else one "
+        "eth_blockNumber; a new block runs listen, initialize and plan at once (0: new deals "
+        "wait for the next full tick).",
         group="scheduler",
     ),
     "init_batch_size": Spec(

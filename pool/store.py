@@ -13,7 +13,6 @@ Only plain MongoDB operators are used, so the same code runs on mongomock in tes
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
@@ -23,7 +22,7 @@ import pymongo
 from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from pool.clock import utcnow
 from pool.redact import redact_urls
@@ -49,6 +48,18 @@ IN_BATCH = 1000
 MAX_TASK_LOGS = 32
 # what a worker reported that stays out of the status API's answers (a failed run's output)
 PRIVATE_REPLICATE_FIELDS = ("logTail", "resultDigest", "enclave", "revealRequested")
+# the due times of a task the scheduler's tick queries by (each indexed with the status): the
+# deadlines on chain, the wall-clock times a step is retried at, and a mark left by a report
+# (``reviewAt``)
+TASK_DUE_FIELDS = (
+    "contributionDeadline",
+    "revealDeadline",
+    "revealAskedAt",
+    "uploadRequestedAt",
+    "uploadFailedAt",
+    "finalizeRetryAt",
+    "reviewAt",
+)
 
 
 _MEMORY_CLIENTS: dict[str, Any] = {}
@@ -90,10 +101,20 @@ class Store:
     def ensure_indexes(self) -> None:
         self.deals.create_index("chainDealId", unique=True)
         self.tasks.create_index("chainTaskId", unique=True)
-        self.tasks.create_index([("status", 1), ("finalDeadline", 1)])
-        # contribution_timeouts: a range on the deadline within the contributing statuses
-        self.tasks.create_index([("status", 1), ("contributionDeadline", 1)])
+        # final deadlines within the live statuses, and the backlog to initialize read page by
+        # page in the order it is initialized (earlier versions made (status, finalDeadline),
+        # which this one covers)
+        self.tasks.create_index([("status", 1), ("finalDeadline", 1), ("chainTaskId", 1)])
         self.tasks.create_index("chainDealId")
+        # what the scheduler's tick looks at: each pass is a range on one due time within
+        # the statuses it serves (:meth:`tasks_due`), so its cost follows the tasks that are
+        # due, not the tasks in flight
+        for due in TASK_DUE_FIELDS:
+            self.tasks.create_index([("status", 1), (due, 1)])
+        # the safety net's round robin over the tasks in flight, by task id
+        self.tasks.create_index([("status", 1), ("chainTaskId", 1)])
+        # jobs Redis may have lost: per queue, the tasks still owed jobs, oldest first
+        self.tasks.create_index([("status", 1), ("queue", 1), ("enqueuedAt", 1)])
         self.replicates.create_index([("chainTaskId", 1), ("worker", 1)], unique=True)
         self.replicates.create_index("status")
         self.replicates.create_index("worker")  # a worker's replicates (API, lost workers)
@@ -126,14 +147,13 @@ class Store:
         chainTaskId, so a crash half-way is repaired by the next call with the same deal.
         """
         now = utcnow()
+        docs = []
         for task in tasks:
             doc = {**task, "createdAt": now, "updatedAt": now}
             doc.setdefault("timeline", [{"status": doc["status"], "at": now}])
-            # DuplicateKeyError: a concurrent scheduler inserted it first
-            with contextlib.suppress(DuplicateKeyError):
-                self.tasks.update_one(
-                    {"chainTaskId": task["chainTaskId"]}, {"$setOnInsert": doc}, upsert=True
-                )
+            docs.append(doc)
+        for start in range(0, len(docs), IN_BATCH):
+            self._insert_new(self.tasks, docs[start : start + IN_BATCH])
         try:
             result = self.deals.update_one(
                 {"chainDealId": deal["chainDealId"]},
@@ -143,6 +163,19 @@ class Store:
         except DuplicateKeyError:
             return False
         return result.upserted_id is not None
+
+    @staticmethod
+    def _insert_new(collection: Collection[Any], docs: list[dict[str, Any]]) -> None:
+        """Insert ``docs`` in one round trip; those whose unique key is taken already (an
+        earlier, interrupted call or another scheduler inserted them) are left as they are."""
+        if not docs:
+            return
+        try:
+            collection.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            others = [e for e in exc.details.get("writeErrors", []) if e.get("code") != 11000]
+            if others:
+                raise
 
     def deal(self, dealid: str) -> dict[str, Any] | None:
         return self.deals.find_one({"chainDealId": dealid}, {"_id": 0})
@@ -220,6 +253,154 @@ class Store:
         if limit:
             cursor = cursor.limit(limit)
         return list(cursor)
+
+    def tasks_page(
+        self,
+        status: TaskStatus,
+        limit: int,
+        *,
+        fields: Iterable[str],
+        skip_deals: Iterable[str] = (),
+    ) -> list[dict[str, Any]]:
+        """At most ``limit`` tasks in ``status``, earliest final deadline first (the index
+        (status, finalDeadline, chainTaskId) serves the order: a page costs its size, not the
+        backlog's), leaving out those of the deals in ``skip_deals``; ``chainTaskId`` is
+        always read."""
+        query: dict[str, Any] = {"status": str(status)}
+        skip = sorted(set(skip_deals))
+        if skip:
+            query["chainDealId"] = {"$nin": skip}
+        cursor = self.tasks.find(query, _projection({"chainTaskId", *fields}))
+        cursor = cursor.sort([("finalDeadline", 1), ("chainTaskId", 1)]).limit(limit)
+        return list(cursor)
+
+    def tasks_due(
+        self,
+        statuses: Iterable[TaskStatus],
+        due: str,
+        upto: Any,
+        *,
+        fields: Iterable[str],
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Tasks in ``statuses`` whose ``due`` time (one of :data:`TASK_DUE_FIELDS`) is at
+        or before ``upto``, earliest first; at most ``limit`` of them (0: all). With
+        ``upto`` None: those without that time. The (status, ``due``) index answers it."""
+        if due not in TASK_DUE_FIELDS:
+            raise ValueError(f"{due} is not an indexed due time of tasks")
+        cond: Any = None if upto is None else {"$lte": upto}
+        query = {"status": {"$in": [str(s) for s in statuses]}, due: cond}
+        cursor = self.tasks.find(query, _projection({"chainTaskId", due, *fields}))
+        if upto is not None:
+            cursor = cursor.sort(due, 1)
+        if limit:
+            cursor = cursor.limit(limit)
+        return list(cursor)
+
+    def tasks_by_id(self, taskids: Iterable[str], *, fields: Iterable[str]) -> list[dict[str, Any]]:
+        """The tasks of ``taskids`` (one ``$in`` query per :data:`IN_BATCH`), with ``fields``."""
+        ids = list(dict.fromkeys(taskids))
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(ids), IN_BATCH):
+            query = {"chainTaskId": {"$in": ids[start : start + IN_BATCH]}}
+            found.extend(self.tasks.find(query, _projection({"chainTaskId", *fields})))
+        return found
+
+    def mark_for_review(self, taskid: str) -> None:
+        """Something happened to the task that the next tick should look at (a replicate
+        failed, a worker was lost, a winner revealed late): its ``reviewAt`` mark is set."""
+        self.tasks.update_one({"chainTaskId": taskid}, {"$set": {"reviewAt": utcnow()}})
+
+    def move_review_mark(self, taskid: str, marked: Any, to: dt.datetime | None) -> None:
+        """The tick looked at the task for its mark of ``marked``: the mark goes (``to``
+        None) or moves to ``to``, unless a newer one came meanwhile."""
+        change = {"$unset": {"reviewAt": ""}} if to is None else {"$set": {"reviewAt": to}}
+        self.tasks.update_one({"chainTaskId": taskid, "reviewAt": marked}, change)
+
+    def tasks_after(
+        self, statuses: Iterable[TaskStatus], after: str, *, fields: Iterable[str], limit: int
+    ) -> list[dict[str, Any]]:
+        """At most ``limit`` tasks in ``statuses`` whose id comes after ``after``, by id (the
+        (status, chainTaskId) index: a round robin over them costs a page per call)."""
+        query = {"status": {"$in": [str(s) for s in statuses]}, "chainTaskId": {"$gt": after}}
+        cursor = self.tasks.find(query, _projection({"chainTaskId", *fields}))
+        return list(cursor.sort("chainTaskId", 1).limit(limit))
+
+    def transition_tasks(
+        self,
+        taskids: Iterable[str],
+        new: TaskStatus,
+        *,
+        tx_hash: str | None = None,
+        note: str | None = None,
+        extra: dict[str, Any] | None = None,
+        inc: dict[str, int] | None = None,
+    ) -> int:
+        """Move many tasks to ``new`` at once (one round trip per :data:`IN_BATCH`), each only
+        from a status that allows it (a task elsewhere is left as it is); how many moved.
+        The counterpart of :meth:`transition_task` for the tick's batches."""
+        now = utcnow()
+        event = _event(new, now, tx_hash, note)
+        moved = 0
+        ids = list(dict.fromkeys(taskids))
+        update: dict[str, Any] = {
+            "$set": {**(extra or {}), "status": str(new), "updatedAt": now},
+            "$push": {"timeline": event},
+        }
+        if inc:
+            update["$inc"] = inc
+        for start in range(0, len(ids), IN_BATCH):
+            done = self.tasks.update_many(
+                {
+                    "chainTaskId": {"$in": ids[start : start + IN_BATCH]},
+                    "status": {"$in": predecessors(TASK_TRANSITIONS, new)},
+                },
+                update,
+            )
+            moved += int(done.modified_count)
+        return moved
+
+    def unset_enqueued(self, taskid: str, enqueued_at: Any) -> None:
+        """The task is owed no job any more (every replicate it needs is granted): it leaves
+        the lost-jobs pass, unless it was enqueued again meanwhile."""
+        self.tasks.update_one(
+            {"chainTaskId": taskid, "enqueuedAt": enqueued_at}, {"$unset": {"enqueuedAt": ""}}
+        )
+
+    def owed_jobs(
+        self, queue: str, statuses: Iterable[TaskStatus], enqueued_before: float, limit: int
+    ) -> list[dict[str, Any]]:
+        """Tasks of ``queue`` in ``statuses`` enqueued last before ``enqueued_before`` (a time
+        from ``time.time()``) that may still be owed jobs, oldest first, at most ``limit``."""
+        query = {
+            "status": {"$in": [str(s) for s in statuses]},
+            "queue": queue,
+            "enqueuedAt": {"$lte": enqueued_before},
+        }
+        fields = (
+            "chainTaskId",
+            "queue",
+            "contributionDeadline",
+            "replicatesNeeded",
+            "replicatesGranted",
+            "enqueuedAt",
+        )
+        cursor = self.tasks.find(query, _projection(fields)).sort("enqueuedAt", 1).limit(limit)
+        return list(cursor)
+
+    def explain_waiting(self, queue: str, statuses: Iterable[TaskStatus], reason: str) -> int:
+        """Every task of ``queue`` in ``statuses`` that no worker took yet says ``reason``
+        (why it waits; empty: it does not wait for a worker); how many changed."""
+        done = self.tasks.update_many(
+            {
+                "status": {"$in": [str(s) for s in statuses]},
+                "queue": queue,
+                "replicatesGranted": 0,
+                "waitingReason": {"$ne": reason},
+            },
+            {"$set": {"waitingReason": reason}},
+        )
+        return int(done.modified_count)
 
     def transition_task(
         self,
@@ -591,6 +772,16 @@ class Store:
         )
         return bool(done.modified_count)
 
+    def served_capabilities(self) -> set[str]:
+        """The capabilities (replicate queues' names) that some ALIVE worker serves (one
+        read of the live workers: a fleet, not the tasks)."""
+        served: set[str] = set()
+        for worker in self.workers.find(
+            {"status": str(WorkerStatus.ALIVE)}, {"_id": 0, "capabilities": 1}
+        ):
+            served.update(worker.get("capabilities") or [])
+        return served
+
     def count_serving(self, capability: str) -> int:
         """ALIVE workers that serve ``capability``."""
         return int(
@@ -776,6 +967,20 @@ def _projection(fields: Iterable[str] | None) -> dict[str, int]:
     return {"_id": 0, **{name: 1 for name in fields}}
 
 
+def _event(
+    new: Any, now: dt.datetime, tx_hash: str | None, note: str | None, cause: str | None = None
+) -> dict[str, Any]:
+    """A timeline entry: the status, when, and the transaction, note and cause if any."""
+    event: dict[str, Any] = {"status": str(new), "at": now}
+    if tx_hash:
+        event["txHash"] = tx_hash
+    if note:
+        event["note"] = redact_urls(note)
+    if cause:
+        event["cause"] = str(cause)
+    return event
+
+
 def _transition(
     collection: Collection[Any],
     key: dict[str, Any],
@@ -788,13 +993,7 @@ def _transition(
     cause: str | None = None,
 ) -> dict[str, Any]:
     now = utcnow()
-    event: dict[str, Any] = {"status": str(new), "at": now}
-    if tx_hash:
-        event["txHash"] = tx_hash
-    if note:
-        event["note"] = redact_urls(note)
-    if cause:
-        event["cause"] = str(cause)
+    event = _event(new, now, tx_hash, note, cause)
     update: dict[str, Any] = {
         "$set": {**(extra or {}), "status": str(new), "updatedAt": now},
         "$push": {"timeline": event},

@@ -4,6 +4,7 @@ whose contribution deadline passed without consensus."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from poco import actions
@@ -51,6 +52,7 @@ class Consensus:
                 "revealDeadline": chain.reveal_deadline,
                 "winnerCounter": chain.winner_counter,
                 "chainCheckedAt": utcnow(),  # the winners are asked below, from this state
+                "revealAskedAt": utcnow(),
             },
         )
         if task is None:
@@ -97,10 +99,19 @@ class Consensus:
         """Winners slow to reveal: ask again after REVEAL_TIMEOUT_PERIOD; when the reveal
         deadline passed and nobody revealed, reopen the task and plan new replicates."""
         period = self.ctx.settings.reveal_timeout_period / 1000
-        for task in self.store.tasks_in(
-            [T.CONSENSUS_REACHED],
-            fields=("chainTaskId", "revealAskedAt", "updatedAt", "revealDeadline"),
-        ):
+        fields = ("revealAskedAt", "updatedAt", "revealDeadline")
+        waiting = [T.CONSENSUS_REACHED]
+        # due: the reveal deadline (chain time), and the time to ask again
+        due = {
+            t["chainTaskId"]: t
+            for t in (
+                *self.store.tasks_due(waiting, "revealDeadline", now, fields=fields),
+                *self.store.tasks_due(
+                    waiting, "revealAskedAt", utcnow() - dt.timedelta(seconds=period), fields=fields
+                ),
+            )
+        }
+        for task in due.values():
             taskid = task["chainTaskId"]
             asked = task.get("revealAskedAt") or task.get("updatedAt")
             ask_again = asked is not None and (utcnow() - asked).total_seconds() > period
@@ -120,7 +131,13 @@ class Consensus:
                     log.warning("task %s: winners asked again to reveal", taskid)
 
     def reopen(self, taskid: str) -> bool:
-        if self.store.claim_task(taskid, [T.CONSENSUS_REACHED], T.REOPENING) is None:
+        reopening = self.store.claim_task(
+            taskid,
+            [T.CONSENSUS_REACHED],
+            T.REOPENING,
+            extra={"reviewAt": self.ctx.interrupted_after()},  # should this process die
+        )
+        if reopening is None:
             return False
         try:
             receipt = actions.reopen(self.ctx.wallet, taskid)
@@ -144,9 +161,7 @@ class Consensus:
     def contribution_timeouts(self, now: int) -> None:
         """Past the contribution deadline without consensus: CONTRIBUTION_TIMEOUT. Nothing
         can happen on chain any more until the final deadline, when the task is claimed."""
-        for task in self.store.tasks_in(
-            CONTRIBUTING, fields=("chainTaskId",), ordered=False, contributionDeadline={"$lte": now}
-        ):
+        for task in self.store.tasks_due(CONTRIBUTING, "contributionDeadline", now, fields=()):
             taskid = task["chainTaskId"]
             if self.check(taskid):
                 continue

@@ -4,11 +4,13 @@ messages to the workers, and Redis (None in tests that run without it)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from poco.chain import ChainClient, Wallet
+from pool.clock import utcnow
 from pool.messages import Domain, Messenger, Nonces, Refusals
 from pool.settings import Settings
 from pool.states import ReplicateStatus, TaskStatus
@@ -26,6 +28,11 @@ IN_FLIGHT = frozenset(
     str(s)
     for s in (R.CREATED, R.STARTING, R.APP_DOWNLOADING, R.COMPUTING, R.COMPUTED, R.CONTRIBUTING)
 )
+
+# steps that send a transaction and record its outcome: a task left in one of these by a
+# scheduler that died is looked at once no live scheduler can still wait for it
+INTERRUPTIBLE = (T.FINALIZING, T.FINALIZED, T.REOPENING)
+INTERRUPTED_MARGIN = 10.0  # seconds beyond WORKERPOOL_TX_TIMEOUT
 
 # replicate statuses that will never contribute
 REPLICATE_DEAD = frozenset(
@@ -73,6 +80,13 @@ class SchedulerContext:
     def nonces(self) -> Nonces:
         """The nonces of the worker messages taken (replays are refused)."""
         return Nonces(self.redis)
+
+    def interrupted_after(self, since: dt.datetime | None = None) -> dt.datetime:
+        """When a step claimed at ``since`` (now) counts as interrupted if its task is still
+        there: ``WORKERPOOL_TX_TIMEOUT`` + 10 s later, no live scheduler waits for its
+        transaction any more (the time the claim marks its task for the tick's look)."""
+        seconds = self.settings.tx_timeout + INTERRUPTED_MARGIN
+        return (since or utcnow()) + dt.timedelta(seconds=seconds)
 
     @property
     def confirmations(self) -> int:

@@ -3,12 +3,15 @@ and stored with its tasks (or stored as skipped, with the reason)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from poco.consensus import replicates_needed
+from poco.errors import FilterRefused, PocoError
 from poco.proofs import task_id
 from poco.tags import TAG_BITS, decode_tag, is_tee, tag_to_int, tee_framework
 from poco.types import Category, Deal
@@ -20,6 +23,84 @@ log = logging.getLogger(__name__)
 
 CONTRIBUTION_DEADLINE_RATIO = 7
 FINAL_DEADLINE_RATIO = 10
+# a node that refused a block filter is asked for one again after this many seconds (it may
+# have been restarted, or the request may have reached another node of a provider)
+FILTER_RETRY = 600.0
+
+
+class BlockWatch:
+    """When the chain has a new block, for the listen to react to it.
+
+    Where the node keeps a block filter (``eth_newBlockFilter``), each look is one
+    ``eth_getFilterChanges`` that answers the blocks added since the last look, and the
+    listen runs only when there is one. Where it refuses filters (some providers and load
+    balancers do), or forgets the filter and refuses a new one, each look reads the head
+    (``eth_blockNumber``) and compares it with the last one seen: polling, as before. The
+    filter is asked for again :data:`FILTER_RETRY` seconds after a refusal.
+
+    One thread looks at a time (the listen's own)."""
+
+    def __init__(self, client: Any, period: float) -> None:
+        self.client = client
+        self.period = period
+        self.filter_id: str | None = None
+        self.refused_at: float | None = None  # monotonic time of the last refusal
+        self.head: int | None = None  # polling: the last head seen
+        self.mode = "unknown"  # "filter" or "poll" once the node answered
+
+    def look(self) -> bool:
+        """One look at the node: True when a block came since the last look (or when it
+        cannot tell, e.g. a filter it forgot: the listen then reads the head itself)."""
+        if self.filter_id is None and self._may_ask_filter():
+            try:
+                self.filter_id = self.client.new_block_filter()
+            except FilterRefused as exc:
+                self.refused_at = time.monotonic()
+                if self.mode != "poll":
+                    log.info("no block filter on the chain node (%s): polling the head", exc)
+                self.mode = "poll"
+            else:
+                self.mode = "filter"
+                return True  # blocks may have come before the filter: one listen reads them
+        if self.filter_id is not None:
+            try:
+                return bool(self.client.block_filter_changes(self.filter_id))
+            except FilterRefused as exc:
+                log.info("the chain node forgot its block filter (%s): a new one", exc)
+                self.filter_id = None
+                return True
+        head = self.client.block_number()
+        moved = self.head is None or head != self.head
+        self.head = head
+        return moved
+
+    def wait(self, stop: threading.Event, timeout: float) -> bool:
+        """Look every ``period`` seconds until a block comes (True) or ``timeout`` seconds
+        have passed or ``stop`` is set (False). A node that does not answer is looked at
+        again at the next period."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            try:
+                if self.look():
+                    return True
+            except PocoError as exc:
+                log.warning("looking for new blocks: %s", exc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            stop.wait(min(self.period, left))
+        return False
+
+    def close(self) -> None:
+        """Let the node forget the filter (best effort)."""
+        if self.filter_id is not None:
+            with contextlib.suppress(PocoError):
+                self.client.uninstall_filter(self.filter_id)
+            self.filter_id = None
+
+    def _may_ask_filter(self) -> bool:
+        refused = self.refused_at
+        return refused is None or time.monotonic() - refused >= FILTER_RETRY
 
 
 class DealListener:

@@ -83,12 +83,31 @@ class Finalizer:
     def upload_timeouts(self) -> None:
         """An uploader silent for REVEAL_TIMEOUT_PERIOD: ask another revealed worker."""
         period = self.ctx.settings.reveal_timeout_period / 1000
-        for task in self.store.tasks_in(
-            [T.RESULT_UPLOADING], fields=("chainTaskId", "uploadRequestedAt", "uploader")
+        cutoff = utcnow() - dt.timedelta(seconds=period)
+        for task in self.store.tasks_due(
+            [T.RESULT_UPLOADING], "uploadRequestedAt", cutoff, fields=("uploader",)
         ):
-            asked = task.get("uploadRequestedAt")
-            if asked is not None and (utcnow() - asked).total_seconds() > period:
-                self.upload_failed(task["chainTaskId"], task.get("uploader", ""), "timed out")
+            self.upload_failed(task["chainTaskId"], task.get("uploader", ""), "timed out")
+
+    def retry_uploads(self) -> None:
+        """Tasks whose every winner failed to upload: asked again ``REVEAL_TIMEOUT_PERIOD``
+        after the last failure."""
+        pause = self.ctx.settings.reveal_timeout_period / 1000
+        cutoff = utcnow() - dt.timedelta(seconds=pause)
+        for task in self.store.tasks_due(
+            [T.AT_LEAST_ONE_REVEALED], "uploadFailedAt", cutoff, fields=()
+        ):
+            self.request_upload(task["chainTaskId"])
+
+    def retry_finalize(self, now: int) -> None:
+        """Finalize what is due: a failed finalize once its back-off is over, and a result
+        uploaded while some winners had not revealed once the reveal deadline (chain time
+        ``now``) has passed (a winner's late reveal marks its task for the next tick)."""
+        for task in (
+            *self.store.tasks_due([T.FINALIZE_FAILED], "finalizeRetryAt", utcnow(), fields=()),
+            *self.store.tasks_due([T.RESULT_UPLOADED], "revealDeadline", now, fields=()),
+        ):
+            self.finalize(task["chainTaskId"])
 
     def upload_failed(self, taskid: str, uploader: str, why: str) -> None:
         task = self.store.claim_task(
@@ -133,7 +152,10 @@ class Finalizer:
         ):
             return False  # wait for the other winners or the reveal deadline (next tick)
         claimed = self.store.claim_task(
-            taskid, [T.RESULT_UPLOADED, T.FINALIZE_FAILED], T.FINALIZING
+            taskid,
+            [T.RESULT_UPLOADED, T.FINALIZE_FAILED],
+            T.FINALIZING,
+            extra={"reviewAt": self.ctx.interrupted_after()},  # should this process die
         )
         if claimed is None:
             return False
@@ -194,6 +216,7 @@ class Finalizer:
             extra={
                 "resultLink": chain.results.decode(errors="replace"),
                 "callbackData": "0x" + callback.hex() if callback else "",
+                "reviewAt": self.ctx.interrupted_after(),
             },
         )
         if claimed is None:
@@ -211,7 +234,10 @@ class Finalizer:
             CONTRIBUTING,
             T.FINALIZED,
             note="found finalized on chain (contributeAndFinalize)",
-            extra={"resultLink": chain.results.decode(errors="replace")},
+            extra={
+                "resultLink": chain.results.decode(errors="replace"),
+                "reviewAt": self.ctx.interrupted_after(),
+            },
         )
         if claimed is None:
             return

@@ -13,8 +13,8 @@ from pool import keys
 from pool.clock import utcnow
 from pool.messages import QUEUE_CAPABILITY, Heartbeat, heartbeat_time
 from pool.states import ReplicateStatus, WorkerStatus
-from scheduler.context import IN_FLIGHT, SchedulerContext
-from scheduler.planning import Planner
+from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext
+from scheduler.planning import Planner, waiting_reason
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,8 @@ class Fleet:
         self.ctx = ctx
         self.store = ctx.store
         self.planner = planner
+        # queue -> whether a live worker served it at the last tick (see explain_waiting_queues)
+        self._served: dict[str, bool] = {}
 
     def heartbeat(self, beat: Heartbeat) -> None:
         fields = {
@@ -80,6 +82,8 @@ class Fleet:
                     note="no heartbeat for WORKER_LOST_TIMEOUT",
                 )
                 self.planner.replan(rep["chainTaskId"])
+                # it may have contributed before it went silent: the tick asks the chain
+                self.store.mark_for_review(rep["chainTaskId"])
         return lost
 
     def _silent(self, record: dict[str, Any], cutoff: dt.datetime, timeout: float) -> bool:
@@ -104,6 +108,27 @@ class Fleet:
         paused = record.get("pausedUntil")
         return paused if paused is not None and paused > utcnow() else None
 
+    def explain_waiting_queues(self) -> None:
+        """When a queue gains its first live worker or loses its last one, every task of it
+        that nobody took says so (one update per queue that changed, none while the fleet
+        stays as it was; every queue at the first tick of a process)."""
+        served = self.store.served_capabilities()
+        for queue, capability in QUEUE_CAPABILITY.items():
+            now_served = capability in served
+            if self._served.get(queue) == now_served:
+                continue
+            changed = self.store.explain_waiting(
+                queue, CONTRIBUTING, waiting_reason(queue, now_served)
+            )
+            self._served[queue] = now_served
+            if changed:
+                log.info(
+                    "%d task(s) of %s: %s",
+                    changed,
+                    queue,
+                    waiting_reason(queue, now_served) or "a live worker serves it",
+                )
+
     def explain_waiting(self, task: dict[str, Any], serving: dict[str, int] | None = None) -> None:
         """A task nobody took: say so when no live worker serves its queue.
 
@@ -113,6 +138,6 @@ class Fleet:
         counts = {} if serving is None else serving
         if queue not in counts:
             counts[queue] = self.store.count_serving(QUEUE_CAPABILITY.get(queue, queue))
-        reason = "" if counts[queue] else f"waiting: no live worker serves {queue}"
+        reason = waiting_reason(queue, bool(counts[queue]))
         if task.get("waitingReason", "") != reason:
             self.store.set_task_fields(task["chainTaskId"], {"waitingReason": reason})

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 T = TaskStatus
 
+# tasks read at once from the backlog (rounded to whole batches)
+PAGE = 1000
+
 
 class Initializer:
     def __init__(self, ctx: SchedulerContext, deals: DealListener) -> None:
@@ -30,23 +33,36 @@ class Initializer:
 
     def initialize(self, report: TickReport) -> None:
         """Initialize pending tasks on chain in batches, earliest deadline first."""
-        leftovers = self.store.tasks_in([T.INITIALIZING])
+        leftovers = self.store.tasks_in([T.INITIALIZING], fields=("chainTaskId",), ordered=False)
         for task in leftovers:  # a previous tick died mid-batch: ask the chain
             self._reconcile_initializing(task)
         batch_size = self.ctx.settings.init_batch_size
-        # read the backlog once (earliest deadline first) and batch it here: re-querying it
-        # per batch made initialization quadratic in the backlog (ops/bench, 10,000 tasks)
-        pending = self.store.tasks_in([T.RECEIVED], fields=("chainTaskId", "chainDealId", "index"))
-        # nothing is sent for a deal a chain reorganisation removed (or moved: it waits until
-        # the listener sees it at its new block)
-        hold = self.deals.drop_vanished(dict.fromkeys(t["chainDealId"] for t in pending))
-        if hold:
+        # the backlog is read a page at a time in the order it is initialized (an index
+        # serves it: a page costs its size, and the memory does not grow with the backlog)
+        page_size = batch_size * max(1, PAGE // batch_size)
+        hold: set[str] = set()
+        checked: set[str] = set()
+        while True:
+            pending = self.store.tasks_page(
+                T.RECEIVED, page_size, fields=("chainDealId", "index"), skip_deals=hold
+            )
+            if not pending:
+                return
+            # nothing is sent for a deal a chain reorganisation removed (or moved: it waits
+            # until the listener sees it at its new block)
+            deals = {t["chainDealId"] for t in pending} - checked
+            hold |= self.deals.drop_vanished(deals)
+            checked |= deals
             pending = [t for t in pending if t["chainDealId"] not in hold]
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            for task in batch:
-                self.store.transition_task(task["chainTaskId"], T.INITIALIZING)
-            self._initialize_batch(batch, report)
+            sent = 0
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                sent += self.store.transition_tasks(
+                    [t["chainTaskId"] for t in batch], T.INITIALIZING
+                )
+                self._initialize_batch(batch, report)
+            if pending and not sent:
+                return  # none of them moved (another scheduler's?): nothing more here
 
     def _reconcile_initializing(self, task: dict[str, Any]) -> None:
         onchain = self.client.view_task(task["chainTaskId"])
@@ -73,9 +89,9 @@ class Initializer:
             self._initialize_failed(batch[0], exc, report)
             return
         report.init_transactions += 1
-        for task in batch:
-            self.store.transition_task(task["chainTaskId"], T.INITIALIZED, tx_hash=receipt.tx_hash)
-            report.tasks_initialized += 1
+        report.tasks_initialized += self.store.transition_tasks(
+            [t["chainTaskId"] for t in batch], T.INITIALIZED, tx_hash=receipt.tx_hash
+        )
 
     def _initialize_failed(
         self, task: dict[str, Any], exc: TransactionReverted, report: TickReport

@@ -9,7 +9,7 @@ from typing import Any
 
 from poco.consensus import more_replicates_needed, simulate
 from poco.types import ChainTaskStatus, ContributionStatus
-from pool.messages import ReplicateJob
+from pool.messages import QUEUE_CAPABILITY, REPLICATE_QUEUES, ReplicateJob
 from pool.states import ReplicateStatus, TaskStatus
 from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext, TickReport
 
@@ -25,68 +25,117 @@ APP_FAULTS = frozenset(
 )
 
 
+# tasks read at once by the planning step (a page: its memory does not grow with the backlog)
+PLAN_PAGE = 1000
+# tasks the lost-jobs pass looks at per queue and tick, oldest enqueued first
+REQUEUE_PER_TICK = 1000
+_PLANNED = ("chainTaskId", "queue", "contributionDeadline", "replicatesNeeded")
+
+
+def waiting_reason(queue: str, served: bool) -> str:
+    """What a task nobody took says: nothing while a live worker serves its queue."""
+    return "" if served else f"waiting: no live worker serves {queue}"
+
+
 class Planner:
     def __init__(self, ctx: SchedulerContext) -> None:
         self.ctx = ctx
         self.store = ctx.store
 
     def plan(self, report: TickReport) -> None:
-        """The tick's step: enqueue the replicate jobs each initialized task needs."""
-        for task in self.store.tasks_in([T.INITIALIZED]):
-            needed = task["replicatesNeeded"]
-            # record the jobs first: a crash after this loses queued jobs, which recovery
-            # rebuilds from Mongo, but never enqueues twice
-            doc = self.store.transition_task(
-                task["chainTaskId"], T.RUNNING, inc={"jobsQueued": needed}
-            )
-            for _ in range(needed):
-                self.enqueue(doc)
-                report.jobs_enqueued += 1
+        """The tick's step: enqueue the replicate jobs each initialized task needs, a page
+        of tasks at a time, each page recorded in the store with one update per queue and
+        number of replicates before its jobs are sent (a crash after this loses queued jobs,
+        which :meth:`requeue_lost_jobs` rebuilds from the store, but never enqueues twice)."""
+        served: set[str] | None = None
+        while True:
+            page = self.store.tasks_page(T.INITIALIZED, PLAN_PAGE, fields=_PLANNED)
+            if not page:
+                return
+            if served is None:  # why a task waits, from the start (the fleet pass follows)
+                served = self.store.served_capabilities()
+            groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+            for task in page:
+                groups.setdefault((task["queue"], task["replicatesNeeded"]), []).append(task)
+            moved = 0
+            for (queue, needed), tasks in groups.items():
+                moved += self._start(queue, needed, tasks, served, report)
+            if not moved:
+                return  # another scheduler moved them: nothing of this page is ours
 
-    def enqueue(self, task: dict[str, Any]) -> None:
+    def _start(
+        self,
+        queue: str,
+        needed: int,
+        tasks: list[dict[str, Any]],
+        served: set[str],
+        report: TickReport,
+    ) -> int:
+        """INITIALIZED -> RUNNING with ``needed`` jobs each, then the jobs are sent."""
+        stamp = time.time()  # also tells which tasks this update moved
+        ids = [t["chainTaskId"] for t in tasks]
+        moved = self.store.transition_tasks(
+            ids,
+            T.RUNNING,
+            inc={"jobsQueued": needed},
+            extra={
+                "enqueuedAt": stamp,
+                "waitingReason": waiting_reason(queue, QUEUE_CAPABILITY.get(queue) in served),
+            },
+        )
+        if moved < len(ids):  # some were moved by someone else: send only for ours
+            mine = self.store.tasks_by_id(ids, fields=("status", "enqueuedAt"))
+            ours = {t["chainTaskId"] for t in mine if t.get("enqueuedAt") == stamp}
+            tasks = [t for t in tasks if t["chainTaskId"] in ours]
+        for task in tasks:
+            for _ in range(needed):
+                self._send(task)
+                report.jobs_enqueued += 1
+        return moved
+
+    def _send(self, task: dict[str, Any]) -> None:
         self.ctx.messages.run_replicate(
             ReplicateJob(task["chainTaskId"], task["contributionDeadline"]), task["queue"]
         )
+
+    def enqueue(self, task: dict[str, Any]) -> None:
+        self._send(task)
         self.store.set_task_fields(task["chainTaskId"], {"enqueuedAt": time.time()})
 
     def requeue_lost_jobs(self, report: TickReport) -> int:
         """Rebuild replicate jobs that Redis lost (a restart without persistence): a task
         still owed jobs (needed > granted) whose queue has been empty for a while gets them
-        again. A duplicate is harmless: the authorization refuses what a task does not need."""
+        again. A duplicate is harmless: the authorization refuses what a task does not need.
+
+        Only the tasks of an empty queue enqueued before the grace are read, oldest first and
+        at most :data:`REQUEUE_PER_TICK` per queue; one owed nothing any more leaves this
+        pass (until it is enqueued again), so a queue emptied by busy workers costs each of
+        its tasks one look, not one per tick."""
         redis = self.ctx.redis
         if redis is None:
             return 0
         grace = max(30.0, 10 * self.ctx.settings.poll_period)
         now = time.time()
-        empty: dict[str, bool] = {}
         added = 0
-        running = self.store.tasks_in(
-            [T.RUNNING, T.REOPENED],
-            fields=(
-                "chainTaskId",
-                "queue",
-                "contributionDeadline",
-                "replicatesNeeded",
-                "replicatesGranted",
-                "enqueuedAt",
-            ),
-            ordered=False,
-        )
-        for task in running:
-            owed = task.get("replicatesNeeded", 0) - task.get("replicatesGranted", 0)
-            if owed <= 0 or now - task.get("enqueuedAt", now) < grace:
+        for queue in REPLICATE_QUEUES.values():
+            if int(redis.llen(queue)) != 0:
                 continue
-            queue = task["queue"]
-            if queue not in empty:
-                empty[queue] = int(redis.llen(queue)) == 0
-            if not empty[queue]:
-                continue
-            log.warning(
-                "task %s: %d job(s) missing from %s; queued again", task["chainTaskId"], owed, queue
-            )
-            for _ in range(owed):
-                self.enqueue(task)
-            added += owed
+            for task in self.store.owed_jobs(
+                queue, [T.RUNNING, T.REOPENED], now - grace, REQUEUE_PER_TICK
+            ):
+                owed = task.get("replicatesNeeded", 0) - task.get("replicatesGranted", 0)
+                if owed <= 0:
+                    self.store.unset_enqueued(task["chainTaskId"], task["enqueuedAt"])
+                    continue
+                log.warning(
+                    "task %s: %d job(s) missing from %s; queued again",
+                    task["chainTaskId"],
+                    owed,
+                    queue,
+                )
+                for _ in range(owed):
+                    self.enqueue(task)
+                added += owed
         report.jobs_enqueued += added
         return added
 

@@ -131,8 +131,15 @@ class Reports:
                 self.consensus.request_reveals(taskid, chain.get("task"))
             elif not self.consensus.check(taskid, chain.get("task")):
                 self.planner.replan(taskid)
+        elif target == R.CONTRIBUTING:
+            # its CONTRIBUTED (or COMPLETED) report should follow: the tick looks again until
+            # it does, and past its grace asks the chain (the report may be lost)
+            self.store.mark_for_review(taskid)
         elif target == R.REVEALED:
             task = self.store.task(taskid) or {}
+            if task.get("status") == str(T.RESULT_UPLOADED):
+                # the result waits for this winner's reveal to be finalized: the tick does it
+                self.store.mark_for_review(taskid)
             if (
                 report.upload_failed
                 and task.get("status") == str(T.RESULT_UPLOADING)
@@ -152,6 +159,7 @@ class Reports:
             log.warning(
                 "replicate of %s on %s: %s (%s)", worker, taskid, target, _short(report.reason)
             )
+            self.store.mark_for_review(taskid)  # another replicate may be needed
 
     def keep_compute_logs(self, report: ReplicateReport) -> None:
         """The app's stdout and stderr of a COMPUTED or COMPUTE_FAILED report go to the

@@ -43,7 +43,7 @@ from pool.wallets import checked_chain_client, scheduler_key
 from scheduler.authorization import Authorizer
 from scheduler.consensus import Consensus
 from scheduler.context import SchedulerContext, TickReport
-from scheduler.deals import DealListener
+from scheduler.deals import BlockWatch, DealListener
 from scheduler.finalize import Finalizer
 from scheduler.fleet import Fleet
 from scheduler.inbox import Inbox
@@ -76,6 +76,8 @@ class Scheduler:
         self.inbox = Inbox(ctx, self.authorizer, self.reports, self.fleet)
         self.reconciler = Reconciler(ctx, self.planner, self.fleet, self.consensus, self.finalizer)
         self.replenisher = Replenisher(ctx.settings, ctx.store, ctx.client, ctx.wallet)
+        # new blocks, looked for every WORKERPOOL_LISTEN_PERIOD by the thread that listens
+        self.blocks = BlockWatch(ctx.client, ctx.settings.listen_period)
         self._running = threading.Lock()  # a tick or a fast listen of this process
 
     # ---- the schedules ----------------------------------------------------------------------
@@ -115,10 +117,11 @@ class Scheduler:
             log.warning("public configuration not published: %s", exc)
 
     def listen_tick(self) -> TickReport:
-        """The fast schedule beside the tick (every WORKERPOOL_LISTEN_PERIOD), so that a new
-        deal does not wait for the next full tick: one ``eth_blockNumber``, and only when the
-        chain moved past the cursor, the tick's first steps (listen, initialize, plan). It
-        shares the tick lock and never waits for it: while a tick runs, that tick listens."""
+        """The fast listen beside the tick, run when a new block comes (:meth:`listen_forever`,
+        :meth:`loop`), so that a new deal does not wait for the next full tick: one
+        ``eth_blockNumber``, and only when the chain moved past the cursor, the tick's first
+        steps (listen, initialize, plan). It shares the tick lock and never waits for it:
+        while a tick runs, that tick listens."""
         report = TickReport()
         head = self.ctx.client.block_number() - self.ctx.confirmations
         report.head = head
@@ -140,25 +143,46 @@ class Scheduler:
         self, stop: threading.Event, on_report: Callable[[TickReport], None] | None = None
     ) -> None:
         """Run the schedules until ``stop`` is set, on this thread (``workerpool standalone``):
-        a full tick every poll period and, in between, a fast listen every listen period.
-        One thread, so here the two never overlap; ``on_report`` sees every report."""
+        a full tick every poll period and, in between, a fast listen whenever a new block
+        comes (looked for every listen period, :class:`~scheduler.deals.BlockWatch`). One
+        thread, so here the two never overlap; ``on_report`` sees every report."""
         period = self.settings.poll_period
         fast = self.settings.listen_period
         next_tick = time.monotonic()
-        while not stop.is_set():
-            full = time.monotonic() >= next_tick
-            run = self.tick if full else self.listen_tick
-            try:
-                report = run()
-                if on_report is not None:
-                    on_report(report)
-            except Exception:
-                log.exception("%s failed", run.__name__)
-            now = time.monotonic()
-            if full:
-                next_tick = now + period
-            wake = min(next_tick, now + fast) if fast else next_tick
-            stop.wait(max(0.0, wake - now))
+        try:
+            while not stop.is_set():
+                if time.monotonic() >= next_tick:
+                    self._run_one(self.tick, on_report)
+                    next_tick = time.monotonic() + period
+                    continue
+                left = next_tick - time.monotonic()
+                if not fast:
+                    stop.wait(max(0.0, left))
+                elif self.blocks.wait(stop, left):
+                    self._run_one(self.listen_tick, on_report)
+        finally:
+            self.blocks.close()
+
+    def listen_forever(self, stop: threading.Event) -> None:
+        """Until ``stop`` is set: a fast listen whenever a new block comes (the thread a
+        scheduler's Celery worker runs beside its consumers, scheduler/tasks.py)."""
+        try:
+            while not stop.is_set():
+                if self.blocks.wait(stop, 60.0):
+                    self._run_one(self.listen_tick, None)
+        finally:
+            self.blocks.close()
+
+    @staticmethod
+    def _run_one(
+        run: Callable[[], TickReport], on_report: Callable[[TickReport], None] | None
+    ) -> None:
+        try:
+            report = run()
+            if on_report is not None:
+                on_report(report)
+        except Exception:
+            log.exception("%s failed", getattr(run, "__name__", "a schedule"))
 
     def _run_steps(
         self,

@@ -1,17 +1,19 @@
 """Celery wiring of the scheduler: the receivers of the messages workers send it
-(:mod:`pool.messages`, checked by :mod:`scheduler.inbox`), the periodic ``scheduler.tick``
-and ``scheduler.listen`` and their beat entries, and the composition of a scheduler process
-(:func:`create_app`)."""
+(:mod:`pool.messages`, checked by :mod:`scheduler.inbox`), the periodic ``scheduler.tick`` and
+its beat entry, the thread that listens when a new block comes (a worker step; the
+``scheduler.listen`` task stays for a beat of an earlier version), and the composition of a
+scheduler process (:func:`create_app`)."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 
 from poco.errors import RetryableError
 from pool.messages import (
@@ -45,6 +47,38 @@ def create_app(settings: Settings) -> tuple[Celery, Scheduler]:
     scheduler = build(settings, Messenger(app))
     register(app, scheduler)
     return app, scheduler
+
+
+def listen_step(scheduler: Scheduler) -> type[bootsteps.StartStopStep]:
+    """A step of the scheduler's Celery worker: beside its consumers, a thread that runs the
+    fast listen whenever the chain has a new block (``Scheduler.listen_forever``), started and
+    stopped with the worker. Every consumer process runs one; the tick lock lets one listen
+    at a time. (The beat does not send the listen: it could only poll on a period.)"""
+
+    class BlockListen(bootsteps.StartStopStep):
+        label = "block listen"
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.stop_event = threading.Event()
+            self.thread: threading.Thread | None = None
+
+        def start(self, parent: Any) -> None:
+            self.stop_event.clear()
+            self.thread = threading.Thread(
+                target=scheduler.listen_forever,
+                args=(self.stop_event,),
+                daemon=True,
+                name="block-listen",
+            )
+            self.thread.start()
+
+        def stop(self, parent: Any) -> None:
+            self.stop_event.set()
+            if self.thread is not None:
+                self.thread.join(timeout=10)
+
+    return BlockListen
 
 
 def register(app: Celery, scheduler: Scheduler) -> None:
@@ -118,11 +152,6 @@ def register(app: Celery, scheduler: Scheduler) -> None:
         }
     }
     if listen_period:  # new deals between two ticks (WORKERPOOL_LISTEN_PERIOD, 0: off)
-        app.conf.beat_schedule["scheduler-listen"] = {
-            "task": LISTEN_TASK,
-            "schedule": listen_period,
-            # a late listen is worth nothing: the next one (or the tick) does the same
-            "options": {"queue": SCHEDULER_QUEUE, "expires": max(listen_period * 2, 1.0)},
-        }
+        app.steps["worker"].add(listen_step(scheduler))
     pool = (settings.pool_address or "none").lower()
     app.conf.beat_schedule_filename = str(Path(tempfile.gettempdir()) / f"workerpool-beat-{pool}")

@@ -20,15 +20,19 @@ class Sent(NamedTuple):
 
 
 class FakeCelery:
-    def __init__(self) -> None:
+    def __init__(self, *, keep: bool = True) -> None:
+        """``keep``: keep what is sent (False: only count it; a real app's messages wait in
+        Redis, not in the sender's memory)."""
         self.messages: collections.deque[Sent] = collections.deque()
         self.sent: collections.Counter[str] = collections.Counter()
+        self.keep = keep
 
     def send_task(
         self, name: str, args: Any = None, kwargs: Any = None, queue: str = "", **_: Any
     ) -> None:
         self.sent[name] += 1
-        self.messages.append(Sent(name, list(args or []), queue))
+        if self.keep:
+            self.messages.append(Sent(name, list(args or []), queue))
 
     def of(self, name: str) -> list[Sent]:
         """The messages sent under task ``name``, oldest first."""

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from eth_account import Account
@@ -22,6 +23,7 @@ from web3 import Web3
 
 from poco.abi import proxy_abi
 from poco.chain import Receipt
+from poco.errors import FilterRefused
 from poco.proofs import result_hash, task_id
 from poco.types import (
     Category,
@@ -91,6 +93,30 @@ def fake_block_hash(block: int) -> str:
     return "0x" + Web3.keccak(text=f"block-{block}").hex().removeprefix("0x")
 
 
+class _Tasks(dict[str, Task]):
+    """The chain's tasks by id. A task initialized and not changed since is kept as its deal
+    and index, and made when read (a fake chain of 100,000 tasks in flight stays small)."""
+
+    def __init__(self, make: Callable[[str, str, int], Task]) -> None:
+        super().__init__()
+        self.initialized: dict[str, tuple[str, int]] = {}
+        self._make = make
+
+    def __missing__(self, taskid: str) -> Task:
+        if taskid in self.initialized:
+            return self._make(taskid, *self.initialized[taskid])
+        raise KeyError(taskid)
+
+    def get(self, taskid: str, default: Any = None) -> Any:
+        try:
+            return self[taskid]
+        except KeyError:
+            return default
+
+    def __contains__(self, taskid: object) -> bool:
+        return dict.__contains__(self, taskid) or taskid in self.initialized
+
+
 class FakeChain:
     """The ChainClient methods the scheduler calls, answered from memory; :attr:`calls`
     counts them by JSON-RPC method (``eth_blockNumber``, ``viewTask`` ...)."""
@@ -103,7 +129,7 @@ class FakeChain:
         self.now = int(time.time()) if now is None else now
         self.logs: list[dict[str, Any]] = []
         self.deals: dict[str, Deal] = {}
-        self.tasks: dict[str, Task] = {}
+        self.tasks = _Tasks(self._initialized_task)
         self.contributions: dict[tuple[str, str], Contribution] = {}
         self.calls: collections.Counter[str] = collections.Counter()
         self.txs: collections.Counter[str] = collections.Counter()
@@ -113,6 +139,10 @@ class FakeChain:
         self.category = Category(0, "XS", '""', 300)
         self.rpc_calls = 0
         self._time_read_at: float | None = None
+        # block filters (eth_newBlockFilter): id -> the head at the last look; ``filters``
+        # False: the node refuses them
+        self.filters = True
+        self._filters: dict[str, int] = {}
 
     def _count(self, name: str) -> None:
         self.calls[name] += 1
@@ -167,6 +197,29 @@ class FakeChain:
         self._count("eth_getBlockByNumber")
         self._time_read_at = time.monotonic()
         return self.now
+
+    def new_block_filter(self) -> str:
+        self._count("eth_newBlockFilter")
+        if not self.filters:
+            raise FilterRefused("the method eth_newBlockFilter does not exist/is not available")
+        filter_id = hex(len(self._filters) + 1)
+        self._filters[filter_id] = self.head
+        return filter_id
+
+    def block_filter_changes(self, filter_id: str) -> list[str]:
+        self._count("eth_getFilterChanges")
+        if filter_id not in self._filters:
+            raise FilterRefused(f"filter {filter_id} not found")
+        seen, self._filters[filter_id] = self._filters[filter_id], self.head
+        return [fake_block_hash(b) for b in range(seen + 1, self.head + 1)]
+
+    def uninstall_filter(self, filter_id: str) -> None:
+        self._count("eth_uninstallFilter")
+        self._filters.pop(filter_id, None)
+
+    def forget_filters(self) -> None:
+        """The node forgets its filters (it restarted, or they expired)."""
+        self._filters.clear()
 
     def get_logs(
         self, event: str, lo: int, hi: int, filters: Any = None, *, chunk: int | None = None
@@ -238,9 +291,12 @@ class FakeChain:
         taskid = task_id(dealid, idx)
         if taskid in self.tasks:
             raise AssertionError(f"task {taskid} initialized twice")
+        self.tasks.initialized[taskid] = (dealid, idx)
+
+    def _initialized_task(self, taskid: str, dealid: str, idx: int) -> Task:
         deal = self.deals[dealid]
         ref = self.category.work_clock_time_ref
-        self.tasks[taskid] = chain_task(
+        return chain_task(
             taskid,
             ChainTaskStatus.ACTIVE,
             dealid=dealid,

@@ -7,11 +7,15 @@ so a failing run can be replayed):
 * ``lose`` of them are forwarded, then the connection is closed without an answer: the node
   did the work (a transaction *was* sent) but the caller cannot know;
 * the others are delayed by up to ``max_delay`` seconds.
+
+A method in ``unsupported`` is answered with a JSON-RPC error, as a node without it answers
+(geth's "method not found"), and never forwarded. ``methods`` counts the calls by method.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,8 +33,11 @@ class FaultyRpcProxy:
         lose: float = 0.15,
         max_delay: float = 0.1,
         seed: int = 6,
+        unsupported: frozenset[str] = frozenset(),
     ) -> None:
         self.upstream = upstream
+        self.unsupported = unsupported
+        self.methods: collections.Counter[str] = collections.Counter()
         self.refuse = refuse
         self.lose = lose
         self.max_delay = max_delay
@@ -73,6 +80,28 @@ class FaultyRpcProxy:
         return session
 
     def handle(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        method = request.get("method") if isinstance(request, dict) else None
+        if method is not None:
+            with self.lock:
+                self.methods[str(method)] += 1
+        if method in self.unsupported:
+            assert isinstance(request, dict)
+            error = {
+                "code": -32601,
+                "message": f"the method {method} does not exist/is not available",
+            }
+            refusal = json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "error": error})
+            self._count("unsupported")
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(refusal)))
+            handler.end_headers()
+            handler.wfile.write(refusal.encode())
+            return
         with self.lock:
             roll = self.random.random()
             delay = self.random.uniform(0, self.max_delay)

@@ -32,14 +32,14 @@ def make_scheduler(
     head = devnet.client.block_number()
 
     def make(target_store: Store | None = None, **overrides: Any) -> Scheduler:
-        settings = Settings(
-            chain_rpc_url=devnet.info["rpc_url"],
-            hub_address=devnet.info["hub"],
-            pool_address=devnet.info["workerpool"],
-            start_block=head + 1,
-            redis_url=redis_url,
-            **overrides,
-        )
+        fields: dict[str, Any] = {
+            "chain_rpc_url": devnet.info["rpc_url"],
+            "hub_address": devnet.info["hub"],
+            "pool_address": devnet.info["workerpool"],
+            "start_block": head + 1,
+            "redis_url": redis_url,
+        }
+        settings = Settings(**{**fields, **overrides})
         client = ChainClient(
             settings.chain_rpc_url or "", settings.hub_address or "", log_chunk=settings.log_range
         )

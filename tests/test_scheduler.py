@@ -4,12 +4,15 @@ SchedulerNotice -> Mongo deal state -> initializeArray batches -> replicate jobs
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from devnet_fixtures import DevnetHandle, free_port
+from faulty_rpc import FaultyRpcProxy
 
 from devnet.network import Devnet, ensure_tools
 from devnet.network import up as devnet_up
@@ -106,6 +109,83 @@ def test_the_fast_listen_picks_a_deal_up_without_a_full_tick(
     for name in ("get_logs", "view_deal", "view_task", "block_timestamp"):
         monkeypatch.setattr(scheduler.ctx.client, name, lambda *a, _n=name, **k: calls.append(_n))
     assert scheduler.listen_tick().deals_new == 0 and calls == []
+
+
+def _listen_until_running(scheduler: Scheduler, devnet: DevnetHandle, store: Store) -> Any:
+    """A deal matched while the scheduler's block listen runs on its thread (no tick): its
+    tasks end RUNNING."""
+    stop = threading.Event()
+    listening = threading.Thread(target=scheduler.listen_forever, args=(stop,), daemon=True)
+    listening.start()
+    try:
+        time.sleep(0.5)  # the watch is up (its first look read the logs up to the head)
+        deal = _match(devnet, volume=2)
+        deadline = time.monotonic() + 30
+        while not all((store.task(t) or {}).get("status") == "RUNNING" for t in deal.taskids()):
+            assert time.monotonic() < deadline, "the deal was not picked up"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        listening.join(10)
+    assert not listening.is_alive()
+    return deal
+
+
+def test_on_anvil_a_block_filter_tells_the_listen_of_new_blocks_and_nothing_else(
+    devnet: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    scheduler = make_scheduler(listen_period=0.05)
+    client = scheduler.ctx.client
+    watch = scheduler.blocks
+    # Given the block filter anvil keeps: while no block comes, a look says so, reading
+    # nothing but the filter
+    assert watch.look() is True and watch.mode == "filter"
+    before = client.usage()["calls"]
+    assert [watch.look() for _ in range(3)] == [False] * 3
+    after = client.usage()["calls"]
+    assert after.get("eth_getFilterChanges", 0) - before.get("eth_getFilterChanges", 0) == 3
+    assert after.get("eth_blockNumber", 0) == before.get("eth_blockNumber", 0)
+    # a block mined: the next look says so, once
+    devnet.rpc("evm_mine", [])
+    assert watch.look() is True and watch.look() is False
+    # the node forgets the filter: a new one is made and nothing is lost
+    assert watch.filter_id is not None
+    devnet.rpc("eth_uninstallFilter", [watch.filter_id])
+    assert watch.look() is True and watch.look() is True and watch.look() is False
+    # When a deal is matched while the listen waits for blocks (no tick runs)
+    first = devnet.client.block_number()
+    heads = client.usage()["calls"].get("eth_blockNumber", 0)
+    deal = _listen_until_running(scheduler, devnet, store)
+    # Then it was picked up through the filter: the head was read only when blocks came
+    # (at most once per block: the listen's own read)
+    mined = devnet.client.block_number() - first
+    calls = client.usage()["calls"]
+    assert watch.mode == "filter"
+    assert 1 <= calls["eth_blockNumber"] - heads <= mined + 1, (calls, mined)
+    assert len(deal.taskids()) == 2
+
+
+def test_on_a_node_that_refuses_filters_the_listen_polls_the_head_and_takes_the_deal(
+    devnet: DevnetHandle, store: Store, make_scheduler: Callable[..., Scheduler]
+) -> None:
+    # Given a chain node without block filters (a proxy in front of anvil that answers
+    # eth_newBlockFilter with "method not found", as some providers do)
+    with FaultyRpcProxy(
+        devnet.info["rpc_url"],
+        refuse=0,
+        lose=0,
+        max_delay=0,
+        unsupported=frozenset({"eth_newBlockFilter"}),
+    ) as node:
+        scheduler = make_scheduler(chain_rpc_url=node.url, listen_period=0.05)
+        # When a deal is matched while the listen waits for blocks
+        deal = _listen_until_running(scheduler, devnet, store)
+    # Then the listen polled the head and took the deal; the filter was asked for once
+    assert scheduler.blocks.mode == "poll"
+    assert node.methods["eth_newBlockFilter"] == 1 and node.counts["unsupported"] == 1
+    assert node.methods["eth_getFilterChanges"] == 0
+    assert node.methods["eth_blockNumber"] > 2  # each look reads the head
+    assert len(deal.taskids()) == 2
 
 
 def test_a_fast_listen_steps_aside_while_a_tick_holds_the_lock(

@@ -1,32 +1,36 @@
 """What the scheduler's passes cost, on fakes of the chain and Celery and the mongomock store:
-a tick's store queries do not grow with the number of running tasks (one query per pass,
-replicates read in ``$in`` batches, serving workers counted once per queue), and chain state
-read once is passed along instead of read again (docs/performance.md, hot spots 7 and 8)."""
+a tick's work follows what changed, not what exists (a tick with nothing changed reads no
+task at 10,000 running tasks; a report marks the one task the next tick looks at; the safety
+net looks at a bounded slice per tick, every task in turn), and chain state read once is
+passed along instead of read again (docs/performance.md, hot spots 7, 8 and 18)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import fakeredis
 import pytest
 from eth_utils import keccak
 
 from poco.chain import Receipt
 from poco.types import ChainTaskStatus, ContributionStatus
-from pool import store as store_mod
-from pool.messages import REPLICATE_QUEUES, REVEAL, Messenger
+from pool.clock import utcnow
+from pool.messages import REPLICATE_QUEUES, REVEAL, Messenger, ReplicateReport
 from pool.settings import Settings
 from pool.states import ReplicateStatus, TaskStatus
 from pool.store import Store
 from scheduler import finalize as finalize_mod
+from scheduler import planning as planning_mod
 from scheduler import reconcile as reconcile_mod
 from scheduler.context import SchedulerContext, TickReport
 from scheduler.service import Scheduler
+from testing import indexed_mongomock
 from testing.celery import FakeCelery, Sent
 from testing.chain import FakeChain, FakeWallet, chain_task, contribution
-from testing.store import count_calls, memory_store
+from testing.store import COLLECTIONS, count_calls, memory_store
 
 STANDARD = REPLICATE_QUEUES["standard"]
 GPU = REPLICATE_QUEUES["gpu"]
@@ -113,12 +117,6 @@ def add_tasks(
     return ids
 
 
-def reconcile_cost(scheduler: Scheduler, store: Store) -> Counter[str]:
-    calls = count_calls(store, docs=False)
-    scheduler.reconciler.reconcile(scheduler_report())
-    return calls
-
-
 def scheduler_report() -> TickReport:
     return TickReport()
 
@@ -137,39 +135,195 @@ def make_running_pool(store: Store, waiting: int, computing: int) -> None:
     )
 
 
-def _second_pass_cost(size: int) -> tuple[Counter[str], Counter[str]]:
-    """Store calls and chain reads of a reconcile pass over ``size`` running tasks (half
-    waiting for a worker on two queues, half computing), once the first pass settled them."""
+# ---- the tick's cost follows what changed, not what exists (issue 21) --------------------
+@pytest.fixture
+def indexed() -> Iterator[None]:
+    """mongomock with the store's indexes (as ops/bench measures it): building 10,000 tasks
+    on plain mongomock takes minutes (it scans the collection for every unique key)."""
+    indexed_mongomock.install()
+    try:
+        yield
+    finally:
+        indexed_mongomock.uninstall()
+
+
+class Clock:
+    """The reconciler's wall clock, stopped at the time it is made, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def forward(self, seconds: float) -> None:
+        self.now += dt.timedelta(seconds=seconds)
+
+
+def settled_pool(size: int) -> tuple[Scheduler, Store, FakeChain, FakeCelery]:
+    """``size`` tasks through a first tick of the real scheduler: a quarter waiting on the
+    standard queue, a quarter on the gpu queue (nobody serves it), half with a replicate of
+    the one live standard worker under way; all planned (RUNNING, their jobs sent)."""
     chain = FakeChain(now=NOW, hub=POOL)
-    store = memory_store(f"workerpool-cost-{size}")
-    scheduler = make_scheduler(store, chain, FakeCelery())
-    make_running_pool(store, waiting=size // 2, computing=size - size // 2)
-    scheduler.reconciler.reconcile(scheduler_report())  # first pass: waiting reasons written
-    gpu_task = store.task(taskid(100_000))
-    assert gpu_task is not None
-    assert gpu_task["waitingReason"] == f"waiting: no live worker serves {GPU}"
-    assert store.task(taskid(0)).get("waitingReason", "") == ""  # type: ignore[union-attr]
+    store = memory_store(f"workerpool-tick-{size}")
+    celery = FakeCelery()
+    scheduler = make_scheduler(store, chain, celery)
+    quarter = size // 4
+    add_tasks(store, quarter, start=0, status="INITIALIZED")
+    add_tasks(store, quarter, start=100_000, queue=GPU, status="INITIALIZED")
+    computing = add_tasks(store, size - 2 * quarter, start=200_000, status="INITIALIZED")
+    store.replicates.insert_many(
+        [
+            {"chainTaskId": tid, "worker": WORKER_A, "status": "STARTING", "updatedAt": None}
+            for tid in computing
+        ]
+    )
+    store.workers.insert_one(
+        {"address": WORKER_A, "status": "ALIVE", "capabilities": ["standard"], "lastSeen": None}
+    )
+    store.tasks.update_many({"chainTaskId": {"$in": computing}}, {"$set": {"replicatesGranted": 1}})
+    first = scheduler.tick()
+    assert first.jobs_enqueued == size and not first.errors
+    return scheduler, store, chain, celery
+
+
+def tick_cost(
+    scheduler: Scheduler, store: Store, chain: FakeChain
+) -> tuple[Counter[str], Counter[str]]:
+    """The store calls (and documents read) and chain reads of one full tick."""
+    calls = count_calls(store, docs=True)
     chain.calls.clear()
-    return reconcile_cost(scheduler, store), chain.calls
+    report = scheduler.tick()
+    assert not report.errors, report.errors
+    for name in COLLECTIONS:  # counting stops
+        setattr(store, name, getattr(store, name)._inner)
+    return calls, Counter(chain.calls)
 
 
-def test_a_reconcile_pass_costs_the_same_store_queries_for_4_or_60_running_tasks(
-    monkeypatch: pytest.MonkeyPatch,
+def docs_read(calls: Counter[str]) -> dict[str, int]:
+    return {k: v for k, v in calls.items() if k.endswith("docs_read")}
+
+
+def test_a_tick_at_10000_running_tasks_with_nothing_changed_costs_what_it_costs_at_1000(
+    indexed: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_mod, "IN_BATCH", 25)  # (1,000 in production)
-    # Given 4, then 60 running tasks; When the next tick reconciles them
-    small, small_reads = _second_pass_cost(4)
-    large, large_reads = _second_pass_cost(60)
+    costs = {}
+    for size in (1_000, 10_000):
+        # Given running tasks a tick has planned, and nothing happening since
+        scheduler, store, chain, _ = settled_pool(size)
+        gpu_task = store.task(taskid(100_000))
+        assert gpu_task is not None
+        assert gpu_task["waitingReason"] == f"waiting: no live worker serves {GPU}"
+        assert store.task(taskid(0))["waitingReason"] == ""  # type: ignore[index]
+        # When the next tick runs
+        costs[size] = tick_cost(scheduler, store, chain)
 
-    # Then the store is asked as often for 60 as for 4 (one query per pass, the live workers
-    # counted once per queue), except the replicates: one $in query per IN_BATCH tasks
-    assert small["replicates.find"] == 1 and large["replicates.find"] == 3
-    assert large - Counter({"replicates.find": 3}) == small - Counter({"replicates.find": 1})
-    assert large["workers.count_documents"] == 2
-    assert large["tasks.find_one"] == 0 and large["replicates.find_one"] == 0
-    assert large["tasks.find"] <= 10  # one per pass (detectors, contributing, reveal ...)
-    # And no chain read per task (the block time only)
-    assert small_reads == large_reads == Counter({"eth_getBlockByNumber": 1})
+    # Then it asks the store and the chain exactly as much at 10,000 tasks as at 1,000: the
+    # live workers, the listener's cursor, the chain time, and the next slice of the safety
+    # net (REVIEW_SLICE tasks and their replicates, however many tasks are in flight)
+    (small, small_chain), (large, large_chain) = costs[1_000], costs[10_000]
+    assert large == small, large - small
+    slice_ = reconcile_mod.REVIEW_SLICE
+    assert large["tasks.docs_read"] == slice_
+    assert large["replicates.docs_read"] <= slice_
+    assert sum(docs_read(large).values()) <= 2 * slice_ + 4, docs_read(large)
+    assert sum(v for k, v in large.items() if not k.endswith("docs_read")) <= 40, large
+    assert large_chain == small_chain
+    assert large_chain["viewTask"] == 0 and large_chain["viewContribution"] == 0
+
+
+def test_the_safety_net_looks_at_every_task_once_per_round_and_a_round_per_recheck_period(
+    indexed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(reconcile_mod, "utcnow", clock)
+    monkeypatch.setattr(reconcile_mod, "REVIEW_SLICE", 2_500)
+    looked: list[list[str]] = []
+
+    def spy(scheduler: Scheduler) -> None:
+        look = scheduler.reconciler._look
+
+        def recording(tasks: list[dict[str, Any]], report: TickReport) -> dict[str, Any]:
+            looked[-1].extend(t["chainTaskId"] for t in tasks)
+            return look(tasks, report)
+
+        monkeypatch.setattr(scheduler.reconciler, "_look", recording)
+
+    # Given 10,000 running tasks (the first tick looked at the first slice)
+    scheduler, _, _, _ = settled_pool(10_000)
+    spy(scheduler)
+    # When ticks follow one another within CHAIN_RECHECK
+    for _ in range(5):
+        looked.append([])
+        clock.forward(1)
+        scheduler.tick()
+    # Then each looks at the next slice by task id until the round is over, then none
+    assert [len(ids) for ids in looked] == [2_500, 2_500, 2_500, 0, 0]
+    first_round = [i for ids in looked for i in ids]
+    assert len(set(first_round)) == len(first_round) == 7_500  # (+ the first tick's 2,500)
+    # And once CHAIN_RECHECK has passed since the round started, the next round starts
+    looked.append([])
+    clock.forward(reconcile_mod.CHAIN_RECHECK)
+    scheduler.tick()
+    assert len(looked[-1]) == 2_500 and set(looked[-1]).isdisjoint(first_round)
+
+
+def test_a_report_marks_its_task_and_the_next_tick_looks_at_that_task_only(
+    indexed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the safety net's round over the 10,000 tasks is over: the first tick looked at all)
+    monkeypatch.setattr(reconcile_mod, "REVIEW_SLICE", 20_000)
+    monkeypatch.setattr(reconcile_mod, "utcnow", Clock())
+    scheduler, store, chain, celery = settled_pool(10_000)
+    # Given one computing task whose replicate the worker gave up (an engine failure)
+    tid = taskid(200_000 + 7)
+    chain.tasks[tid] = task_on_chain(tid, ChainTaskStatus.ACTIVE, [])
+    scheduler.reports.apply(
+        ReplicateReport(tid, WORKER_A, ReplicateStatus.ABORTED, reason="engine failed")
+    )
+    assert store.task(tid)["reviewAt"] is not None  # type: ignore[index]
+    monkeypatch.setattr(reconcile_mod, "utcnow", Clock())  # (its mark is due)
+    sent = len(celery.messages)
+    # When the next tick runs
+    calls, chain_calls = tick_cost(scheduler, store, chain)
+    # Then it looked at that task alone, planned another replicate for it, and left no mark
+    assert calls["tasks.docs_read"] <= 3, docs_read(calls)
+    assert calls["replicates.docs_read"] <= 2, docs_read(calls)
+    assert chain_calls["viewTask"] == 1
+    assert [m.args[0]["taskid"] for m in list(celery.messages)[sent:]] == [tid]
+    doc = store.task(tid)
+    assert doc is not None and doc["replicatesNeeded"] == 2 and "reviewAt" not in doc
+
+
+def test_a_queue_emptied_by_busy_workers_costs_each_task_one_look_for_lost_jobs(
+    indexed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(planning_mod, "REQUEUE_PER_TICK", 1_000)
+    # Given 2,000 running tasks whose jobs every worker took (the queue is empty in Redis), past
+    # the grace of the lost-jobs pass, and 3 tasks whose jobs Redis lost
+    chain = FakeChain(now=NOW, hub=POOL)
+    store = memory_store("workerpool-requeue")
+    celery = FakeCelery()
+    settings = Settings(pool_address=POOL, chain_rpc_url="http://fake", hub_address=POOL)
+    wallet = FakeWallet(chain)
+    redis = fakeredis.FakeRedis()
+    ctx = SchedulerContext(settings, store, chain, wallet, Messenger(celery), redis)  # type: ignore[arg-type]
+    scheduler = Scheduler(ctx)
+    taken = add_tasks(store, 2_000)
+    lost = add_tasks(store, 3, start=50_000)
+    store.tasks.update_many({}, {"$set": {"enqueuedAt": 0.0}})
+    store.tasks.update_many({"chainTaskId": {"$in": lost}}, {"$set": {"replicatesGranted": 0}})
+    # When the pass runs tick after tick (at most REQUEUE_PER_TICK tasks per queue each)
+    calls = count_calls(store, docs=True)
+    added = [scheduler.planner.requeue_lost_jobs(TickReport()) for _ in range(4)]
+    # Then the owed jobs are sent again once, each task owed nothing is read once and leaves
+    # the pass, and the last pass reads nothing
+    assert sum(added) == 3
+    assert sorted(m.args[0]["taskid"] for m in celery.messages) == sorted(lost)
+    assert calls["tasks.docs_read"] == len(taken) + len(lost)
+    calls.clear()
+    assert scheduler.planner.requeue_lost_jobs(TickReport()) == 0
+    assert calls["tasks.docs_read"] == 0
 
 
 def test_passes_over_every_running_task_read_a_projection_not_the_timeline(

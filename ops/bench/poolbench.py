@@ -8,8 +8,8 @@ usage is counted by the services' own clients (``ChainClient.usage()``: requests
 method, transactions by PoCo function), the workers' written to files by ``usage.py``, so
 the requester and the benchmark's own polling are not charged to the pool.
 
-The store is mongomock with hash indexes (``indexed_mongomock``: a stand-in for an indexed
-MongoDB); ``--store plain`` uses plain mongomock, as ``workerpool standalone`` does.
+The store is mongomock with indexes (``testing/indexed_mongomock.py``: a stand-in for an
+indexed MongoDB); ``--store plain`` uses plain mongomock, as ``workerpool standalone`` does.
 """
 
 from __future__ import annotations
@@ -331,8 +331,7 @@ class Pool:
         from scheduler.tasks import register
 
         if self.store_kind == "indexed":
-            sys.path.insert(0, str(HERE))
-            import indexed_mongomock
+            from testing import indexed_mongomock
 
             indexed_mongomock.install()
         redis.Redis.from_url(self.redis_url).flushdb()  # this benchmark's own database

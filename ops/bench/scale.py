@@ -120,6 +120,47 @@ class FakeWorkers:
 
 
 # ---- the run --------------------------------------------------------------------------------
+def memory_by_file(top: int = 12) -> dict[str, float]:
+    """What is allocated now (tracemalloc), in MB by the file that allocated it: the
+    stand-ins (mongomock and its indexes, the fake chain) apart from the scheduler's own."""
+    import tracemalloc
+
+    gc.collect()
+    stats = tracemalloc.take_snapshot().statistics("filename")
+    total = sum(s.size for s in stats)
+    found = {"(total traced)": round(total / 2**20, 1)}
+    for stat in stats[:top]:
+        name = stat.traceback[0].filename
+        for marker in ("site-packages/", str(ROOT) + "/"):
+            name = name.split(marker, 1)[-1]
+        found[name] = round(stat.size / 2**20, 1)
+    return found
+
+
+def idle_ticks(scheduler: Any, ops: collections.Counter[str], count: int) -> dict[str, Any]:
+    """``count`` ticks: their median and longest time, store calls and documents read."""
+    walls: list[float] = []
+    before = collections.Counter(ops)
+    for _ in range(count):
+        _, wall, _ = _timed(scheduler.tick)
+        walls.append(wall)
+    spent = ops - before
+    per_tick = max(1, count)
+    return {
+        "ticks": count,
+        "median_s": round(sorted(walls)[len(walls) // 2], 4) if walls else None,
+        "max_s": round(max(walls), 4) if walls else None,
+        "store_ops": round(
+            sum(v for k, v in spent.items() if not k.endswith("docs_read")) / per_tick, 1
+        ),
+        "docs_read": {
+            k.removesuffix(".docs_read"): round(v / per_tick, 1)
+            for k, v in spent.items()
+            if k.endswith("docs_read")
+        },
+    }
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     out = fn()
@@ -130,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import mongomock_ng as mongomock
 
     if not args.plain_mongomock:
-        import indexed_mongomock
+        from testing import indexed_mongomock
 
         indexed_mongomock.install()
     import experiments
@@ -141,12 +182,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     experiments.apply()  # WORKERPOOL_BENCH_TRY, if any
 
+    if args.memory_profile:
+        import tracemalloc
+
+        tracemalloc.start(1)
     base_rss = current_rss_mb()
     store = Store(mongomock.MongoClient()["bench"])
     ops = count_calls(store)
     store.ensure_indexes()
     chain = FakeChain()
-    celery = FakeCelery()
+    celery = FakeCelery(keep=args.lifecycle)  # (the fake workers read the jobs sent)
     settings = Settings(
         chain_rpc_url="fake://chain",
         hub_address=HUB,
@@ -184,23 +229,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if ticks > 50:
             raise SystemExit(f"not dispatched after 50 ticks: {celery.sent}")
     dispatch_wall, dispatch_cpu = time.perf_counter() - w0, time.process_time() - c0
+    memory = memory_by_file() if args.memory_profile else None
     dispatch_ops = dict(ops)
     dispatch_calls = dict(chain.calls)
     dispatch_tx = dict(chain.txs)
     rss_after_dispatch = rss_mb()
 
-    # ---- one tick with N tasks running and nobody taking them ----
-    idle: list[float] = []
-    idle_ops0 = sum(ops.values())
-    for _ in range(args.idle_ticks):
-        _, wall, _ = _timed(scheduler.tick)
-        idle.append(wall)
-    idle_ops = (sum(ops.values()) - idle_ops0) / max(1, args.idle_ticks)
+    # ---- ticks with N tasks running and nobody taking them ----
+    # each reads the next slice of the safety net's round (its steady state at scale: a round
+    # over 100,000 tasks lasts 1,000 ticks), then, the round over, nothing at all
+    idle = idle_ticks(scheduler, ops, args.idle_ticks)
+    quiet = None
+    if args.quiet_ticks:
+        from scheduler import reconcile
+
+        rounds = 0
+        while not scheduler.reconciler._round_done:
+            scheduler.tick()
+            rounds += 1
+            if rounds > n // reconcile.REVIEW_SLICE + 10:
+                raise SystemExit("the safety net's round did not end")
+        quiet = idle_ticks(scheduler, ops, args.quiet_ticks)
+        quiet["ticks_to_end_the_round"] = rounds
 
     result: dict[str, Any] = {
         "tasks": n,
         "deal_size": size,
-        "store": "mongomock" if args.plain_mongomock else "mongomock+hash-indexes",
+        "store": "mongomock" if args.plain_mongomock else "mongomock+indexes",
         "dispatch": {
             "ticks": ticks,
             "wall_s": round(dispatch_wall, 3),
@@ -216,11 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "init_tx_per_task": round(dispatch_tx.get("initializeArray", 0) / n, 4),
             "jobs_sent": celery.sent[RUN_REPLICATE.name],
         },
-        "idle_tick": {
-            "ticks": args.idle_ticks,
-            "median_s": round(sorted(idle)[len(idle) // 2], 4) if idle else None,
-            "store_ops": round(idle_ops, 1),
-        },
+        "idle_tick": idle,
+        "quiet_tick": quiet,
         "rss_mb": {
             "start": round(base_rss, 1),
             "after_dispatch_peak": round(rss_after_dispatch, 1),
@@ -274,6 +326,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         result["rss_mb"]["after_lifecycle_peak"] = round(rss_mb(), 1)
     result["rss_mb"]["peak"] = round(rss_mb(), 1)
+    if memory is not None:
+        result["memory_after_dispatch_mb"] = memory
     if profiler is not None:
         profiler.stop()
         out = Path(args.profile)
@@ -288,13 +342,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--deal-size", type=int, default=100)
     p.add_argument("--init-batch-size", type=int, default=20)
-    p.add_argument("--idle-ticks", type=int, default=3)
+    p.add_argument("--idle-ticks", type=int, default=5)
+    p.add_argument(
+        "--quiet-ticks",
+        type=int,
+        default=3,
+        help="after the safety net's round is over, time this many ticks (0: skip)",
+    )
     p.add_argument("--lifecycle", action="store_true")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--poll-period", type=float, default=2.0)
     p.add_argument("--lifecycle-timeout", type=float, default=1800)
     p.add_argument("--plain-mongomock", action="store_true")
     p.add_argument("--profile", default="", help="write a pyinstrument text profile here")
+    p.add_argument(
+        "--memory-profile",
+        action="store_true",
+        help="tracemalloc: what holds the memory after dispatch, by file (slow)",
+    )
     return p.parse_args(argv)
 
 
