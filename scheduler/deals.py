@@ -75,21 +75,20 @@ class BlockWatch:
         return moved
 
     def wait(self, stop: threading.Event, timeout: float) -> bool:
-        """Look every ``period`` seconds until a block comes (True) or ``timeout`` seconds
-        have passed or ``stop`` is set (False). A node that does not answer is looked at
-        again at the next period."""
+        """Look every ``period`` seconds (the first look one period from now: the caller
+        has just listened) until a block comes (True) or ``timeout`` seconds have passed or
+        ``stop`` is set (False). A node that does not answer is looked at again at the next
+        period."""
         deadline = time.monotonic() + timeout
-        while not stop.is_set():
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or stop.wait(min(self.period, left)):
+                return False
             try:
                 if self.look():
                     return True
             except PocoError as exc:
                 log.warning("looking for new blocks: %s", exc)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            stop.wait(min(self.period, left))
-        return False
 
     def close(self) -> None:
         """Let the node forget the filter (best effort)."""
