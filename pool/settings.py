@@ -1133,7 +1133,7 @@ def public_config(settings: Settings, chain_id: int) -> dict[str, Any]:
 
 def with_public_config(settings: Settings, config: Mapping[str, Any]) -> tuple[Settings, list[str]]:
     """A worker node's settings completed from its scheduler's published configuration: the
-    chain URL and hub when the node has none, its chain id when IEXEC_CHAIN_ID is 0, the
+    chain URL, hub and pool when the node has none, its chain id when IEXEC_CHAIN_ID is 0, the
     result base when neither WORKERPOOL_PUBLIC_URL nor a result repository is set. Returns
     the settings and what was taken (for the start-up log). A malformed value is refused."""
     taken: list[str] = []
@@ -1159,6 +1159,10 @@ def with_public_config(settings: Settings, config: Mapping[str, Any]) -> tuple[S
     if not settings.hub_address and config.get("hub"):
         values["hub_address"] = parse("hub", _address)
         taken.append(f"hub {values['hub_address']}")
+    if not settings.pool_address and config.get("pool"):
+        # the node signs its messages in this pool's domain (pool/messages.py)
+        values["pool_address"] = parse("pool", _address)
+        taken.append(f"pool {values['pool_address']}")
     if not settings.chain_id and config.get("chainId") is not None:
         values["chain_id"] = parse("chainId", _nonneg_int)
         taken.append(f"chain id {values['chain_id']}")
