@@ -5,6 +5,7 @@ needs another replicate (a slot reserved atomically in the store)."""
 from __future__ import annotations
 
 import logging
+import time
 
 from poco.proofs import sign_authorization
 from pool.messages import Authorization, AuthorizeRequest
@@ -30,6 +31,9 @@ class Authorizer:
         otherwise the job is stale and is dropped.
         """
         taskid, worker, enclave = request.taskid, request.worker, request.enclave
+        if request.expires_at is not None and time.time() > request.expires_at:
+            # the worker stopped waiting: a grant now would reserve a slot nobody uses
+            return _refuse("the request expired before it was read", requeue=False)
         task = self.store.task(taskid)
         if task is None:
             return _refuse("unknown task", requeue=False)

@@ -90,6 +90,16 @@ class Reports:
             self.finalizer.finalized_by_worker(
                 taskid, worker, report.result_link or "", report.callback_data or ""
             )
+        elif target == R.ABORTED and report.node_fault:
+            # the node's own failure (engine, registry seen from it, disk): another node may
+            # well succeed, and this one is paused after repeated ones
+            log.warning(
+                "replicate of %s on %s failed on the node's side: %s", worker, taskid, report.reason
+            )
+            self.fleet.failed(worker)
+            self.planner.replan(
+                taskid, why=f"{worker} failed on its side: {report.reason or report.cause}"
+            )
         elif str(target) in REPLICATE_DEAD:
             log.warning(
                 "replicate of %s on %s: %s (%s)", worker, taskid, target, report.reason or ""

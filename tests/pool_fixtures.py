@@ -181,6 +181,8 @@ def pool_env(devnet: DevnetHandle, redis_url: str, ipfs_api_url: str) -> dict[st
         "IEXEC_IPFS_PORT": ipfs_api_url.rsplit(":", 1)[1],
         "WORKERPOOL_RESULT_STORAGE": "ipfs",
         "WORKERPOOL_APP_OUTPUT_LIMIT_MB": "5",
+        # the tests serve input files from 127.0.0.1, which workers refuse by default
+        "WORKERPOOL_DOWNLOAD_ALLOW_PRIVATE": "1",
         "WORKERPOOL_WORKER_SLOTS": "2",
         "WORKERPOOL_HEARTBEAT_PERIOD": "1",
         "WORKER_LOST_TIMEOUT": "5",

@@ -160,7 +160,14 @@ def test_echo_app_end_to_end(
     )
     task_id = new_task_id()
     in_dir, out_dir = tmp_path / "iexec_in", tmp_path / "iexec_out"
-    names = inputs.download_inputs(params.iexec_input_files, in_dir, max_bytes=MB, timeout=10)
+    # (the server is on 127.0.0.1, which only devnets and tests allow)
+    names = inputs.download_inputs(
+        params.iexec_input_files,
+        in_dir,
+        max_bytes=MB,
+        timeout=10,
+        policy=inputs.AddressPolicy(allow_private=True),
+    )
     env = inputs.app_env(
         deal_id=DEAL_ID,
         task_id=task_id,
