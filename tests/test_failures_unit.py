@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import io
 import json
 import os
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from engine_support import HttpServer as Server
 from eth_utils import keccak
 
 from poco.results import callback_bytes
@@ -161,41 +160,6 @@ def test_non_global_addresses_are_named(address: str, why: str) -> None:
 @pytest.mark.parametrize("address", ["1.1.1.1", "93.184.216.34", "2606:4700:4700::1111"])
 def test_global_addresses_pass(address: str) -> None:
     assert non_global(address) == ""
-
-
-class Server:
-    """An HTTP server on 127.0.0.1: ``routes`` path -> (status, headers, body); every request
-    is recorded."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
-        self.requests: list[str] = []
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                owner.requests.append(self.path)
-                status, headers, body = owner.routes.get(self.path, (404, {}, b"no"))
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
