@@ -453,6 +453,15 @@ def test_an_app_that_fails_after_writing_its_result_contributes_it(tmp_path: Pat
     assert celery.of(CONTRIBUTE.name)
 
 
+def test_a_successful_run_keeps_its_output_for_the_requester(tmp_path: Path) -> None:
+    celery = FakeCelery()
+    compute(make_node(tmp_path, FakeRunner(), celery, Chain()))
+    last = reports(celery)[-1]
+    assert last["status"] == R.COMPUTED and "cause" not in last
+    # the output goes to the requester's compute logs, not into the report's public log tail
+    assert last["stdout"] == "fake app: done\n" and "log_tail" not in last
+
+
 @pytest.mark.parametrize(
     ("exit_code", "cause"),
     [(1, Cause.APP_COMPUTE_FAILED), (0, Cause.POST_COMPUTE_COMPUTED_FILE_NOT_FOUND)],

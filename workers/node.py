@@ -502,7 +502,8 @@ class WorkerNode:
             input_dir=in_dir,
             output_dir=out_dir,
             env=env,
-            timeout=remaining,
+            # whole seconds (a limit of "10 s", not of "9.99989 s" when nothing was downloaded)
+            timeout=float(round(remaining)),
             memory_bytes=self.settings.app_memory_mb * MB,
             nano_cpus=int(self.settings.app_cpus * 1e9),
             output_limit_bytes=output_limit,
@@ -522,7 +523,9 @@ class WorkerNode:
             return self._node_fault(job, f"container: {exc}", Cause.APP_NOT_FOUND_LOCALLY)
         self._checkpoint(job)  # stopped on the scheduler's request: nothing to report
         logs: _RunLogs = {
-            "log_tail": outcome.log_tail,
+            # the end of a failed run's output goes with the failure (a successful run's
+            # output is the requester's only: its compute logs)
+            "log_tail": None if outcome.ok else outcome.log_tail,
             "exit_code": outcome.exit_code,
             "stdout": outcome.stdout or None,
             "stderr": outcome.stderr or None,
