@@ -13,12 +13,16 @@ What :class:`DockerRunner` guarantees, and why:
   The user is left to the image (apps may expect root *inside* the container), which is
   safe because root without capabilities cannot escape it.
 - **Bounded**: memory (swap included), CPU, pids, log size, wall time and the size of
-  ``/iexec_out`` are limited. The run blocks on one engine ``wait`` (so the end of the
-  app is seen at once and the slot freed) until the time limit, and kills the container
-  when the wall time is over; a thread measures the output every ``poll_interval`` seconds
-  and kills the container when it goes over its limit. The output check is periodic, so an app can
-  overshoot by what it writes in one interval; the size is checked once more after the
-  app exits, so an app that is too quick for the check is still flagged.
+  ``/iexec_out`` are limited; the root filesystem is read-only and ``/tmp`` a small tmpfs.
+  The run blocks on one engine ``wait`` (so the end of the app is seen at once and the slot
+  freed) until the time limit, and kills the container when the wall time is over. When
+  the worker mounted a filesystem of the limit's size on the output folder
+  (:attr:`AppRun.output_mounted`, :mod:`workers.mounts`), the app cannot write past the
+  limit; the runner first checks that the engine binds that very filesystem. Otherwise a
+  thread measures the output every ``poll_interval`` seconds and kills the container when
+  it goes over its limit, so an app can overshoot by what it writes in one interval; the
+  size is checked once more after the app exits, so an app that is too quick for the
+  check is still flagged. An output that cannot be measured counts as over the limit.
 - **Always removed**: the container is force-removed in a ``finally``, whatever happens
   (app failure, engine error, ``KeyboardInterrupt``, ``SystemExit``). A container left by
   a worker that crashed is removed by name before the next run of the same task, and
@@ -350,7 +354,7 @@ def output_size(run: AppRun) -> tuple[int, bool]:
     if run.output_mounted:
         info = os.statvfs(run.output_dir)
         used = (info.f_blocks - info.f_bfree) * info.f_frsize
-        full = info.f_bavail * info.f_frsize < 4096 or info.f_favail == 0
+        full = info.f_bavail * info.f_frsize < 4096 or (info.f_files > 0 and info.f_favail == 0)
         return used, full or used > run.output_limit_bytes
     size = dir_size(run.output_dir)
     return size, size > run.output_limit_bytes
