@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from flask import current_app
 
+from pool.messages import Domain
 from pool.settings import Settings
 from pool.store import Store
 
@@ -151,6 +152,7 @@ class ApiContext:
         self._redis = redis
         self.chain = chain or ChainProbe(settings)
         self._lock = threading.Lock()
+        self._domain: Domain | None = None
 
     @property
     def store(self) -> Store:
@@ -163,12 +165,21 @@ class ApiContext:
     def redis(self) -> Any:
         with self._lock:
             if self._redis is None:
-                import redis
+                from pool.broker import redis_client
 
-                self._redis = redis.Redis.from_url(
-                    self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+                self._redis = redis_client(
+                    self.settings, socket_timeout=2, socket_connect_timeout=2
                 )
             return self._redis
+
+    def domain(self) -> Domain | None:
+        """The domain the workers sign their heartbeats in (this chain, POOL_ADDRESS), once
+        the chain id is known (IEXEC_CHAIN_ID, or the chain node); None before."""
+        if self._domain is None and self.settings.pool_address:
+            chain_id = self.settings.chain_id or self.chain.facts().chain_id
+            if chain_id:
+                self._domain = Domain(chain_id, str(self.settings.pool_address))
+        return self._domain
 
     @property
     def lost_after(self) -> float:

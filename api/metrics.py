@@ -11,6 +11,7 @@ cursor. Each app has its own :class:`CollectorRegistry`, so several apps in one 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,11 +30,13 @@ from api.queries import (
     BACKLOG_STAGES,
     listener_position,
     queue_depths,
+    refused_messages,
     transactions,
     worker_views,
     workers_summary,
 )
 from pool.clock import utcnow
+from pool.messages import REFUSALS
 from pool.states import DealStatus, ReplicateStatus, TaskStatus
 
 # seconds: a replicate of the echo app takes < 1 s; category XS allows 300 s, XL 36000 s
@@ -188,6 +191,19 @@ class PoolCollector(Collector):
         for name, depth in depths.items():
             gauge.add_metric([name], depth or 0)
         yield gauge
+        refused = GaugeMetricFamily(
+            "workerpool_messages_refused",
+            "Worker messages the scheduler refused (forged, replayed, stale, a claim the "
+            "chain does not confirm ...), by message and reason, since Redis was emptied.",
+            labels=["message", "reason"],
+        )
+        # every pair a message can be refused for, from 0: delta() sees the first refusal
+        counts = {(m, r): 0 for m, reasons in REFUSALS.items() for r in reasons}
+        with contextlib.suppress(Exception):  # a hash that is no longer one: zeros
+            counts.update(refused_messages(self.context))
+        for (message, reason), n in sorted(counts.items()):
+            refused.add_metric([message.rpartition(".")[2], reason], n)
+        yield refused
 
     def _chain_metrics(self, up: GaugeMetricFamily) -> Iterator[Metric]:
         facts = self.context.chain.facts()

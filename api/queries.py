@@ -15,7 +15,7 @@ from api.common import age_seconds
 from api.context import ApiContext, ChainFacts
 from pool import keys
 from pool.clock import utcnow
-from pool.messages import REPLICATE_QUEUES, SCHEDULER_QUEUE
+from pool.messages import REPLICATE_QUEUES, SCHEDULER_QUEUE, Refusals, heartbeat_time
 from pool.states import DealStatus, ReplicateStatus, TaskStatus, WorkerStatus
 
 T = TaskStatus
@@ -65,8 +65,9 @@ def worker_view(
     * PAUSED while the scheduler refuses it work after repeated failures (``pausedUntil``);
     * ALIVE otherwise.
 
-    ``seen`` is the heartbeat time nodes write straight into Redis (Unix seconds); the
-    fresher of it and Mongo's ``lastSeen`` counts, as in the scheduler's own detector.
+    ``seen`` is the time of the signed heartbeat nodes write straight into Redis (Unix
+    seconds, its signature checked); the fresher of it and Mongo's ``lastSeen`` counts, as in
+    the scheduler's own detector.
     """
     age = age_seconds(doc.get("lastSeen"), now)
     if seen is not None:
@@ -87,17 +88,22 @@ def worker_views(ctx: ApiContext, now: dt.datetime) -> list[dict[str, Any]]:
     node), so they are read whole and filtered here, where the status is known."""
     docs = ctx.store.all_workers()
     seen: list[Any] = [None] * len(docs)
-    if docs:
+    domain = ctx.domain() if docs else None
+    if domain is not None:  # (the chain id unknown: Mongo's lastSeen alone)
         with contextlib.suppress(Exception):  # Redis down: Mongo's lastSeen alone
             seen = list(ctx.redis.mget([keys.node_seen(doc.get("address", "")) for doc in docs]))
     views = []
     for doc, raw in zip(docs, seen, strict=True):
-        try:
-            when = float(raw) if raw is not None else None
-        except (TypeError, ValueError):
-            when = None
+        when = None
+        if raw is not None and domain is not None:
+            when = heartbeat_time(raw, str(doc.get("address", "")), domain)
         views.append(worker_view(doc, ctx.lost_after, now, when))
     return views
+
+
+def _count(value: Any) -> int:
+    """A count read from a document (0 when it is not a non-negative integer)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def workers_summary(ctx: ApiContext, now: dt.datetime) -> dict[str, Any]:
@@ -109,8 +115,8 @@ def workers_summary(ctx: ApiContext, now: dt.datetime) -> dict[str, Any]:
         by_status[status] = by_status.get(status, 0) + 1
         if status == LOST:
             continue
-        slots += int(view.get("slots") or 0)
-        busy += min(int(view.get("busySlots") or 0), int(view.get("slots") or 0))
+        slots += _count(view.get("slots"))
+        busy += min(_count(view.get("busySlots")), _count(view.get("slots")))
     alive, lost = by_status[str(ALIVE)], by_status[str(LOST)]
     total = sum(by_status.values())
     return {
@@ -131,6 +137,11 @@ def queue_depths(ctx: ApiContext) -> tuple[dict[str, int | None], str | None]:
     except Exception as exc:
         return {name: None for name in QUEUES}, f"redis unavailable: {type(exc).__name__}"
     return dict(zip(QUEUES, depths, strict=True)), None
+
+
+def refused_messages(ctx: ApiContext) -> dict[tuple[str, str], int]:
+    """Worker messages the scheduler refused, by (message, reason) (counted in Redis)."""
+    return Refusals(ctx.redis).read()
 
 
 def listener_position(ctx: ApiContext, head: int | None) -> dict[str, Any]:

@@ -20,11 +20,13 @@ import hmac
 import logging
 from pathlib import Path
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 
 from api.errors import error_response
 from api.orderbook import SELF_AUTHENTICATED
-from pool.settings import SETTINGS, Settings
+from pool.broker import redis_password
+from pool.redact import redact_urls
+from pool.settings import SETTINGS, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,19 @@ def secret_values(settings: Settings) -> list[str]:
                 continue
             if content:
                 raw.add(content)
+    # Redis' password (its file is not a secret setting's _FILE twin), and URLs that carry a
+    # password, a key in their path or query (an RPC URL): text stored before they were
+    # masked at the source must not show them either
+    try:
+        password = redis_password(settings)
+    except SettingsError:
+        password = ""
+    if password:
+        raw.add(password)
+    for name in ("chain_rpc_url", "redis_url", "mongo_url"):
+        url = getattr(settings, name, None)
+        if isinstance(url, str) and url and redact_urls(url) != url:
+            raw.add(url)
     spellings: set[str] = set()
     for value in raw:
         bare = value.strip().removeprefix("0x").removeprefix("0X")
@@ -86,9 +101,25 @@ class SecretFilter(logging.Filter):
         return True
 
 
+TOKEN_CONFIG = "WORKERPOOL_API_TOKEN"
+
+
+def has_token() -> bool:
+    """Whether the current request presents the configured bearer token (reads that show
+    more than the public view, such as a failed run's log tail, ask this)."""
+    token = str(current_app.config.get(TOKEN_CONFIG) or "")
+    if not token:
+        return False
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        presented.strip().encode(), token.encode()
+    )
+
+
 def install(app: Flask, settings: Settings) -> None:
     secrets = secret_values(settings)
     token = settings.api_token
+    app.config[TOKEN_CONFIG] = token
 
     @app.before_request
     def require_token() -> Response | None:
@@ -103,11 +134,7 @@ def install(app: Flask, settings: Settings) -> None:
                 "read_only",
                 "this API is read-only: set WORKERPOOL_API_TOKEN to enable mutating routes",
             )
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), token.encode()
-        ):
+        if not has_token():
             log.warning(
                 "refused %s %s: missing or wrong bearer token", request.method, request.path
             )

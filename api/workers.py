@@ -16,6 +16,7 @@ from api.common import check_address, choice_arg, jsonable, paginate
 from api.context import ApiContext, ctx
 from api.errors import ApiError, not_found
 from api.queries import LOST, WORKER_STATUSES, worker_views
+from api.tasks import hidden_replicate_fields
 from pool.clock import utcnow
 
 bp = Blueprint("workers", __name__, url_prefix="/api/v1")
@@ -38,7 +39,11 @@ def worker(address: str) -> Any:
     store = context.store
     view = _find(context, address)
     recent = store.replicates_of_worker(
-        address, limit=RECENT_REPLICATES, newest_first=True, with_timeline=False
+        address,
+        limit=RECENT_REPLICATES,
+        newest_first=True,
+        with_timeline=False,
+        hide=hidden_replicate_fields(),
     )
     view["replicates"] = {
         "byStatus": store.count_by_status("replicates", {"worker": address}),

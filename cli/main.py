@@ -27,8 +27,12 @@ from cli.worker import command as worker_command
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Run an iExec workerpool: scheduler, worker nodes, status API, orders, accounts, devnet."""
+    from pool.redact import RedactFilter
+
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # URLs in log lines: scheme, host, port only
+        handler.addFilter(RedactFilter())
 
 
 @main.command("settings")

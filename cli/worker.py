@@ -77,8 +77,7 @@ def run_control(loglevel: str) -> None:
 
 
 def run_compute(loglevel: str) -> None:
-    import redis
-
+    from pool.broker import redis_client
     from workers import identity
     from workers.tasks import compute_queues, create_compute_app
 
@@ -89,7 +88,7 @@ def run_compute(loglevel: str) -> None:
             settings = dataclasses.replace(
                 settings, worker_dir=tempfile.mkdtemp(prefix="workerpool-worker-")
             )
-        client = redis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         key, lease = identity.resolve(settings, client)
         app, node = create_compute_app(settings, key, client, lease)
 

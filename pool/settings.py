@@ -16,6 +16,8 @@ from typing import Any
 
 from eth_utils import is_address, to_checksum_address
 
+from pool.redact import redact_urls
+
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the environment variable."""
@@ -368,6 +370,24 @@ SETTINGS: dict[str, Spec] = {
         "replicates (BOINC's max_error_results); it is then claimed at its final deadline.",
         group="scheduler",
     ),
+    "message_max_age": Spec(
+        "WORKERPOOL_MESSAGE_MAX_AGE",
+        _pos_float,
+        "60",
+        "Seconds a worker's signed authorization request or heartbeat stays valid: older "
+        "ones (or ones dated further ahead) are refused, so the clocks of workers and "
+        "scheduler must agree within it. Status reports have no such bound (they may wait in "
+        "Redis while the scheduler restarts).",
+        group="scheduler",
+    ),
+    "worker_max_slots": Spec(
+        "WORKERPOOL_WORKER_MAX_SLOTS",
+        _pos_int,
+        "64",
+        "Most slots a worker's heartbeat may declare; a heartbeat declaring more is refused "
+        "(the fleet's capacity sizes the orders the pool publishes).",
+        group="scheduler",
+    ),
     "worker_lost_timeout": Spec(
         "WORKER_LOST_TIMEOUT",
         _pos_float,
@@ -634,7 +654,25 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_REDIS_URL",
         _url,
         "redis://127.0.0.1:6379/0",
-        "Redis URL: the Celery broker and the scheduler's locks.",
+        "Redis URL: the Celery broker and the scheduler's locks; rediss:// for TLS (the "
+        "server's certificate is verified). A password may be in it (redis://:PASSWORD@host), "
+        "better in WORKERPOOL_REDIS_PASSWORD_FILE.",
+        group="storage",
+    ),
+    "redis_password_file": Spec(
+        "WORKERPOOL_REDIS_PASSWORD_FILE",
+        _str,
+        "",
+        "File holding Redis' password (requirepass; Docker secrets), used with "
+        "WORKERPOOL_REDIS_URL by every process.",
+        group="storage",
+    ),
+    "redis_ca_file": Spec(
+        "WORKERPOOL_REDIS_CA_FILE",
+        _str,
+        "",
+        "CA certificate that signed Redis' TLS certificate (rediss:// URLs); empty: the "
+        "system's CAs.",
         group="storage",
     ),
     # ---- results and API ----------------------------------------------------------------
@@ -824,6 +862,8 @@ class Settings:
     worker_allowlist: tuple[str, ...] = ()
     max_replicates: int = 8
     max_erroneous: int = 3
+    message_max_age: float = 60.0
+    worker_max_slots: int = 64
     worker_lost_timeout: float = 30.0
     worker_max_failures: int = 3
     worker_pause: float = 300.0
@@ -863,6 +903,8 @@ class Settings:
     mongo_port: int = 27017
     mongo_db: str = "workerpool"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password_file: str = ""
+    redis_ca_file: str = ""
     ipfs_host: str = "127.0.0.1"
     ipfs_port: int = 5001
     core_port: int = 18090
@@ -929,12 +971,17 @@ class Settings:
         return self.mongo_url or f"mongodb://{self.mongo_host}:{self.mongo_port}"
 
     def public(self) -> dict[str, Any]:
-        """Every setting with secrets masked: safe to log or serve."""
+        """Every setting with secrets masked: safe to log or serve (a URL keeps its scheme,
+        host and port only: its userinfo, path and query may hold a password or a key)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             spec = SETTINGS.get(f.name)
-            out[f.name] = "***" if spec and spec.secret and value else value
+            if spec and spec.secret and value:
+                value = "***"
+            elif isinstance(value, str):
+                value = redact_urls(value)
+            out[f.name] = value
         return out
 
 

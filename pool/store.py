@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pymongo
@@ -26,6 +26,7 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from pool.clock import utcnow
+from pool.redact import redact_urls
 from pool.settings import Settings
 from pool.states import (
     REPLICATE_TRANSITIONS,
@@ -45,6 +46,8 @@ IN_BATCH = 1000
 # compute logs kept per task: the first workers' (a bounded array: at most this many
 # entries of two capped streams each, far below MongoDB's 16 MB per document)
 MAX_TASK_LOGS = 32
+# what a worker reported that stays out of the status API's answers (a failed run's output)
+PRIVATE_REPLICATE_FIELDS = ("logTail", "resultDigest", "enclave", "revealRequested")
 
 
 def connect(settings: Settings) -> Store:
@@ -185,8 +188,10 @@ class Store:
         *,
         note: str | None = None,
         extra: dict[str, Any] | None = None,
+        match: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Strict compare-and-set: move the task to ``new`` only from one of ``expected``.
+        """Strict compare-and-set: move the task to ``new`` only from one of ``expected``
+        (and only while its fields equal ``match``).
 
         Returns None when another thread or process moved it first, so exactly one caller
         goes on to do the work the new status stands for (send finalize, claim ...).
@@ -196,9 +201,9 @@ class Store:
         now = utcnow()
         event: dict[str, Any] = {"status": str(new), "at": now}
         if note:
-            event["note"] = note
+            event["note"] = redact_urls(note)
         doc = self.tasks.find_one_and_update(
-            {"chainTaskId": taskid, "status": {"$in": wanted}},
+            {**(match or {}), "chainTaskId": taskid, "status": {"$in": wanted}},
             {
                 "$set": {**(extra or {}), "status": str(new), "updatedAt": now},
                 "$push": {"timeline": event},
@@ -321,11 +326,16 @@ class Store:
         cause: str | None = None,
         extra: dict[str, Any] | None = None,
         stale_from: frozenset[str] = frozenset(),
+        check: Callable[[dict[str, Any], list[ReplicateStatus]], None] | None = None,
     ) -> dict[str, Any] | None:
         """Bring a replicate to ``target`` through the allowed statuses in between (reports
         can be processed out of order). Returns None for a stale report (``target`` is behind
         the current status, or the replicate is in one of ``stale_from``: a transition back
-        the report does not mean) or an unknown replicate."""
+        the report does not mean) or an unknown replicate.
+
+        ``check`` sees the replicate and the statuses about to be walked (none when the
+        replicate is there already) before anything is written, and may raise to stop the
+        walk: a worker's report crosses no status whose claim the chain has not confirmed."""
         for _ in range(3):  # a concurrent report may move it while we walk
             current = self.replicate(taskid, worker)
             if current is None or current["status"] in stale_from:
@@ -333,6 +343,8 @@ class Store:
             path = path_to(REPLICATE_TRANSITIONS, ReplicateStatus(current["status"]), target)
             if path is None:
                 return None
+            if check is not None:
+                check(current, path)
             if not path:
                 return current
             try:
@@ -409,17 +421,26 @@ class Store:
         limit: int = 0,
         newest_first: bool = False,
         with_timeline: bool = True,
+        hide: Iterable[str] = (),
     ) -> list[dict[str, Any]]:
         query: dict[str, Any] = {"worker": worker.lower()}
         if statuses is not None:
             query["status"] = {"$in": sorted(statuses)}
-        projection = {"_id": 0} if with_timeline else {"_id": 0, "timeline": 0}
+        projection = _hiding(["_id", *hide] if with_timeline else ["_id", "timeline", *hide])
         cursor = self.replicates.find(query, projection)
         if newest_first:
             cursor = cursor.sort("_id", -1)
         if limit:
             cursor = cursor.limit(limit)
         return list(cursor)
+
+    def count_replicates_of_worker(self, worker: str, statuses: Iterable[str]) -> int:
+        """The worker's replicates in one of ``statuses`` (the ``worker`` index)."""
+        return int(
+            self.replicates.count_documents(
+                {"worker": worker.lower(), "status": {"$in": sorted(statuses)}}
+            )
+        )
 
     def replicate_durations(self) -> list[float]:
         """Seconds the app ran, of every replicate whose worker reported it."""
@@ -638,9 +659,10 @@ class Store:
             ).sort("index", 1)
         )
 
-    def replicates_in_order(self, taskid: str) -> list[dict[str, Any]]:
-        """The task's replicates, first granted first."""
-        return list(self.replicates.find({"chainTaskId": taskid}, {"_id": 0}).sort("_id", 1))
+    def replicates_in_order(self, taskid: str, hide: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """The task's replicates, first granted first (without the fields in ``hide``)."""
+        cursor = self.replicates.find({"chainTaskId": taskid}, _hiding(["_id", *hide]))
+        return list(cursor.sort("_id", 1))
 
     def transactions(
         self, sent: dict[str, list[str]], failed: dict[str, list[str]]
@@ -685,6 +707,11 @@ class Store:
         return collection
 
 
+def _hiding(fields: Iterable[str]) -> dict[str, int]:
+    """A find() projection: the whole document but ``fields``."""
+    return {name: 0 for name in fields}
+
+
 def _projection(fields: Iterable[str] | None) -> dict[str, int]:
     """A find() projection: the whole document but its ``_id``, or only ``fields``."""
     if fields is None:
@@ -708,7 +735,7 @@ def _transition(
     if tx_hash:
         event["txHash"] = tx_hash
     if note:
-        event["note"] = note
+        event["note"] = redact_urls(note)
     if cause:
         event["cause"] = str(cause)
     update: dict[str, Any] = {

@@ -1,6 +1,9 @@
 """The scheduler's signature that lets one worker contribute to one task: granted when the
-task still collects contributions, the worker may work, there is time left, and the task
-needs another replicate (a slot reserved atomically in the store)."""
+task still collects contributions, the worker may work (a verified heartbeat says it
+is alive and serves the task's queue, not paused, not holding more replicates than its
+slots), there is time left, and the task needs another replicate (a slot reserved atomically
+in the store). The request's signature and the allowlist were checked before
+(:mod:`scheduler.inbox`): the worker here is the address that signed it."""
 
 from __future__ import annotations
 
@@ -8,14 +11,22 @@ import logging
 import time
 
 from poco.proofs import sign_authorization
-from pool.messages import Authorization, AuthorizeRequest
+from pool.messages import QUEUE_CAPABILITY, Authorization, AuthorizeRequest
+from pool.states import ReplicateStatus, WorkerStatus
 from scheduler.context import CONTRIBUTING, SchedulerContext
 from scheduler.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
+R = ReplicateStatus
+
 # a worker asks for authorization before computing: keep at least this much time
 MIN_TIME_LEFT_RATIO = 1.0  # x the category time reference
+# replicates a worker holds before COMPUTED: at most this many times the slots of its last
+# heartbeat (its reports may lag behind its next request), so that a node cannot reserve the
+# replicates of many tasks and leave them waiting
+HELD_PER_SLOT = 2
+HOLDING = frozenset(str(s) for s in (R.CREATED, R.STARTING, R.APP_DOWNLOADING, R.COMPUTING))
 
 
 class Authorizer:
@@ -39,10 +50,20 @@ class Authorizer:
             return _refuse("unknown task", requeue=False)
         if task["status"] not in {str(s) for s in CONTRIBUTING}:
             return _refuse(f"task is {task['status']}, not collecting contributions", False)
-        allow = {a.lower() for a in self.ctx.settings.worker_allowlist}
-        if allow and worker.lower() not in allow:
-            return _refuse(f"worker {worker} is not in WORKERPOOL_WORKER_ALLOWLIST", True)
-        paused = self.fleet.paused_until(worker)
+        record = self.store.worker(worker)
+        if record is None or record.get("status") != str(WorkerStatus.ALIVE):
+            return _refuse(f"worker {worker} has sent no heartbeat yet (or is LOST)", True)
+        capability = QUEUE_CAPABILITY.get(task.get("queue", ""), "standard")
+        if capability not in (record.get("capabilities") or []):
+            return _refuse(f"worker {worker} does not serve {capability} (its heartbeat)", True)
+        held = self.store.count_replicates_of_worker(worker, HOLDING)
+        if held >= HELD_PER_SLOT * int(record.get("slots") or 0):
+            return _refuse(
+                f"worker {worker} holds {held} replicates not computed yet for "
+                f"{record.get('slots')} slot(s)",
+                True,
+            )
+        paused = self.fleet.paused_until(record)
         if paused is not None:
             return _refuse(
                 f"worker {worker} is paused until {paused} after repeated failures", True

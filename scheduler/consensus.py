@@ -32,10 +32,12 @@ class Consensus:
         self.planner = planner
         self.finalizer = finalizer
 
-    def check(self, taskid: str) -> bool:
-        """Read the task on chain: True when consensus is reached (the winners are asked to
-        reveal) or the task is already COMPLETED there."""
-        chain = self.client.view_task(taskid)
+    def check(self, taskid: str, chain: Task | None = None) -> bool:
+        """Read the task on chain (``chain``: a viewTask the caller has just read): True when
+        consensus is reached (the winners are asked to reveal) or the task is already
+        COMPLETED there."""
+        if chain is None:
+            chain = self.client.view_task(taskid)
         if chain.status == ChainTaskStatus.COMPLETED:
             self.finalizer.completed_on_chain(taskid, chain)
             return True

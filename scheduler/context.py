@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from poco.chain import ChainClient, Wallet
-from pool.messages import AbortRequest, Messenger
+from pool.messages import AbortRequest, Domain, Messenger, Nonces, Refusals
 from pool.settings import Settings
 from pool.states import ERROR_RESULT_STATUSES, ReplicateStatus, ReplicateStatusCause, TaskStatus
 from pool.store import Store
@@ -83,6 +84,21 @@ class SchedulerContext:
             except Exception as exc:  # Redis down: the node's janitor deletes the files later
                 log.warning("task %s: could not tell %s to abort: %s", taskid, worker, exc)
         return workers
+
+    @cached_property
+    def domain(self) -> Domain:
+        """The EIP-712 domain workers sign their messages in (this chain, this pool)."""
+        return Domain(self.client.chain_id, self.pool)
+
+    @cached_property
+    def refusals(self) -> Refusals:
+        """Refused worker messages: logged, counted in Redis for /metrics."""
+        return Refusals(self.redis)
+
+    @cached_property
+    def nonces(self) -> Nonces:
+        """The nonces of the worker messages taken (replays are refused)."""
+        return Nonces(self.redis)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from poco.results import callback_bytes
 from poco.types import ChainTaskStatus, ContributionStatus, Task
 from pool.clock import utcnow
 from pool.messages import AbortRequest
+from pool.redact import redact_urls
 from pool.states import FINAL_TASK_STATUSES, ReplicateStatus, TaskStatus
 from pool.states import ReplicateStatusCause as Cause
 from scheduler.context import CONTRIBUTING, STILL_RUNNING, SchedulerContext, TickReport
@@ -68,13 +69,17 @@ class Finalizer:
         self.ctx.messages.upload(revealed[0], taskid)
         return True
 
-    def uploaded(self, taskid: str, link: str, callback_data: str) -> None:
-        """The uploader published the result at ``link``: finalize with it."""
+    def uploaded(self, taskid: str, uploader: str, link: str, callback_data: str) -> None:
+        """The worker asked to upload published the result at ``link``: finalize with it
+        (a link from any other worker, or once the upload was asked of another, is not
+        taken). The task may be back to AT_LEAST_ONE_REVEALED when the upload was given up
+        as timed out before the report came: the link is still the asked uploader's."""
         self.store.claim_task(
             taskid,
             [T.RESULT_UPLOADING, T.AT_LEAST_ONE_REVEALED],
             T.RESULT_UPLOADED,
             extra={"resultLink": link, "callbackData": callback_data},
+            match={"uploader": uploader.lower()},
         )
         self.finalize(taskid)
 
@@ -165,7 +170,9 @@ class Finalizer:
         return True
 
     def _finalize_failed(self, task: dict[str, Any], reason: str) -> None:
-        """Record the failure and when to retry: 2, 4, 8 … seconds, at most 5 minutes."""
+        """Record the failure and when to retry: 2, 4, 8 … seconds, at most 5 minutes (the
+        reason's URLs masked: a chain node's URL may hold its API key)."""
+        reason = redact_urls(reason)
         attempts = int(task.get("finalizeAttempts", 0)) + 1
         delay = min(2**attempts, 300)
         self.store.transition_task(
@@ -179,15 +186,21 @@ class Finalizer:
             },
         )
 
-    def finalized_by_worker(self, taskid: str, worker: str, link: str, callback_data: str) -> None:
-        """A trust-1 task the worker finished with contributeAndFinalize: record it."""
+    def finalized_by_worker(self, taskid: str, worker: str, chain: Task) -> None:
+        """A trust-1 task the worker finished with contributeAndFinalize: record it, with the
+        result link the chain holds (``chain``: a viewTask that said COMPLETED), never the
+        one a report carries."""
+        callback = chain.results_callback
         claimed = self.store.claim_task(
             taskid,
             CONTRIBUTING,
             T.FINALIZED,
             # the transaction is the worker's: its hash is on the replicate's COMPLETED
             note=f"contributeAndFinalize by {worker.lower()}",
-            extra={"resultLink": link, "callbackData": callback_data},
+            extra={
+                "resultLink": chain.results.decode(errors="replace"),
+                "callbackData": "0x" + callback.hex() if callback else "",
+            },
         )
         if claimed is None:
             return

@@ -1,5 +1,6 @@
 """The fleet as the scheduler sees it: heartbeats, lost and paused workers, and why a task
-nobody took is waiting."""
+nobody took is waiting. Only a worker whose signed heartbeat verified is in it
+(:mod:`scheduler.inbox` checks the signature, the time, the allowlist and the values)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from pool import keys
 from pool.clock import utcnow
-from pool.messages import QUEUE_CAPABILITY, AbortRequest, Heartbeat
+from pool.messages import QUEUE_CAPABILITY, AbortRequest, Heartbeat, heartbeat_time
 from pool.states import InvalidTransition, ReplicateStatus, WorkerStatus
 from pool.states import ReplicateStatusCause as Cause
 from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext
@@ -163,17 +164,24 @@ class Fleet:
         return stalled
 
     def _silent(self, record: dict[str, Any], cutoff: dt.datetime, timeout: float) -> bool:
-        """Silent for longer than the timeout? Nodes write their heartbeat time straight into
-        Redis; the Mongo ``lastSeen`` (set by heartbeat messages) is the fallback."""
+        """Silent for longer than the timeout? Nodes write their last signed heartbeat
+        straight into Redis, so that heartbeat messages waiting in a busy queue do not make
+        a live node look silent; its signature is checked (a value anyone else wrote there
+        says nothing) and the fresher of it and Mongo's ``lastSeen`` (set by the heartbeat
+        messages) counts, so an old heartbeat put back there cannot make it look silent."""
+        if not (record.get("lastSeen") and record["lastSeen"] < cutoff):
+            return False
         if self.ctx.redis is not None:
-            seen = self.ctx.redis.get(keys.node_seen(record["address"]))
-            if seen is not None:
-                return time.time() - float(seen) > timeout
-        return bool(record.get("lastSeen") and record["lastSeen"] < cutoff)
+            raw = self.ctx.redis.get(keys.node_seen(record["address"]))
+            issued = (
+                None if raw is None else heartbeat_time(raw, record["address"], self.ctx.domain)
+            )
+            if issued is not None:
+                return time.time() - issued > timeout
+        return True
 
-    def paused_until(self, worker: str) -> dt.datetime | None:
-        """When the worker's pause ends, while it is paused."""
-        record = self.store.worker(worker) or {}
+    def paused_until(self, record: dict[str, Any]) -> dt.datetime | None:
+        """When the pause of the worker (its document) ends, while it is paused."""
         paused = record.get("pausedUntil")
         return paused if paused is not None and paused > utcnow() else None
 

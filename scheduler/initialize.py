@@ -9,6 +9,7 @@ from typing import Any
 from poco import actions
 from poco.errors import TransactionReverted
 from poco.types import ChainTaskStatus
+from pool.redact import redact_urls
 from pool.states import TaskStatus
 from scheduler.context import SchedulerContext, TickReport
 
@@ -75,7 +76,7 @@ class Initializer:
         if onchain.status != ChainTaskStatus.UNSET:
             self.store.transition_task(taskid, T.INITIALIZED, note="initialized by someone else")
             return
-        reason = exc.diagnosis or exc.reason or str(exc)
+        reason = redact_urls(exc.diagnosis or exc.reason or str(exc))
         self.store.transition_task(
             taskid, T.INITIALIZE_FAILED, note=reason, extra={"failureReason": reason}
         )

@@ -10,6 +10,7 @@ next one and two schedulers on one store duplicate nothing.
 | ``deals`` | :mod:`scheduler.deals` | listen for deals, store them with their tasks |
 | ``initializer`` | :mod:`scheduler.initialize` | initialize tasks on chain in batches |
 | ``planner`` | :mod:`scheduler.planning` | queue replicate jobs, plan more, rebuild lost jobs |
+| ``inbox`` | :mod:`scheduler.inbox` | check a worker's signed message, then hand it on |
 | ``authorizer`` | :mod:`scheduler.authorization` | sign a worker's authorization |
 | ``reports`` | :mod:`scheduler.reports` | apply a worker's report |
 | ``consensus`` | :mod:`scheduler.consensus` | consensus, reveals, reopen, contribution timeout |
@@ -27,14 +28,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 
-import redis
-
 from orders.book import stake_coverage
 from orders.replenish import Replenisher
 from orders.store import OrderStore
 from poco.errors import PocoError, RetryableError
 from poco.funds import gas_check
 from pool import keys
+from pool.broker import redis_client
 from pool.leases import Lease
 from pool.messages import Messenger
 from pool.settings import Settings
@@ -46,6 +46,7 @@ from scheduler.context import SchedulerContext, TickReport
 from scheduler.deals import DealListener
 from scheduler.finalize import Finalizer
 from scheduler.fleet import Fleet
+from scheduler.inbox import Inbox
 from scheduler.initialize import Initializer
 from scheduler.planning import Planner
 from scheduler.reconcile import Reconciler
@@ -72,6 +73,7 @@ class Scheduler:
         self.consensus = Consensus(ctx, self.planner, self.finalizer)
         self.authorizer = Authorizer(ctx, self.fleet)
         self.reports = Reports(ctx, self.planner, self.fleet, self.consensus, self.finalizer)
+        self.inbox = Inbox(ctx, self.authorizer, self.reports, self.fleet)
         self.reconciler = Reconciler(ctx, self.planner, self.fleet, self.consensus, self.finalizer)
         self.replenisher = Replenisher(ctx.settings, ctx.store, ctx.client, ctx.wallet)
         self._running = threading.Lock()  # a tick or a fast listen of this process
@@ -257,7 +259,7 @@ def build(settings: Settings, messages: Messenger) -> Scheduler:
         client,
         wallet,
         messages,
-        redis.Redis.from_url(settings.redis_url),
+        redis_client(settings),
     )
     scheduler = Scheduler(ctx)
     for warning in funds_warnings(ctx):

@@ -1,6 +1,7 @@
 """Celery wiring of the scheduler: the receivers of the messages workers send it
-(:mod:`pool.messages`), the periodic ``scheduler.tick`` and ``scheduler.listen`` and their
-beat entries, and the composition of a scheduler process (:func:`create_app`)."""
+(:mod:`pool.messages`, checked by :mod:`scheduler.inbox`), the periodic ``scheduler.tick``
+and ``scheduler.listen`` and their beat entries, and the composition of a scheduler process
+(:func:`create_app`)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,21 @@ from pool.messages import (
     REPORT,
     SCHEDULER_QUEUE,
     TICK_TASK,
-    Authorization,
-    Message,
-    MessageError,
     Messenger,
-    P,
     make_celery,
 )
 from pool.settings import Settings
 from scheduler.context import TickReport
+from scheduler.reports import NotYet
 from scheduler.service import Scheduler, build
 
 log = logging.getLogger(__name__)
+
+# a report not confirmed yet is looked at again after 5, 10 and 20 s (a chain node a few
+# blocks behind the worker's, a heartbeat behind the report), then refused (iexec-core: 3
+# looks, 6 blocks apart)
+CHAIN_LAG_RETRIES = 3
+CHAIN_LAG_DELAY = 5.0
 
 
 def create_app(settings: Settings) -> tuple[Celery, Scheduler]:
@@ -72,6 +76,8 @@ def register(app: Celery, scheduler: Scheduler) -> None:
     periodic(TICK_TASK, scheduler.tick)
     periodic(LISTEN_TASK, scheduler.listen_tick)
 
+    # worker -> scheduler: each one a signed envelope, checked by the inbox before anything
+    # is applied (scheduler/inbox.py)
     @app.task(
         shared=False,
         name=AUTHORIZE.name,
@@ -79,15 +85,13 @@ def register(app: Celery, scheduler: Scheduler) -> None:
         acks_late=False,  # a worker whose request is lost asks again
         time_limit=60,
     )
-    def authorize(payload: Any) -> dict[str, Any]:
-        request = received(AUTHORIZE, payload)
-        if request is None:
-            return Authorization(granted=False, reason="malformed request").to_wire()
-        return scheduler.authorizer.authorize(request).to_wire()
+    def authorize(envelope: Any) -> dict[str, Any]:
+        return scheduler.inbox.authorize(envelope).to_wire()
 
     @app.task(
         shared=False,
         name=REPORT.name,
+        bind=True,
         acks_late=True,  # a report survives a scheduler restart in Redis
         reject_on_worker_lost=True,
         time_limit=300,
@@ -95,16 +99,16 @@ def register(app: Celery, scheduler: Scheduler) -> None:
         retry_backoff=True,
         max_retries=10,
     )
-    def replicate_update(payload: Any) -> None:
-        report = received(REPORT, payload)
-        if report is not None:
-            scheduler.reports.apply(report)
+    def replicate_update(self: Any, envelope: Any) -> None:
+        tries = self.request.retries
+        try:
+            scheduler.inbox.report(envelope, last_try=tries >= CHAIN_LAG_RETRIES)
+        except NotYet as exc:  # the scheduler's chain node may be a few blocks behind
+            raise self.retry(countdown=CHAIN_LAG_DELAY * 2**tries, exc=exc) from exc
 
     @app.task(shared=False, name=HEARTBEAT.name, acks_late=False, time_limit=30)
-    def heartbeat(payload: Any) -> None:
-        beat = received(HEARTBEAT, payload)
-        if beat is not None:
-            scheduler.fleet.heartbeat(beat)
+    def heartbeat(envelope: Any) -> None:
+        scheduler.inbox.heartbeat(envelope)
 
     app.conf.beat_schedule = {
         "scheduler-tick": {
@@ -122,12 +126,3 @@ def register(app: Celery, scheduler: Scheduler) -> None:
         }
     pool = (settings.pool_address or "none").lower()
     app.conf.beat_schedule_filename = str(Path(tempfile.gettempdir()) / f"workerpool-beat-{pool}")
-
-
-def received(message: Message[P], payload: Any) -> P | None:
-    """The payload of ``message``, or None (logged) when it is not what the message carries."""
-    try:
-        return message.parse(payload)
-    except MessageError as exc:
-        log.warning("refused %s: %s", message.name, exc)
-        return None

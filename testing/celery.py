@@ -6,7 +6,11 @@ from __future__ import annotations
 import collections
 from typing import Any, NamedTuple
 
-from pool.messages import Messenger
+from pool.messages import Domain, MessageSigner, Messenger
+from testing.chain import POOL
+
+# the domain of the fakes' signed messages (testing.chain.FakeChain's chain id and pool)
+FAKE_DOMAIN = Domain(65535, POOL)
 
 
 class Sent(NamedTuple):
@@ -31,7 +35,11 @@ class FakeCelery:
         return [m for m in self.messages if m.name == name]
 
 
-def fake_messenger() -> tuple[Messenger, FakeCelery]:
-    """A :class:`~pool.messages.Messenger` on a :class:`FakeCelery`, and that fake."""
+def fake_messenger(
+    private_key: str | None = None, domain: Domain = FAKE_DOMAIN
+) -> tuple[Messenger, FakeCelery]:
+    """A :class:`~pool.messages.Messenger` on a :class:`FakeCelery` (signing as a worker with
+    ``private_key`` when given), and that fake."""
     celery = FakeCelery()
-    return Messenger(celery), celery
+    signer = None if private_key is None else MessageSigner(private_key, domain)
+    return Messenger(celery, signer), celery

@@ -92,6 +92,7 @@ class FakeChain:
 
     def __init__(self, *, now: int | None = None, head: int = 1000, hub: str = HUB) -> None:
         self.rpc_url = "fake://chain"
+        self.chain_id = 65535
         self.hub_address = hub
         self.head = head
         self.now = int(time.time()) if now is None else now
@@ -267,6 +268,10 @@ class FakeChain:
         task = self.tasks[taskid]
         self.tasks[taskid] = dataclasses.replace(
             task, reveal_counter=task.reveal_counter + 1, result_digest=digest
+        )
+        key = (taskid, worker.lower())
+        self.contributions[key] = dataclasses.replace(
+            self.contributions[key], status=ContributionStatus.PROVED
         )
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery.contrib.testing.worker import start_worker
 from devnet_fixtures import DevnetHandle
 
@@ -27,6 +26,7 @@ from devnet.requester import MatchedDeal, match_deal
 from poco import chain as chain_mod
 from poco.types import ChainTaskStatus
 from pool import keys
+from pool.broker import redis_client
 from pool.messages import SCHEDULER_QUEUE, Messenger, make_celery
 from pool.settings import Settings
 from pool.store import Store
@@ -224,7 +224,7 @@ class SchedulerProcess:
             client,
             client.wallet(self.devnet.key("scheduler")),
             Messenger(app),
-            redis.Redis.from_url(self.redis_url),
+            redis_client(self.settings),
         )
         scheduler = Scheduler(ctx)
         register(app, scheduler)
@@ -270,7 +270,7 @@ class SchedulerProcess:
     def crash(self) -> None:
         """Stop everything without any clean-up of the scheduler's own: the tick lock of a
         killed process stays in Redis until it expires."""
-        lock = redis.Redis.from_url(self.redis_url)
+        lock = redis_client(self.settings)
         self.stop()
         # the dead tick held the lock at the moment of the crash; nobody deletes it
         ttl_ms = int(lock_ttl(self.settings) * 1000)
@@ -301,6 +301,19 @@ def pool_running(
     finally:
         process.stop()
         pool.stop_workers()
+        unmount_below(tmp)
+
+
+def unmount_below(folder: Path) -> None:
+    """Detach the app-output filesystems worker nodes mounted under ``folder`` and left
+    mounted (a node killed with -9 in the middle of a run, never restarted)."""
+    from workers import mounts
+
+    for line in Path("/proc/mounts").read_text().splitlines():
+        target = Path(line.split()[1].replace("\\040", " "))
+        if target == folder or folder in target.parents:
+            with contextlib.suppress(OSError):
+                mounts.unmount(target)
 
 
 @pytest.fixture

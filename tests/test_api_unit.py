@@ -262,6 +262,21 @@ def test_secrets_are_masked_in_bodies_and_log_records(
     assert KEY[2:] not in text and "signing with ***" in text and "bad key ***" in text
 
 
+def test_an_rpc_key_and_the_redis_password_in_text_stored_before_masking_are_masked(
+    store: Store, tmp_path: Path
+) -> None:
+    (tmp_path / "redis-password").write_text("redis-pass-4242\n")
+    taskid = _task(6, "")["chainTaskId"]
+    url = "https://rpc.example/v3/KEY99999"
+    store.set_task_fields(taskid, {"failureReason": f"node {url} down; auth redis-pass-4242"})
+    client = _app(
+        store, chain_rpc_url=url, redis_password_file=str(tmp_path / "redis-password")
+    ).test_client()
+    body = client.get(f"/api/v1/tasks/{taskid}").get_data(as_text=True)
+    assert "KEY99999" not in body and "redis-pass-4242" not in body
+    assert json.loads(body)["failureReason"] == "node *** down; auth ***"
+
+
 # ---- workers, pagination, health, metrics -----------------------------------------------------
 
 

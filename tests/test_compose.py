@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 from conftest import require_service
+from tls_support import make_certs
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -175,6 +176,14 @@ def mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def secrets_of(service: dict[str, Any]) -> set[str]:
+    """The names of the secrets a service mounts (v1 mappings or v2 strings)."""
+    return {
+        str(secret["source"] if isinstance(secret, dict) else secret)
+        for secret in service.get("secrets", [])
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -277,7 +286,11 @@ def test_settings_of_every_service_parse(resolved: dict[str, Any]) -> None:
         environment = {k: str(v) for k, v in resolved["services"][name]["environment"].items()}
         settings = Settings.from_env(environment)  # raises SettingsError naming a bad value
         assert settings.mongo_host == "mongo" and settings.ipfs_host == "ipfs"
-        assert settings.redis_url == "redis://redis:6379/0"
+        # Redis over TLS, its password and CA from secrets the service mounts
+        assert settings.redis_url == "rediss://redis:6379/0"
+        assert settings.redis_password_file == "/run/secrets/redis_password"
+        assert settings.redis_ca_file == "/run/secrets/redis_ca"
+        assert {"redis_password", "redis_ca"} <= secrets_of(resolved["services"][name])
         assert settings.chain == "arbitrum-mainnet" and settings.chain_id == 42161
         assert settings.hub_address == "0x098bFCb1E50ebcA0BaA92C12eA0c3F045A1aD9f0"
         assert settings.worker_dir == "/var/lib/workerpool/worker"
@@ -394,7 +407,23 @@ def test_secrets_come_from_files_and_never_from_the_image(resolved: dict[str, An
         "scheduler_keystore",
         "scheduler_keystore_password",
         "worker_mnemonic",
+        "redis_password",
+        "redis_tls_cert",
+        "redis_tls_key",
+        "redis_ca",
     }
+    # Redis' certificate and key for Redis only; its password and CA for its clients
+    assert secrets_of(services["redis"]) == {
+        "redis_password",
+        "redis_tls_cert",
+        "redis_tls_key",
+        "redis_ca",
+    }
+    for name in (*APP_SERVICES, "flower"):
+        assert secrets_of(services[name]) & {"redis_tls_key", "redis_tls_cert"} == set(), name
+        assert {"redis_password", "redis_ca"} <= secrets_of(services[name]), name
+        assert "REDIS_PASSWORD" not in services[name].get("environment", {}), name
+    assert "rediss://" in " ".join(services["flower"]["command"])
     for path in secret_files.values():
         assert path.resolve().parent == ROOT / "secrets"
     # .dockerignore keeps .env and ./secrets out of every build context
@@ -402,62 +431,70 @@ def test_secrets_come_from_files_and_never_from_the_image(resolved: dict[str, An
     assert {"*", "**/.env", "**/secrets"} <= set(ignore)
 
 
-def test_redis_command_and_healthcheck_work_with_and_without_a_password(
+def test_redis_command_and_healthcheck_need_tls_and_the_password(
     resolved: dict[str, Any], tmp_path: Path
 ) -> None:
     """Run the compose file's own Redis command and healthcheck (after compose's `$$`
-    unescaping) against a real redis-server on a free port."""
+    unescaping, the secrets' paths pointed at files made here) against a real redis-server
+    on a free port: it speaks TLS only, wants the password, refuses to start without one."""
     if not shutil.which("redis-server"):
         require_service("redis-server", "not installed (ops/test installs it)")
     redis = resolved["services"]["redis"]
     # (the image's entrypoint, which drops to the user redis, is not on this host)
     command = redis["command"][2].replace("$$", "$").replace("docker-entrypoint.sh ", "")
-    assert command.startswith("exec redis-server ")
+    assert "exec redis-server " in command and "--port 0 --tls-port 6379" in command
     check = redis["healthcheck"]["test"][1].replace("$$", "$")
-    for password in ("", "two words"):
-        port = free_port()
-        env = {**os.environ, "REDIS_PASSWORD": password}
-        server = subprocess.Popen(
-            [
-                "sh",
-                "-c",
-                command + f" --port {port} --bind 127.0.0.1 --dir {tmp_path}"
-                " --daemonize no --save ''",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+    ca, cert, key = make_certs(tmp_path / "tls")
+    password = tmp_path / "redis_password"
+    files = {
+        "/run/secrets/redis_tls_cert": cert,
+        "/run/secrets/redis_tls_key": key,
+        "/run/secrets/redis_ca": ca,
+        "/run/secrets/redis_password": password,
+    }
+
+    def here(text: str, **other: Path) -> str:
+        for secret, path in {**files, **{f"/run/secrets/{k}": v for k, v in other.items()}}.items():
+            text = text.replace(secret, str(path))
+        return text
+
+    port = free_port()
+    server_cmd = here(command) + f" --tls-port {port} --bind 127.0.0.1 --dir {tmp_path} --save ''"
+    # an empty password file: Redis does not start, and says which secret is missing
+    password.write_text("")
+    refused = run(["sh", "-c", server_cmd], timeout=30)
+    assert refused.returncode != 0 and "REDIS_PASSWORD_FILE" in refused.stderr
+    password.write_text("6f1c0ffee0ddba11")
+    server = subprocess.Popen(
+        ["sh", "-c", server_cmd + " --daemonize no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    probe_cmd = here(check).replace("redis-cli", f"redis-cli -p {port}")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            probe = run(["sh", "-c", probe_cmd])
+            if probe.returncode == 0:
+                break
+            assert time.monotonic() < deadline, f"healthcheck never passed: {probe.stderr}"
+            time.sleep(0.1)
+        appendonly = run(
+            ["sh", "-c", probe_cmd.replace("ping | grep -q PONG", "config get appendonly")]
         )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                probe = run(
-                    ["sh", "-c", check.replace("redis-cli", f"redis-cli -p {port}")], env=env
-                )
-                if probe.returncode == 0:
-                    break
-                assert time.monotonic() < deadline, f"healthcheck never passed: {probe.stderr}"
-                time.sleep(0.1)
-            appendonly = run(
-                [
-                    "sh",
-                    "-c",
-                    check.replace("redis-cli", f"redis-cli -p {port}").replace(
-                        "ping | grep -q PONG", "config get appendonly"
-                    ),
-                ],
-                env=env,
-            )
-            assert "yes" in appendonly.stdout
-            if password:  # without the password the healthcheck fails: auth is really on
-                wrong = {**os.environ, "REDIS_PASSWORD": ""}
-                probe = run(
-                    ["sh", "-c", check.replace("redis-cli", f"redis-cli -p {port}")], env=wrong
-                )
-                assert probe.returncode != 0
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
+        assert "yes" in appendonly.stdout
+        # a wrong password, or no TLS: no answer
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-password")
+        probe = run(["sh", "-c", here(check, redis_password=wrong).replace(
+            "redis-cli", f"redis-cli -p {port}"
+        )])  # fmt: skip
+        assert probe.returncode != 0
+        plain = run(["redis-cli", "-p", str(port), "-a", password.read_text(), "ping"])
+        assert "PONG" not in plain.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 # ---- the services' healthcheck script and the work-dir preparation -------------------------------

@@ -12,19 +12,14 @@ from devnet_fixtures import DevnetHandle
 
 from devnet.requester import match_deal
 from poco import actions
+from poco.chain import Wallet
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool.clock import utcnow
-from pool.messages import (
-    REPLICATE_QUEUES,
-    Authorization,
-    AuthorizeRequest,
-    ReplicateReport,
-    worker_queue,
-)
-from pool.states import ReplicateStatus
+from pool.messages import REPLICATE_QUEUES, Authorization, worker_queue
 from pool.store import Store
 from scheduler.reconcile import UNREPORTED_GRACE
 from scheduler.service import Scheduler
+from testing.workers import SigningWorker
 
 pytestmark = pytest.mark.devnet
 
@@ -32,12 +27,19 @@ TIMEREF = 300  # category XS
 DIGEST = "0x" + "7e" * 32
 
 
-def authorize(scheduler: Scheduler, taskid: str, worker: str) -> Authorization:
-    return scheduler.authorizer.authorize(AuthorizeRequest(taskid, worker))
+def _signing(scheduler: Scheduler, worker: Wallet) -> SigningWorker:
+    return SigningWorker(worker.account.key, scheduler.ctx.domain)
 
 
-def report(scheduler: Scheduler, taskid: str, worker: str, status: str, **fields: Any) -> None:
-    scheduler.reports.apply(ReplicateReport(taskid, worker, ReplicateStatus(status), **fields))
+def authorize(scheduler: Scheduler, taskid: str, worker: Wallet) -> Authorization:
+    """The worker's signed heartbeat, then its signed request, through the inbox."""
+    signing = _signing(scheduler, worker)
+    scheduler.inbox.heartbeat(signing.heartbeat())
+    return scheduler.inbox.authorize(signing.authorize(taskid))
+
+
+def report(scheduler: Scheduler, taskid: str, worker: Wallet, status: str, **fields: Any) -> None:
+    scheduler.inbox.report(_signing(scheduler, worker).report(taskid, status, **fields))
 
 
 def _deal(devnet: DevnetHandle, **kw: Any) -> Any:
@@ -95,10 +97,10 @@ def test_consensus_nobody_reveals_is_reopened_and_replanned(
     scheduler.tick()
     # Given a worker that is authorized, contributes, and then never reveals
     worker = devnet.worker_wallet(6)
-    grant = authorize(scheduler, taskid, worker.address)
+    grant = authorize(scheduler, taskid, worker)
     assert grant.granted
     actions.contribute(worker, taskid, DIGEST, grant.signature)
-    report(scheduler, taskid, worker.address, "CONTRIBUTED")
+    report(scheduler, taskid, worker, "CONTRIBUTED")
     assert store.task(taskid)["status"] == "CONSENSUS_REACHED"  # type: ignore[index]
     assert redis_client.llen(worker_queue(worker.address)) == 1  # the reveal request
     jobs_before = redis_client.llen(REPLICATE_QUEUES["standard"])
@@ -154,15 +156,15 @@ def test_a_repeated_reveal_report_does_not_undo_an_upload_and_a_failed_upload_is
     (taskid,) = deal.taskids()
     scheduler.tick()
     worker = devnet.worker_wallet(7)
-    grant = authorize(scheduler, taskid, worker.address)
+    grant = authorize(scheduler, taskid, worker)
     actions.contribute(worker, taskid, DIGEST, grant.signature)
-    report(scheduler, taskid, worker.address, "CONTRIBUTED")
+    report(scheduler, taskid, worker, "CONTRIBUTED")
     actions.reveal(worker, taskid, DIGEST)
-    report(scheduler, taskid, worker.address, "REVEALED")
-    report(scheduler, taskid, worker.address, "RESULT_UPLOADING")
+    report(scheduler, taskid, worker, "REVEALED")
+    report(scheduler, taskid, worker, "RESULT_UPLOADING")
     assert store.task(taskid)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
     # When a late or repeated REVEALED report arrives (a resumed node reveals again)
-    report(scheduler, taskid, worker.address, "REVEALED", note="already revealed")
+    report(scheduler, taskid, worker, "REVEALED", note="already revealed")
     # Then the upload under way is not undone
     assert store.task(taskid)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
     assert store.replicate(taskid, worker.address)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
@@ -172,7 +174,7 @@ def test_a_repeated_reveal_report_does_not_undo_an_upload_and_a_failed_upload_is
     report(
         scheduler,
         taskid,
-        worker.address,
+        worker,
         "REVEALED",
         reason="upload failed: ipfs",
         upload_failed=True,
@@ -200,10 +202,10 @@ def test_a_contribute_and_finalize_whose_report_was_lost_is_found_on_chain(
     (taskid,) = deal.taskids()
     scheduler.tick()
     worker = devnet.worker_wallet(8)
-    grant = authorize(scheduler, taskid, worker.address)
+    grant = authorize(scheduler, taskid, worker)
     assert grant.fast_path is True
     # Given the worker finished the task in one transaction and only CONTRIBUTING reached us
-    report(scheduler, taskid, worker.address, "CONTRIBUTING")
+    report(scheduler, taskid, worker, "CONTRIBUTING")
     actions.contribute_and_finalize(worker, taskid, DIGEST, b"the-link", grant.signature)
     # When the scheduler ticks before the grace for a report: it waits for the report
     scheduler.tick()
@@ -231,6 +233,6 @@ def test_trust_above_one_or_the_setting_off_keeps_the_classic_path(
     scheduler = make_scheduler(contribute_and_finalize=False)
     scheduler.tick()
     worker = devnet.worker_wallet(9)
-    assert authorize(scheduler, trust1.taskids()[0], worker.address).fast_path is False
+    assert authorize(scheduler, trust1.taskids()[0], worker).fast_path is False
     classic = make_scheduler()
-    assert authorize(classic, trust2.taskids()[0], worker.address).fast_path is False
+    assert authorize(classic, trust2.taskids()[0], worker).fast_path is False

@@ -27,10 +27,10 @@ from eth_utils import keccak
 
 from poco.results import callback_bytes
 from poco.types import ChainTaskStatus, Deal, Resource
-from pool.messages import CONTRIBUTE, REPORT, Messenger
+from pool.messages import CONTRIBUTE, REPORT, MessageSigner, Messenger
 from pool.settings import Settings
 from pool.states import ReplicateStatus, ReplicateStatusCause
-from testing.celery import FakeCelery
+from testing.celery import FAKE_DOMAIN, FakeCelery
 from testing.chain import chain_task
 from testing.runner import FakeRunner, default_fake_behaviour
 from workers import inputs, results
@@ -41,7 +41,8 @@ from workers.runner import AppImageError, AppRun, EngineError, RunOutcome
 R = ReplicateStatus
 Cause = ReplicateStatusCause
 MB = 1024 * 1024
-ADDRESS = "0x00000000000000000000000000000000000000aa"
+KEY = "0x" + "5a" * 32  # a test key: the node signs its reports with it
+ADDRESS = MessageSigner(KEY, FAKE_DOMAIN).address.lower()
 TASK = "0x" + "0a" * 32
 DEAL = "0x" + "de" * 32
 APP = "0x" + "22" * 20
@@ -356,7 +357,7 @@ def make_node(
         settings,
         chain,
         SimpleNamespace(address=ADDRESS),  # type: ignore[arg-type]
-        Messenger(celery),
+        Messenger(celery, MessageSigner(KEY, FAKE_DOMAIN)),
         runner,
         None,  # type: ignore[arg-type]
         workdir=tmp_path,
@@ -364,7 +365,8 @@ def make_node(
 
 
 def reports(celery: FakeCelery) -> list[dict[str, Any]]:
-    return [m.args[0] for m in celery.of(REPORT.name)]
+    """The reports sent, out of their signed envelopes."""
+    return [json.loads(m.args[0]["body"]) for m in celery.of(REPORT.name)]
 
 
 def compute(node: WorkerNode) -> Any:
@@ -386,7 +388,8 @@ def assert_error_result(
     last = reports(celery)[-1]
     assert last["status"] == status and last["cause"] == cause and last["note"] == "error result"
     state = json.loads((task_dir(tmp_path) / "state.json").read_text())
-    assert state["digest"] == last["result_digest"] and state["errorResult"] == cause
+    assert state["errorResult"] == cause and "result_digest" not in last  # kept until the reveal
+    last["digest"] = state["digest"]
     archive = zipfile.ZipFile(io.BytesIO(Path(state["zip"]).read_bytes()))
     assert sorted(archive.namelist()) == ["computed.json", "error.txt"]
     text = archive.read("error.txt").decode()
@@ -405,9 +408,7 @@ def test_an_image_that_does_not_exist_ends_in_iexecs_error_result(tmp_path: Path
     report = assert_error_result(
         tmp_path, celery, R.APP_DOWNLOAD_FAILED, Cause.APP_IMAGE_DOWNLOAD_FAILED
     )
-    assert (
-        report["result_digest"] == VECTORS[(R.APP_DOWNLOAD_FAILED, Cause.APP_IMAGE_DOWNLOAD_FAILED)]
-    )
+    assert report["digest"] == VECTORS[(R.APP_DOWNLOAD_FAILED, Cause.APP_IMAGE_DOWNLOAD_FAILED)]
     assert "manifest unknown" in report["reason"] and outcome.keep
 
 
@@ -448,7 +449,8 @@ def test_an_app_that_fails_after_writing_its_result_contributes_it(tmp_path: Pat
     assert last["status"] == R.COMPUTED and last["cause"] == Cause.APP_COMPUTE_FAILED
     assert last["exit_code"] == 1 and last["reason"] == "app exited with code 1"
     result = (task_dir(tmp_path) / "iexec_out" / "result.txt").read_bytes()
-    assert last["result_digest"] == "0x" + hashlib.sha256(result).hexdigest()
+    state = json.loads((task_dir(tmp_path) / "state.json").read_text())
+    assert state["digest"] == "0x" + hashlib.sha256(result).hexdigest()
     assert not (task_dir(tmp_path) / "iexec_out" / "stderr.txt").exists()  # logs: success only
     assert celery.of(CONTRIBUTE.name)
 
@@ -493,7 +495,7 @@ def test_a_callback_deals_error_result_has_no_callback_data(tmp_path: Path) -> N
     last = assert_error_result(
         tmp_path, celery, R.COMPUTE_FAILED, Cause.APP_COMPUTE_FAILED, callback=True
     )
-    assert last["result_digest"] == "0x" + keccak(b"").hex()
+    assert last["digest"] == "0x" + keccak(b"").hex()
     state = json.loads((task_dir(tmp_path) / "state.json").read_text())
     assert state["callbackData"] == "" and state["callback"] == ""  # the zip is published
 
@@ -517,8 +519,7 @@ def test_unreachable_and_refused_inputs_end_in_error_results(
         )
         assert why in last["reason"]
         assert (
-            last["result_digest"]
-            == VECTORS[(R.DATA_DOWNLOAD_FAILED, Cause.INPUT_FILES_DOWNLOAD_FAILED)]
+            last["digest"] == VECTORS[(R.DATA_DOWNLOAD_FAILED, Cause.INPUT_FILES_DOWNLOAD_FAILED)]
         )
         node.purge(TASK)
 

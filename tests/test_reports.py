@@ -90,6 +90,7 @@ def test_an_upload_reported_after_it_was_given_up_as_timed_out_is_finalized(
     chain.tasks[TASK] = chain_task(
         TASK, ChainTaskStatus.REVEALING, [WORKER], winner_counter=1, reveal_counter=1
     )
+    chain.contributions[(TASK, WORKER)] = contribution(ContributionStatus.PROVED)
     report(scheduler, ReplicateStatus.REVEALED)
     assert store.task(TASK)["status"] == "RESULT_UPLOADING"  # type: ignore[index]
     assert len(celery.of(UPLOAD.name)) == 1

@@ -236,7 +236,8 @@ def test_a_gap_of_5000_blocks_is_read_in_ranges(
     anvil, _ = ensure_tools()
     gap.start_anvil(anvil, prune_history=True)
     try:
-        client = ChainClient(gap.rpc_url, "0x" + "00" * 20)
+        # (a long timeout: on a busy machine 500 empty blocks may take more than 10 s)
+        client = ChainClient(gap.rpc_url, "0x" + "00" * 20, request_timeout=120)
         for _ in range(10):  # anvil_mine slows down superlinearly with the count: 10 x 500
             client.w3.provider.make_request("anvil_mine", [hex(500)])  # type: ignore[arg-type]
         info, _, _ = devnet_up(tmp_path, port=gap.port)

@@ -133,3 +133,71 @@ def test_node_names_in_messages_hide_what_may_be_a_secret() -> None:
         "https://arb-mainnet.example.com"
     )
     assert node_name("http://127.0.0.1:8545") == "http://127.0.0.1:8545"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("node https://mainnet.example/v3/KEY123 unreachable", "node https://mainnet.example/***"),
+        ("http://user:pw@host:8545", "http://***@host:8545"),
+        ("rediss://:p%40ss@redis:6379/0?ssl_cert_reqs=required", "rediss://***@redis:6379/***"),
+        ("Max retries exceeded with url: /v3/KEY123 (Caused by X)", "with url: /*** (Caused"),
+        ("http://127.0.0.1:8545", "http://127.0.0.1:8545"),
+        ('{ "storage": "ipfs", "location": "/ipfs/Qm1" }', '"location": "/ipfs/Qm1"'),
+    ],
+)
+def test_urls_keep_their_scheme_host_and_port_only(text: str, shown: str) -> None:
+    from pool.redact import redact_urls
+
+    clean = redact_urls(text)
+    assert shown in clean
+    for secret in ("KEY123", "pw@", "p%40ss", "ssl_cert_reqs"):
+        assert secret not in clean
+
+
+def test_the_settings_dump_masks_urls_and_the_logs_do_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    from pool.redact import RedactFilter
+
+    settings = Settings(
+        chain_rpc_url="https://rpc.example/v3/KEY123", redis_url="redis://:pw1234@redis:6379/0"
+    )
+    public = settings.public()
+    assert public["chain_rpc_url"] == "https://rpc.example/***"
+    assert public["redis_url"] == "redis://***@redis:6379/***"
+    log = logging.getLogger("test-redact")
+    log.addFilter(RedactFilter())
+    with caplog.at_level(logging.INFO, logger="test-redact"):
+        log.info("chain node %s down", settings.chain_rpc_url)
+    assert "KEY123" not in caplog.text and "https://rpc.example/***" in caplog.text
+
+
+def test_the_redis_password_comes_from_its_file_and_tls_verifies_the_server(
+    tmp_path: Path,
+) -> None:
+    import ssl
+
+    from pool.broker import celery_options, redis_url, tls_options
+
+    (tmp_path / "pw").write_text("two words/@:\n")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = Settings(
+        redis_url="rediss://redis:6379/2",
+        redis_password_file=str(tmp_path / "pw"),
+        redis_ca_file=str(tmp_path / "ca.pem"),
+    )
+    assert redis_url(settings) == "rediss://:two%20words%2F%40%3A@redis:6379/2"
+    tls = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(tmp_path / "ca.pem")}
+    assert tls_options(settings) == tls
+    options = celery_options(settings)
+    assert options["broker_use_ssl"] == options["redis_backend_use_ssl"] == tls
+    assert options["broker_url"] == options["result_backend"] == redis_url(settings)
+    # plain redis://: no TLS options; a missing password file or CA file names its setting
+    assert tls_options(Settings(redis_url="redis://redis:6379/0")) is None
+    with pytest.raises(SettingsError, match="WORKERPOOL_REDIS_PASSWORD_FILE"):
+        redis_url(Settings(redis_password_file=str(tmp_path / "none")))
+    with pytest.raises(SettingsError, match="WORKERPOOL_REDIS_CA_FILE"):
+        tls_options(Settings(redis_url="rediss://r:1/0", redis_ca_file=str(tmp_path / "none")))

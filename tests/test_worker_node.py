@@ -14,13 +14,14 @@ from typing import Any
 import fakeredis
 
 from pool import keys
-from pool.messages import Messenger
+from pool.messages import MessageSigner, Messenger, heartbeat_time
 from pool.settings import Settings
-from testing.celery import FakeCelery, fake_messenger
+from testing.celery import FAKE_DOMAIN, FakeCelery, fake_messenger
 from testing.runner import FakeRunner
 from workers.node import WorkerNode
 
-ADDRESS = "0x00000000000000000000000000000000000000aa"
+KEY = "0x" + "5a" * 32
+ADDRESS = MessageSigner(KEY, FAKE_DOMAIN).address.lower()
 
 
 class HangingRunner(FakeRunner):
@@ -38,7 +39,7 @@ class HangingRunner(FakeRunner):
 
 
 def test_heartbeats_go_on_while_the_janitor_waits_for_docker(tmp_path: Path) -> None:
-    messages, celery = fake_messenger()
+    messages, celery = fake_messenger(KEY)
     sent = celery.messages
     runner = HangingRunner()
     node = WorkerNode(
@@ -63,9 +64,10 @@ def test_heartbeats_go_on_while_the_janitor_waits_for_docker(tmp_path: Path) -> 
         assert runner.listing.wait(5)
         before = len(sent)
         time.sleep(0.5)
-        # Then the node still writes its liveness and sends heartbeats
-        seen = float(node.redis.get(keys.node_seen(ADDRESS)))
-        assert time.time() - seen < 0.3
+        # Then the node still writes its liveness (its last signed heartbeat) and sends
+        # heartbeats
+        seen = heartbeat_time(node.redis.get(keys.node_seen(ADDRESS)), ADDRESS, FAKE_DOMAIN)
+        assert seen is not None and time.time() - seen < 1.3  # (issued in whole seconds)
         assert len(sent) - before >= 4
     finally:
         runner.release.set()
@@ -94,7 +96,7 @@ def _node(tmp_path: Path, client: Any, celery: FakeCelery) -> WorkerNode:
         Settings(redis_url="redis://127.0.0.1:1/0", worker_name="t"),
         client,
         SimpleNamespace(address=ADDRESS),  # type: ignore[arg-type]
-        Messenger(celery),
+        Messenger(celery, MessageSigner(KEY, FAKE_DOMAIN)),
         FakeRunner(),
         None,  # type: ignore[arg-type]
         workdir=tmp_path,

@@ -37,13 +37,8 @@ from poco.results import callback_bytes, result_link
 from poco.tags import tag_to_int
 from poco.types import ChainTaskStatus, ContributionStatus, Deal
 from pool import keys
-from pool.messages import (
-    AuthorizeRequest,
-    Heartbeat,
-    Messenger,
-    ReplicateReport,
-    ReportFields,
-)
+from pool.messages import AuthorizeRequest, Heartbeat, Messenger, ReplicateReport, ReportFields
+from pool.redact import redact_urls
 from pool.settings import Settings
 from pool.states import ReplicateStatus
 from pool.states import ReplicateStatusCause as Cause
@@ -216,8 +211,9 @@ class WorkerNode:
         (``fields``: what :class:`~pool.messages.ReplicateReport` carries beside it)."""
         self.messages.report(ReplicateReport(taskid, self.address, status, **fields))
 
-    def heartbeat(self) -> None:
-        self.messages.heartbeat(self.info())
+    def heartbeat(self) -> dict[str, Any]:
+        """Send a signed heartbeat; returns its envelope."""
+        return self.messages.heartbeat(self.info())
 
     def info(self) -> Heartbeat:
         refusal = self._refusal
@@ -584,10 +580,11 @@ class WorkerNode:
         }
         _write_json(task_dir / "state.json", state)
         self._checkpoint(job)
+        # the digest stays here until the reveal: sent anywhere, a lazy worker could
+        # contribute it without computing
         self.report(
             taskid,
             R.COMPUTED,
-            result_digest=digest,
             cause=app_cause,
             reason=None if outcome.ok else outcome.reason(),
             **logs,
@@ -680,9 +677,8 @@ class WorkerNode:
         self.report(
             job.taskid,
             status,
-            reason=reason[:2000],
+            reason=redact_urls(reason)[:2000],
             cause=cause,
-            result_digest=digest,
             note="error result",
             **fields,
         )
@@ -698,7 +694,7 @@ class WorkerNode:
         self.report(
             job.taskid,
             R.ABORTED,
-            reason=reason[:2000],
+            reason=redact_urls(reason)[:2000],
             cause=cause or Cause.ABORTED_BY_WORKER,
             node_fault=True,
         )
@@ -774,7 +770,10 @@ class WorkerNode:
         return removed
 
     def contribute(self, taskid: str) -> JobOutcome:
-        """Contribute a computed result (control process: never waits behind a computation)."""
+        """Contribute a computed result (control process: never waits behind a computation).
+        A request for a task this node computed nothing for is not its own (anyone who can
+        write to Redis can send one): it is dropped, with no report; so is one for a task
+        the scheduler aborted meanwhile (its folder is deleted)."""
         if self._abort_requested(taskid):  # aborted after it was computed: nothing to send
             self.purge(taskid)
             return JobOutcome(taskid, str(R.ABORTED), "aborted on the scheduler's request")
@@ -787,9 +786,8 @@ class WorkerNode:
         try:
             state = self._state(taskid)
         except PocoError as exc:
-            return self._fail(
-                taskid, R.CONTRIBUTE_FAILED, str(exc), cause=Cause.DETERMINISM_HASH_NOT_FOUND
-            )
+            log.warning("task %s: contribute asked, nothing computed here: ignored", taskid)
+            return JobOutcome(taskid, "DROPPED", str(exc))
         digest = state["digest"]
         if self.settings.fault_inject == "wrong-digest":
             digest = "0x" + bytes(b ^ 0xFF for b in bytes.fromhex(digest[2:])).hex()
@@ -883,7 +881,9 @@ class WorkerNode:
         node_fault: bool = False,
     ) -> JobOutcome:
         log.warning("task %s: %s: %s", taskid, status, reason)
-        self.report(taskid, status, reason=reason[:2000], cause=cause, node_fault=node_fault)
+        # URLs masked: an RPC URL in an error text may hold the node's API key
+        reason = redact_urls(reason)[:2000]
+        self.report(taskid, status, reason=reason, cause=cause, node_fault=node_fault)
         return JobOutcome(taskid, str(status), reason)
 
     # ---- reveal and upload, asked by the scheduler --------------------------------------------
@@ -896,6 +896,22 @@ class WorkerNode:
         return state
 
     def reveal(self, taskid: str) -> JobOutcome:
+        """Reveal our contribution, once the chain says it is a winner (a request may come
+        from anyone who can write to Redis: one that comes early, or for a task we did not
+        win, is dropped with no report, as iexec-worker checks before revealing)."""
+        task = self.client.view_task(taskid)
+        mine = self.client.view_contribution(taskid, self.address)
+        if mine.status == ContributionStatus.PROVED:
+            self.report(taskid, R.REVEALED, note="already revealed on chain")
+            return JobOutcome(taskid, str(R.REVEALED))
+        if (
+            task.status != ChainTaskStatus.REVEALING
+            or mine.status != ContributionStatus.CONTRIBUTED
+            or mine.result_hash != task.consensus_value
+        ):
+            why = f"task {task.status.name}, our contribution {mine.status.name}"
+            log.warning("task %s: reveal asked, not a winner to reveal (%s): ignored", taskid, why)
+            return JobOutcome(taskid, "DROPPED", why)
         try:
             state = self._state(taskid)
         except PocoError as exc:
@@ -920,6 +936,13 @@ class WorkerNode:
 
     def upload(self, taskid: str) -> JobOutcome:
         state = self._state(taskid)
+        # a request to upload may come from anyone who can write to Redis: the result is
+        # published only once this node revealed (the chain is closed to contributions then),
+        # never while a free-rider could still contribute a digest computed from it
+        mine = self._on_chain(taskid)
+        if mine != ContributionStatus.PROVED:
+            log.warning("task %s: upload asked before our reveal (%s): ignored", taskid, mine.name)
+            return JobOutcome(taskid, "DROPPED", f"not revealed on chain ({mine.name})")
         self.report(taskid, R.RESULT_UPLOADING)
         link, callback_data = self._result_link(taskid, state)
         self.report(taskid, R.RESULT_UPLOADED, result_link=link, callback_data=callback_data)
@@ -994,7 +1017,7 @@ class WorkerNode:
         if task.contribution_deadline <= now:
             return JobOutcome(taskid, "DROPPED", "contribution deadline passed")
         if state.get("digest"):
-            self.report(taskid, R.COMPUTED, result_digest=state["digest"], note="resumed")
+            self.report(taskid, R.COMPUTED, note="resumed")
             self.messages.contribute(self.address, taskid)
             return JobOutcome(taskid, str(R.CONTRIBUTING), "contribute sent")
         if task.contribution_deadline - now < task.timeref * RECOMPUTE_TIME_RATIO:
@@ -1023,12 +1046,13 @@ class WorkerNode:
             try:
                 if self.lease is not None:
                     self.lease.renew()  # LeaseLost propagates: the node must stop
+                envelope = self.heartbeat()
                 if self.redis is not None:
-                    # liveness straight into Redis: the scheduler judges LOST on this, not on
-                    # heartbeat messages that may wait behind other work in its queue
+                    # liveness straight into Redis: the scheduler judges LOST on this (the
+                    # signed heartbeat: nobody else can write a fresher one), not on heartbeat
+                    # messages that may wait behind other work in its queue
                     self.redis.set(keys.node_alive(self.address), self.name, px=int(period * 3000))
-                    self.redis.set(keys.node_seen(self.address), repr(time.time()), ex=86400)
-                self.heartbeat()
+                    self.redis.set(keys.node_seen(self.address), json.dumps(envelope), ex=86400)
             except LeaseLost:
                 raise
             except Exception as exc:  # Redis down: keep trying, keep working

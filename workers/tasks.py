@@ -28,6 +28,8 @@ from pool.messages import (
     REVEAL,
     RUN_REPLICATE,
     UPLOAD,
+    Domain,
+    MessageSigner,
     Messenger,
     make_celery,
 )
@@ -60,15 +62,19 @@ def compute_queues(settings: Settings) -> list[str]:
 def build_node(
     settings: Settings,
     private_key: str,
-    messages: Messenger,
+    celery: Any,
     *,
     redis: Any = None,
     lease: IndexLease | None = None,
 ) -> WorkerNode:
     """A node from settings: chain client (checked to be the chain the settings name),
-    wallet, Docker runner, result publisher."""
+    wallet, the messenger that signs its messages to the scheduler (in the domain of this
+    chain and POOL_ADDRESS), Docker runner, result publisher."""
+    settings.require("pool_address")
     client = checked_chain_client(settings)
     wallet = client.wallet(private_key)
+    domain = Domain(client.chain_id, str(settings.pool_address))
+    messages = Messenger(celery, MessageSigner(private_key, domain))
     local_dir = Path(
         settings.local_results_dir or Path(tempfile.gettempdir()) / "workerpool-results"
     )
@@ -88,7 +94,7 @@ def create_compute_app(
 ) -> tuple[Celery, WorkerNode]:
     """The compute process: its Celery app, the node built on it, the receivers registered."""
     app = make_celery(settings, "workerpool-worker")
-    node = build_node(settings, private_key, Messenger(app), redis=redis, lease=lease)
+    node = build_node(settings, private_key, app, redis=redis, lease=lease)
     register_compute(app, node)
     return app, node
 
@@ -96,7 +102,7 @@ def create_compute_app(
 def create_control_app(settings: Settings, private_key: str) -> tuple[Celery, WorkerNode]:
     """The control process: its Celery app, the node built on it, the receivers registered."""
     app = make_celery(settings, "workerpool-worker-control")
-    node = build_node(settings, private_key, Messenger(app))
+    node = build_node(settings, private_key, app)
     register_control(app, node)
     return app, node
 

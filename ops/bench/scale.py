@@ -39,20 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from web3 import Web3  # noqa: E402
 
 from poco.types import ChainTaskStatus  # noqa: E402
-from pool.messages import (  # noqa: E402  # noqa: E402
-    REVEAL,
-    RUN_REPLICATE,
-    UPLOAD,
-    AuthorizeRequest,
-    Heartbeat,
-    Messenger,
-    ReplicateReport,
-)
+from pool.messages import REVEAL, RUN_REPLICATE, UPLOAD, Messenger  # noqa: E402
 from pool.settings import Settings  # noqa: E402
-from pool.states import ReplicateStatus  # noqa: E402
 from testing.celery import FakeCelery  # noqa: E402
 from testing.chain import HUB, POOL, FakeChain, FakeWallet  # noqa: E402
 from testing.store import count_calls  # noqa: E402
+from testing.workers import SigningWorker  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -66,21 +58,29 @@ def current_rss_mb() -> float:
 
 # ---- fake workers ----------------------------------------------------------------------------
 class FakeWorkers:
-    """Workers that take every job at once and report like workers/node.py does."""
+    """Workers that take every job at once and report like workers/node.py does: each
+    message signed with the worker's key and handed to the scheduler's inbox, which checks
+    it as it checks a real node's."""
 
     def __init__(self, scheduler: Any, chain: FakeChain, celery: FakeCelery, count: int) -> None:
         self.s, self.chain, self.celery = scheduler, chain, celery
-        self.addresses = [("0x%040x" % (0xA0000 + i)) for i in range(count)]
+        domain = scheduler.ctx.domain
+        self.workers = {}
+        for i in range(count):
+            key = bytes(Web3.keccak(text=f"bench-worker-{i}"))
+            worker = SigningWorker(key, domain, f"fake-{i}")
+            self.workers[worker.address.lower()] = worker
+        self.addresses = list(self.workers)
         self.next = 0
         self.completed = 0
         self.refused = 0
 
     def heartbeat(self) -> None:
-        for i, w in enumerate(self.addresses):
-            self.s.fleet.heartbeat(Heartbeat(w, f"fake-{i}", ("standard",), 2, 0, "bench"))
+        for worker in self.workers.values():
+            self.s.inbox.heartbeat(worker.heartbeat())
 
     def report(self, taskid: str, worker: str, status: str, **fields: Any) -> None:
-        self.s.reports.apply(ReplicateReport(taskid, worker, ReplicateStatus(status), **fields))
+        self.s.inbox.report(self.workers[worker].report(taskid, status, **fields))
 
     def step(self, budget: int) -> int:
         """Process up to ``budget`` messages; return how many were processed."""
@@ -92,14 +92,14 @@ class FakeWorkers:
             if name == RUN_REPLICATE.name:
                 worker = self.addresses[self.next % len(self.addresses)]
                 self.next += 1
-                answer = self.s.authorizer.authorize(AuthorizeRequest(taskid, worker))
+                answer = self.s.inbox.authorize(self.workers[worker].authorize(taskid))
                 if not answer.granted:
                     self.refused += 1
                     continue
                 digest = "0x" + Web3.keccak(text=taskid).hex().removeprefix("0x")
                 for status in ("STARTING", "APP_DOWNLOADING", "COMPUTING"):
                     self.report(taskid, worker, status)
-                self.report(taskid, worker, "COMPUTED", result_digest=digest, duration=0.1)
+                self.report(taskid, worker, "COMPUTED", duration=0.1)
                 self.report(taskid, worker, "CONTRIBUTING")
                 self.chain.contribute(taskid, worker, digest)
                 self.report(taskid, worker, "CONTRIBUTED", tx_hash="0x" + "ab" * 32)

@@ -87,6 +87,25 @@ COMPOSE_VARS: list[tuple[str, list[Var]]] = [
                 "leases an index in Redis and signs with the key at m/44'/60'/0'/0/<index> "
                 "(IEXEC_WORKER_MNEMONIC_FILE).",
             ),
+            Var(
+                "REDIS_PASSWORD_FILE",
+                "./secrets/redis-password",
+                "File holding Redis' password (requirepass), URL-safe: Redis and every service "
+                "of the pool read it (WORKERPOOL_REDIS_PASSWORD_FILE). Required.",
+            ),
+            Var(
+                "REDIS_TLS_CERT_FILE",
+                "./secrets/redis-tls.crt",
+                "Redis' TLS certificate (its names: redis, and the address workers on other "
+                "hosts use). Redis speaks TLS only.",
+            ),
+            Var("REDIS_TLS_KEY_FILE", "./secrets/redis-tls.key", "Its private key."),
+            Var(
+                "REDIS_CA_FILE",
+                "./secrets/redis-ca.crt",
+                "The CA certificate that signed it: every client verifies Redis with it "
+                "(WORKERPOOL_REDIS_CA_FILE).",
+            ),
         ],
     ),
     (
@@ -120,12 +139,6 @@ COMPOSE_VARS: list[tuple[str, list[Var]]] = [
                 "8080",
                 "Host port of the IPFS gateway (read-only), on API_PUBLISH_ADDRESS: requesters "
                 "download results through it (docs/deploy.md, Requesters).",
-            ),
-            Var(
-                "REDIS_PASSWORD",
-                "",
-                "Password of Redis (secret). Empty: none, Redis is reachable on the compose "
-                "network only. When set, put it in WORKERPOOL_REDIS_URL too.",
             ),
         ],
     ),
@@ -177,9 +190,10 @@ EXAMPLE_VALUES: dict[str, tuple[str, str]] = {
     "MONGO_HOST": ("mongo", "Here: the mongo service."),
     "IEXEC_IPFS_HOST": ("ipfs", "Here: the ipfs service (Kubo)."),
     "WORKERPOOL_REDIS_URL": (
-        "redis://redis:6379/0",
-        "Here: the redis service; with REDIS_PASSWORD: redis://:<password>@redis:6379/0. "
-        "Workers on other hosts point it at this host's Redis (docs/deploy.md).",
+        "rediss://redis:6379/0",
+        "Here: the redis service, over TLS, its password and CA from the secrets above. "
+        "Workers on other hosts point it at this host's Redis, by a name its certificate "
+        "holds (docs/deploy.md).",
     ),
     "IEXEC_WORKER_BASE_DIR": (
         "/var/lib/workerpool/worker",
@@ -205,6 +219,8 @@ SET_BY_COMPOSE: dict[str, str] = {
         "/run/secrets/scheduler_keystore_password (from SCHEDULER_KEYSTORE_PASSWORD_FILE)"
     ),
     "IEXEC_WORKER_MNEMONIC_FILE": "/run/secrets/worker_mnemonic (from WORKER_MNEMONIC_FILE)",
+    "WORKERPOOL_REDIS_PASSWORD_FILE": "/run/secrets/redis_password (from REDIS_PASSWORD_FILE)",
+    "WORKERPOOL_REDIS_CA_FILE": "/run/secrets/redis_ca (from REDIS_CA_FILE)",
     "WORKERPOOL_API_HOST": "0.0.0.0 in the api container (published on API_PUBLISH_ADDRESS)",
     "WORKERPOOL_LOCAL_RESULTS_DIR": (
         "/var/lib/workerpool/results, the `results` volume of the workers and the API"

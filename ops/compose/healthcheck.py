@@ -19,6 +19,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from typing import Any
 
 # service -> prefixes of the Celery node names that must answer (names end in @<hostname>)
 EXPECTED_NODES: dict[str, tuple[str, ...]] = {
@@ -37,11 +38,16 @@ def missing_nodes(service: str, answered: set[str], hostname: str) -> list[str]:
     ]
 
 
-def ping_nodes(redis_url: str, hostname: str, timeout: float) -> set[str]:
-    """Names of the Celery nodes of ``hostname`` that answer a ping within ``timeout``."""
+def ping_nodes(
+    redis_url: str, hostname: str, timeout: float, tls: dict[str, Any] | None = None
+) -> set[str]:
+    """Names of the Celery nodes of ``hostname`` that answer a ping within ``timeout``
+    (``tls``: the broker's TLS options, for a rediss:// URL)."""
     from celery import Celery
 
     app = Celery("workerpool-healthcheck", broker=redis_url)
+    if tls is not None:
+        app.conf.broker_use_ssl = tls
     app.conf.broker_connection_retry_on_startup = False
     app.conf.broker_connection_max_retries = 1
     try:
@@ -52,14 +58,16 @@ def ping_nodes(redis_url: str, hostname: str, timeout: float) -> set[str]:
 
 
 def check_celery(service: str, timeout: float = 5.0) -> tuple[bool, str]:
+    from pool.broker import redis_url, tls_options
+    from pool.redact import redact_urls
     from pool.settings import Settings
 
     settings = Settings.from_env()
     hostname = socket.gethostname()
     try:
-        answered = ping_nodes(settings.redis_url, hostname, timeout)
+        answered = ping_nodes(redis_url(settings), hostname, timeout, tls_options(settings))
     except Exception as exc:  # the broker is down or refuses us: unhealthy, say why
-        return False, f"{service}: cannot ping through the broker: {exc}"
+        return False, f"{service}: cannot ping through the broker: {redact_urls(str(exc))}"
     missing = missing_nodes(service, answered, hostname)
     if missing:
         return (
