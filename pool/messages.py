@@ -207,6 +207,9 @@ class AbortRequest(Payload):
     taskid: str
     cause: ReplicateStatusCause
     reason: str = ""
+    # the scheduler's signature (poco.proofs.sign_abort): anyone can write to Redis, only the
+    # pool owner's key makes a node stop a replicate
+    signature: str = ""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from functools import cached_property
 from typing import Any
 
 from poco.chain import ChainClient, Wallet
+from poco.proofs import sign_abort
 from pool.messages import AbortRequest, Domain, Messenger, Nonces, Refusals
 from pool.settings import Settings
 from pool.states import ERROR_RESULT_STATUSES, ReplicateStatus, ReplicateStatusCause, TaskStatus
@@ -79,11 +80,20 @@ class SchedulerContext:
         and delete its files. Returns the workers told."""
         workers = self.store.abort_replicates(taskid, statuses, reason, cause=str(cause))
         for worker in workers:
-            try:
-                self.messages.abort(worker, AbortRequest(taskid, cause, reason))
-            except Exception as exc:  # Redis down: the node's janitor deletes the files later
-                log.warning("task %s: could not tell %s to abort: %s", taskid, worker, exc)
+            self.send_abort(worker, taskid, cause, reason)
         return workers
+
+    def send_abort(
+        self, worker: str, taskid: str, cause: ReplicateStatusCause, reason: str
+    ) -> None:
+        """Tell ``worker``'s node to abort its replicate of ``taskid``, signed with the
+        scheduler's key (the node obeys the pool owner only). Redis down: logged, the node's
+        janitor deletes the task's files once the task is final."""
+        signature = sign_abort(self.wallet.account.key, worker, taskid, str(cause), reason)
+        try:
+            self.messages.abort(worker, AbortRequest(taskid, cause, reason, signature))
+        except Exception as exc:
+            log.warning("task %s: could not tell %s to abort: %s", taskid, worker, exc)
 
     @cached_property
     def domain(self) -> Domain:

@@ -17,7 +17,6 @@ from poco.errors import PocoError, TransactionReverted
 from poco.results import callback_bytes
 from poco.types import ChainTaskStatus, ContributionStatus, Task
 from pool.clock import utcnow
-from pool.messages import AbortRequest
 from pool.redact import redact_urls
 from pool.states import FINAL_TASK_STATUSES, ReplicateStatus, TaskStatus
 from pool.states import ReplicateStatusCause as Cause
@@ -270,9 +269,8 @@ class Finalizer:
                 cause=str(Cause.CONSENSUS_REACHED),
             ):
                 # its node keeps the result it computed until told: nothing more to do with it
-                self.ctx.messages.abort(
-                    worker,
-                    AbortRequest(taskid, Cause.CONSENSUS_REACHED, "contribution rejected"),
+                self.ctx.send_abort(
+                    worker, taskid, Cause.CONSENSUS_REACHED, "contribution rejected"
                 )
 
     # ---- the final deadline -----------------------------------------------------------------

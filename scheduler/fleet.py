@@ -11,7 +11,7 @@ from typing import Any
 
 from pool import keys
 from pool.clock import utcnow
-from pool.messages import QUEUE_CAPABILITY, AbortRequest, Heartbeat, heartbeat_time
+from pool.messages import QUEUE_CAPABILITY, Heartbeat, heartbeat_time
 from pool.states import InvalidTransition, ReplicateStatus, WorkerStatus
 from pool.states import ReplicateStatusCause as Cause
 from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext
@@ -156,10 +156,7 @@ class Fleet:
             stalled += 1
             log.warning("replicate of %s on %s: %s", worker, taskid, why)
             if status != str(R.CONTRIBUTING):
-                try:
-                    self.ctx.messages.abort(worker, AbortRequest(taskid, Cause.UNKNOWN, why))
-                except Exception as exc:  # Redis down: its janitor cleans up after the task
-                    log.warning("could not tell %s to abort %s: %s", worker, taskid, exc)
+                self.ctx.send_abort(worker, taskid, Cause.UNKNOWN, why)
             self.planner.replan(taskid, why=f"{worker}: {why}")
         return stalled
 

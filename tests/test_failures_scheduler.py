@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from api.queries import worker_view
+from poco.proofs import recover_abort_signer
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool.clock import utcnow
 from pool.messages import ABORT, RUN_REPLICATE, AuthorizeRequest, Messenger, ReplicateReport
@@ -221,6 +222,12 @@ def test_consensus_aborts_the_replicates_that_did_not_contribute_on_their_nodes(
     told = aborts(celery)
     assert sorted(q for q, _ in told) == [f"worker.{B}", f"worker.{C}"]
     assert {p["cause"] for _, p in told} == {"CONSENSUS_REACHED"}
+    # signed with the scheduler's key: the nodes obey the pool owner only
+    owner = scheduler.ctx.wallet.address
+    for queue, p in told:
+        worker = queue.removeprefix("worker.")
+        signer = recover_abort_signer(p["signature"], worker, TASK, p["cause"], p["reason"])
+        assert signer == owner
     for worker in (B, C):
         rep = store.replicate(TASK, worker) or {}
         assert rep["status"] == "ABORTED" and rep["timeline"][-1]["cause"] == "CONSENSUS_REACHED"

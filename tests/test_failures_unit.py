@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 from engine_support import HttpServer as Server
+from eth_account import Account
 from eth_utils import keccak
 
+from poco.proofs import sign_abort
 from poco.results import callback_bytes
 from poco.types import ChainTaskStatus, Deal, Resource
 from pool.messages import CONTRIBUTE, REPORT, MessageSigner, Messenger
@@ -48,6 +50,9 @@ DEAL = "0x" + "de" * 32
 APP = "0x" + "22" * 20
 ZERO = "0x" + "00" * 20
 LOCAL = AddressPolicy(allow_private=True)
+POOL = "0x" + "11" * 20
+# PUBLIC TEST KEY (anvil's default mnemonic, index 1): the pool owner, who signs aborts
+OWNER_KEY = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d"
 
 # sha256 of error.txt for each of iexec-worker's contributable causes (its v9.2 format)
 VECTORS = {
@@ -297,7 +302,7 @@ class Chain:
             dealid=DEAL,
             app=Resource(APP, ZERO, 0),
             dataset=Resource(ZERO, ZERO, 0),
-            workerpool=Resource(ZERO, ZERO, 0),
+            workerpool=Resource(POOL, ZERO, 0),
             trust=1,
             category=0,
             tag="0x" + "00" * 32,
@@ -320,6 +325,10 @@ class Chain:
 
     def app_multiaddr(self, app: str) -> bytes:
         return b"registry.example/app:1"
+
+    def workerpool_owner(self, pool: str) -> str:
+        assert pool == POOL
+        return str(Account.from_key(OWNER_KEY).address)
 
     def view_task(self, taskid: str) -> Any:
         return self.tasks.get(taskid) or chain_task(
@@ -362,6 +371,11 @@ def make_node(
         None,  # type: ignore[arg-type]
         workdir=tmp_path,
     )
+
+
+def abort(node: WorkerNode, cause: ReplicateStatusCause, reason: str, key: str = OWNER_KEY) -> Any:
+    """The scheduler's abort request, signed with ``key`` (the pool owner's by default)."""
+    return node.abort(TASK, cause, reason, sign_abort(key, ADDRESS, TASK, str(cause), reason))
 
 
 def reports(celery: FakeCelery) -> list[dict[str, Any]]:
@@ -545,7 +559,7 @@ def test_an_abort_while_the_app_runs_stops_it_and_the_compute_side_stays_silent(
 
     def running(run: AppRun) -> RunOutcome:
         # When the scheduler's abort reaches the control process while the app runs
-        control.abort(TASK, Cause.CONSENSUS_REACHED, "consensus was reached without it")
+        abort(control, Cause.CONSENSUS_REACHED, "consensus was reached without it")
         default_fake_behaviour(run)
         return RunOutcome(exit_code=None, error="the container disappeared while running")
 
@@ -569,7 +583,7 @@ def test_an_abort_after_the_computation_deletes_the_result_and_nothing_is_contri
     node = make_node(tmp_path, FakeRunner(), celery, Chain())
     compute(node)
     assert (task_dir(tmp_path) / "state.json").exists()
-    node.abort(TASK, Cause.CONTRIBUTION_TIMEOUT, "the contribution deadline passed")
+    abort(node, Cause.CONTRIBUTION_TIMEOUT, "the contribution deadline passed")
     assert [p.name for p in task_dir(tmp_path).iterdir()] == [ABORT_MARKER]
     assert reports(celery)[-1]["cause"] == Cause.CONTRIBUTION_TIMEOUT
     # the contribute request still queued finds nothing to send, and says nothing
@@ -581,12 +595,30 @@ def test_an_abort_after_the_computation_deletes_the_result_and_nothing_is_contri
 def test_an_abort_before_the_job_starts_is_honoured_when_it_does(tmp_path: Path) -> None:
     celery = FakeCelery()
     node = make_node(tmp_path, FakeRunner(), celery, Chain())
-    node.abort(TASK, Cause.CONSENSUS_REACHED, "not needed")
+    abort(node, Cause.CONSENSUS_REACHED, "not needed")
     assert (task_dir(tmp_path) / ABORT_MARKER).exists()
     outcome = compute(node)
     assert outcome.status == R.ABORTED and outcome.reason == "aborted before it started"
     assert [r["status"] for r in reports(celery)] == [R.ABORTED]  # the abort's report only
     assert not task_dir(tmp_path).exists()
+
+
+def test_an_abort_not_signed_by_the_pool_owner_changes_nothing(tmp_path: Path) -> None:
+    # Given a node whose app runs (a computed result waiting to be contributed)
+    celery = FakeCelery()
+    runner = FakeRunner()
+    node = make_node(tmp_path, runner, celery, Chain())
+    compute(node)
+    sent = len(reports(celery))
+    # When someone who can write to Redis sends an abort signed with another key, or none
+    forged = abort(node, Cause.CONSENSUS_REACHED, "stop", key="0x" + "77" * 32)
+    unsigned = node.abort(TASK, Cause.CONSENSUS_REACHED, "stop", "")
+    # Then nothing is stopped, deleted or reported
+    assert forged.status == unsigned.status == "DROPPED"
+    assert "not by the workerpool owner" in forged.reason and "not a signature" in unsigned.reason
+    assert runner.killed == [] and len(reports(celery)) == sent
+    assert (task_dir(tmp_path) / "state.json").exists()
+    assert not (task_dir(tmp_path) / ABORT_MARKER).exists()
 
 
 def test_the_janitor_deletes_the_folders_no_longer_needed(tmp_path: Path) -> None:

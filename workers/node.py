@@ -33,6 +33,7 @@ from poco.chain import ChainClient, Wallet
 from poco.errors import PocoError, TransactionReverted
 from poco.funds import GasCheck, format_rlc, gas_check
 from poco.orders import ZERO_ADDRESS
+from poco.proofs import recover_abort_signer
 from poco.results import callback_bytes, result_link
 from poco.tags import tag_to_int
 from poco.types import ChainTaskStatus, ContributionStatus, Deal
@@ -204,6 +205,7 @@ class WorkerNode:
             settings.download_allow_private, settings.download_private_hosts
         )
         self._tmpfs: bool | None = None  # whether the output tmpfs can be mounted (None: untried)
+        self._pool_owners: dict[str, str] = {}  # workerpool -> owner (who may abort)
 
     # ---- messages to the scheduler ----------------------------------------------------------
     def report(self, taskid: str, status: ReplicateStatus, **fields: Unpack[ReportFields]) -> None:
@@ -713,15 +715,23 @@ class WorkerNode:
         """Delete what this node keeps of ``taskid`` (inputs, output, result, state)."""
         purge_dir(self.workdir / taskid)
 
-    def abort(self, taskid: str, cause: Cause, reason: str) -> JobOutcome:
+    def abort(self, taskid: str, cause: Cause, reason: str, signature: str) -> JobOutcome:
         """The scheduler no longer needs this node's replicate of ``taskid`` (control
         process): stop its container, delete its files, report ABORTED with ``cause``.
+
+        Only the pool owner's word counts (anyone who can write to Redis can send one): the
+        request must be signed by the owner of the task's workerpool on chain, otherwise it
+        is dropped, nothing stopped, nothing reported.
 
         The compute process holds the task's folder locked while it works on it: then a
         marker tells it to stop at its next step and the container is stopped now (its slot
         is free as soon as the engine says it exited); otherwise the folder is emptied here,
         the marker left for a job about to start or a contribute request still queued (the
         janitor deletes it after :data:`ABORT_MARKER_TTL` seconds)."""
+        problem = self._abort_problem(taskid, cause, reason, signature)
+        if problem:
+            log.warning("task %s: abort request refused: %s", taskid, problem)
+            return JobOutcome(taskid, "DROPPED", f"abort refused: {problem}")
         task_dir = self.workdir / taskid
         with task_lock(task_dir, wait=False) as mine:
             if mine:
@@ -739,6 +749,22 @@ class WorkerNode:
         log.info("task %s: aborted (%s): %s", taskid, cause, reason)
         self.report(taskid, R.ABORTED, cause=cause, reason=reason or str(cause))
         return JobOutcome(taskid, str(R.ABORTED), reason)
+
+    def _abort_problem(self, taskid: str, cause: Cause, reason: str, signature: str) -> str:
+        """Why an abort request is not the pool owner's ("" when it is)."""
+        try:
+            signer = recover_abort_signer(signature, self.address, taskid, str(cause), reason)
+        except ValueError as exc:
+            return str(exc)
+        try:
+            pool = self.client.view_deal(self.client.view_task(taskid).dealid).workerpool.pointer
+            owner = self._pool_owners.get(pool) or self.client.workerpool_owner(pool)
+        except Exception as exc:  # no such task, or the chain does not answer: not proven
+            return f"cannot read the task's workerpool owner: {exc}"
+        self._pool_owners[pool] = owner
+        if signer.lower() != owner.lower():
+            return f"signed by {signer}, not by the workerpool owner {owner}"
+        return ""
 
     def sweep(self, now: int | None = None) -> int:
         """Delete the task folders this node no longer needs (the janitor, every period):

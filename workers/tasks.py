@@ -175,7 +175,7 @@ def register_control(app: Celery, node: WorkerNode) -> None:
     @app.task(shared=False, name=ABORT.name, acks_late=True)
     def abort(payload: Any) -> dict[str, Any]:
         request = ABORT.parse(payload)
-        return node.abort(request.taskid, request.cause, request.reason).__dict__
+        return node.abort(request.taskid, request.cause, request.reason, request.signature).__dict__
 
     @app.task(
         shared=False,
