@@ -64,6 +64,7 @@ SAMPLE_APPS = {
     "failwrite": "workerpool-apps/failwrite:1",
     "deeptree": "workerpool-apps/deeptree:1",
     "spin": "workerpool-apps/spin:1",
+    "fsprobe": "workerpool-apps/fsprobe:1",
 }
 WORKERPOOL_DESCRIPTION = "workerpool devnet pool"
 

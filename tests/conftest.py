@@ -38,6 +38,7 @@ APP_IMAGES: dict[str, str] = {
         "failwrite",
         "deeptree",
         "spin",
+        "fsprobe",
     )
 }
 

@@ -625,12 +625,12 @@ def test_a_writer_as_fast_as_it_can_writes_at_most_the_limit(
 def test_the_app_cannot_write_its_root_filesystem_and_its_tmp_is_bounded(
     docker_runner: DockerRunner, app_images: dict[str, str], tmp_path: Path
 ) -> None:
-    rootfs = docker_runner.run(make_run(tmp_path, app_images["evil"], ["rootfs"]))
+    rootfs = docker_runner.run(make_run(tmp_path, app_images["fsprobe"], ["rootfs"]))
     assert rootfs.ok
-    for target in ("/evil.txt", "/root/evil.txt", "/app/evil.txt"):
+    for target in ("/probe.txt", "/root/probe.txt", "/app/probe.txt"):
         assert f"could not write {target}" in rootfs.stdout
     tmpfill = docker_runner.run(
-        make_run(tmp_path / "t", app_images["evil"], ["tmpfill", "50"], tmp_bytes=2 * MB)
+        make_run(tmp_path / "t", app_images["fsprobe"], ["tmpfill", "50"], tmp_bytes=2 * MB)
     )
     assert tmpfill.ok and f"/tmp/fill holds {2 * MB} bytes" in tmpfill.stdout
 

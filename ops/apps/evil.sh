@@ -5,8 +5,6 @@
 #   dirlink   a valid result.txt, plus up -> / (a directory symlink a careless zip would
 #             follow: a zip-slip of the host into the result); the whole <out> is the result
 #   logflood  <arg2> MB (default 100) on stdout, then a valid result
-#   rootfs    tries to write outside /iexec_out and /tmp (the root filesystem), says how it went
-#   tmpfill   writes <arg2> MB (default 100) into /tmp, says how much it could
 set -eu
 out=${IEXEC_OUT:-/iexec_out}
 mode=${1:-symlink}
@@ -32,20 +30,6 @@ logflood)
     echo "logflood result" >"$out/result.txt"
     printf '{"deterministic-output-path":"%s/result.txt"}\n' "$out" >"$out/computed.json"
     echo "evil app: done flooding"
-    ;;
-rootfs)
-    for target in /evil.txt /root/evil.txt /app/evil.txt; do
-        if echo evil 2>/dev/null >"$target"; then echo "evil app: wrote $target"; else echo "evil app: could not write $target"; fi
-    done
-    echo "rootfs result" >"$out/result.txt"
-    printf '{"deterministic-output-path":"%s/result.txt"}\n' "$out" >"$out/computed.json"
-    ;;
-tmpfill)
-    mb=${2:-100}
-    dd if=/dev/zero of=/tmp/fill bs=1048576 count="$mb" 2>/dev/null || true
-    echo "evil app: /tmp/fill holds $(wc -c </tmp/fill) bytes"
-    echo "tmpfill result" >"$out/result.txt"
-    printf '{"deterministic-output-path":"%s/result.txt"}\n' "$out" >"$out/computed.json"
     ;;
 *)
     echo "evil app: unknown mode $mode" >&2
