@@ -185,20 +185,10 @@ class InvalidTransition(ValueError):
 
 
 # the failures a worker reports only once the error result it contributes next is ready
+# (iexec-worker v9 does so for APP_IMAGE_DOWNLOAD_FAILED, DATASET_FILE_DOWNLOAD_FAILED,
+# DATASET_FILE_BAD_CHECKSUM and INPUT_FILES_DOWNLOAD_FAILED; this pool also after
+# COMPUTE_FAILED: an app that left no usable result, docs/operations.md)
 ERROR_RESULT_STATUSES = frozenset({R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED})
-# the causes for which iexec-worker v9 contributes an error result (ReplicateWorkflow's
-# contributable set); this pool also contributes one after COMPUTE_FAILED (an app that left no
-# usable result): docs/operations.md
-UPSTREAM_ERROR_CAUSES: Mapping[ReplicateStatus, frozenset[ReplicateStatusCause]] = {
-    R.APP_DOWNLOAD_FAILED: frozenset({ReplicateStatusCause.APP_IMAGE_DOWNLOAD_FAILED}),
-    R.DATA_DOWNLOAD_FAILED: frozenset(
-        {
-            ReplicateStatusCause.DATASET_FILE_DOWNLOAD_FAILED,
-            ReplicateStatusCause.DATASET_FILE_BAD_CHECKSUM,
-            ReplicateStatusCause.INPUT_FILES_DOWNLOAD_FAILED,
-        }
-    ),
-}
 
 REPLICATE_FAILURES = frozenset(
     {

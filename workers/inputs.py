@@ -272,7 +272,6 @@ def http_fetch(
     timeout: float,
     *,
     policy: AddressPolicy = STRICT,
-    resolver: Callable[[str, int], list[str]] = resolve,
 ) -> Iterator[bytes]:
     """The default :data:`Fetch`: a GET that connects only where ``policy`` allows.
 
@@ -289,7 +288,7 @@ def http_fetch(
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         scheme, host, port, path = _target(current)
-        address = policy.pick(current, host, port, resolver(host, port))
+        address = policy.pick(current, host, port, resolve(host, port))
         netloc = urlsplit(current).netloc.rsplit("@", 1)[-1]
         wait = urllib3.Timeout(connect=timeout, read=timeout)
         pool: urllib3.HTTPConnectionPool
