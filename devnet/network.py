@@ -61,6 +61,10 @@ SAMPLE_APPS = {
     "nocomputed": "workerpool-apps/nocomputed:1",
     "evil": "workerpool-apps/evil:1",
     "callback": "workerpool-apps/callback:1",
+    "failwrite": "workerpool-apps/failwrite:1",
+    "deeptree": "workerpool-apps/deeptree:1",
+    "spin": "workerpool-apps/spin:1",
+    "fsprobe": "workerpool-apps/fsprobe:1",
 }
 WORKERPOOL_DESCRIPTION = "workerpool devnet pool"
 
@@ -465,6 +469,9 @@ def env_lines(info: dict[str, Any], worker: int | None = None, mnemonic: bool = 
         if not 0 <= worker < len(workers):
             raise DevnetError(f"worker {worker} does not exist; the devnet has {len(workers)}")
         lines.append(f"export IEXEC_WORKER_WALLET_PRIVATE_KEY={workers[worker]['private_key']}")
+    if worker is not None or mnemonic:
+        # a devnet's input files are served from this host: let the worker fetch them
+        lines.append("export WORKERPOOL_DOWNLOAD_ALLOW_PRIVATE=1")
     if mnemonic:
         lines += [
             f"export IEXEC_WORKER_MNEMONIC='{PUBLIC_TEST_MNEMONIC}'",

@@ -486,7 +486,9 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_WORKER_MAX_FAILURES",
         _pos_int,
         "3",
-        "Consecutive failed replicates after which a worker is paused.",
+        "Consecutive failures on the node's side (Docker engine, image registry, disk) after "
+        "which a worker is paused; failures of the app or of the requester's inputs do not "
+        "count.",
         group="scheduler",
     ),
     "worker_pause": Spec(
@@ -494,6 +496,15 @@ SETTINGS: dict[str, Spec] = {
         _pos_float,
         "300",
         "Seconds a failing worker is paused (gets no authorization).",
+        group="scheduler",
+    ),
+    "progress_grace": Spec(
+        "WORKERPOOL_PROGRESS_GRACE",
+        _pos_float,
+        "300",
+        "Seconds of slack in the progress bound of each replicate status (docs/operations.md): "
+        "a replicate of a live worker that stays in one status past its bound is marked "
+        "WORKER_LOST, its node told to abort it, and it is planned on another worker.",
         group="scheduler",
     ),
     # ---- worker node ----------------------------------------------------------------------
@@ -623,6 +634,56 @@ SETTINGS: dict[str, Spec] = {
         _pos_int,
         "100",
         "Largest input file or dataset a worker downloads (MB).",
+        group="worker",
+    ),
+    "app_input_files_max": Spec(
+        "WORKERPOOL_APP_INPUT_FILES_MAX",
+        _pos_int,
+        "100",
+        "Most input files a task may list (iexec_input_files); more is the requester's error.",
+        group="worker",
+    ),
+    "app_input_total_mb": Spec(
+        "WORKERPOOL_APP_INPUT_TOTAL_MB",
+        _pos_int,
+        "500",
+        "Largest total of a task's input files and dataset (MB).",
+        group="worker",
+    ),
+    "download_allow_private": Spec(
+        "WORKERPOOL_DOWNLOAD_ALLOW_PRIVATE",
+        _bool,
+        "false",
+        "Let input files and datasets be fetched from non-global addresses (loopback, private, "
+        "link-local, the cloud metadata address...), redirects included: for devnets and "
+        "tests only. Off, such a URL is the requester's error.",
+        group="worker",
+    ),
+    "download_private_hosts": Spec(
+        "WORKERPOOL_DOWNLOAD_PRIVATE_HOSTS",
+        _str_list,
+        "",
+        "host:port pairs (comma-separated) that input files and datasets may come from even "
+        "though they resolve to non-global addresses (a data server on the pool's own "
+        "network); every other non-global address stays refused.",
+        group="worker",
+    ),
+    "app_tmp_mb": Spec(
+        "WORKERPOOL_APP_TMP_MB",
+        _pos_int,
+        "64",
+        "Size of the app's /tmp (a tmpfs, counted in its memory); the rest of its root "
+        "filesystem is read-only.",
+        group="worker",
+    ),
+    "app_output_tmpfs": Spec(
+        "WORKERPOOL_APP_OUTPUT_TMPFS",
+        _bool,
+        "true",
+        "Mount each app's /iexec_out on a tmpfs of WORKERPOOL_APP_OUTPUT_LIMIT_MB, so the "
+        "limit is a hard one (needs root with CAP_SYS_ADMIN, in the Docker engine's mount "
+        "namespace); when the node cannot mount, it measures the output while the app runs "
+        "(a soft limit) and says so at start.",
         group="worker",
     ),
     "app_max_runtime": Spec(
@@ -953,6 +1014,7 @@ class Settings:
     worker_lost_timeout: float = 30.0
     worker_max_failures: int = 3
     worker_pause: float = 300.0
+    progress_grace: float = 300.0
     worker_mnemonic: str = field(default="", repr=False)
     worker_mnemonic_file: str = ""
     worker_index_first: int = 0
@@ -971,6 +1033,12 @@ class Settings:
     app_cpus: float = 1.0
     app_output_limit_mb: int = 100
     app_input_limit_mb: int = 100
+    app_input_files_max: int = 100
+    app_input_total_mb: int = 500
+    download_allow_private: bool = False
+    download_private_hosts: tuple[str, ...] = ()
+    app_tmp_mb: int = 64
+    app_output_tmpfs: bool = True
     app_max_runtime: int = 0
     app_network: bool = False
     result_storage: str = "ipfs"

@@ -91,10 +91,16 @@ class ReplicateStatusCause(StrEnum):
     INPUT_FILES_DOWNLOAD_FAILED = "INPUT_FILES_DOWNLOAD_FAILED"
     DATASET_FILE_DOWNLOAD_FAILED = "DATASET_FILE_DOWNLOAD_FAILED"
     DATASET_FILE_BAD_CHECKSUM = "DATASET_FILE_BAD_CHECKSUM"
+    APP_NOT_FOUND_LOCALLY = "APP_NOT_FOUND_LOCALLY"
     APP_COMPUTE_FAILED = "APP_COMPUTE_FAILED"
     APP_COMPUTE_TIMEOUT = "APP_COMPUTE_TIMEOUT"
     POST_COMPUTE_COMPUTED_FILE_NOT_FOUND = "POST_COMPUTE_COMPUTED_FILE_NOT_FOUND"
+    POST_COMPUTE_RESULT_FILE_NOT_FOUND = "POST_COMPUTE_RESULT_FILE_NOT_FOUND"
+    POST_COMPUTE_RESULT_DIGEST_COMPUTATION_FAILED = "POST_COMPUTE_RESULT_DIGEST_COMPUTATION_FAILED"
+    POST_COMPUTE_OUT_FOLDER_ZIP_FAILED = "POST_COMPUTE_OUT_FOLDER_ZIP_FAILED"
+    POST_COMPUTE_TOO_LONG_RESULT_FILE_NAME = "POST_COMPUTE_TOO_LONG_RESULT_FILE_NAME"
     POST_COMPUTE_FAILED_UNKNOWN_ISSUE = "POST_COMPUTE_FAILED_UNKNOWN_ISSUE"
+    CHAIN_UNREACHABLE = "CHAIN_UNREACHABLE"
     DETERMINISM_HASH_NOT_FOUND = "DETERMINISM_HASH_NOT_FOUND"
     RESULT_LINK_MISSING = "RESULT_LINK_MISSING"
     REVEAL_TIMEOUT = "REVEAL_TIMEOUT"
@@ -138,6 +144,10 @@ TASK_TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 
 R = ReplicateStatus
 _R_ABORT = {R.WORKER_LOST, R.ABORTED}
+# a failure of the app or of the requester's inputs is followed by the contribution of an
+# error result (iexec-worker v9: APP_DOWNLOAD_FAILED / DATA_DOWNLOAD_FAILED -> CONTRIBUTING;
+# this pool does the same after COMPUTE_FAILED: an app that left no usable result)
+_ERROR_RESULT = {R.CONTRIBUTING, *_R_ABORT}
 REPLICATE_TRANSITIONS: dict[ReplicateStatus, frozenset[ReplicateStatus]] = {
     R.CREATED: frozenset({R.STARTING, *_R_ABORT}),
     R.STARTING: frozenset({R.APP_DOWNLOADING, R.START_FAILED, *_R_ABORT}),
@@ -154,12 +164,13 @@ REPLICATE_TRANSITIONS: dict[ReplicateStatus, frozenset[ReplicateStatus]] = {
     R.RESULT_UPLOADED: frozenset({R.COMPLETED}),
     R.COMPLETED: frozenset(),
     R.START_FAILED: frozenset(),
-    R.APP_DOWNLOAD_FAILED: frozenset(),
-    R.DATA_DOWNLOAD_FAILED: frozenset(),
-    R.COMPUTE_FAILED: frozenset(),
+    R.APP_DOWNLOAD_FAILED: frozenset(_ERROR_RESULT),
+    R.DATA_DOWNLOAD_FAILED: frozenset(_ERROR_RESULT),
+    R.COMPUTE_FAILED: frozenset(_ERROR_RESULT),
     R.CONTRIBUTE_FAILED: frozenset(),
     R.REVEAL_FAILED: frozenset(),
-    R.WORKER_LOST: frozenset({R.STARTING, R.CONTRIBUTED, R.REVEALED}),  # it came back
+    # it came back (or said it aborted)
+    R.WORKER_LOST: frozenset({R.STARTING, R.CONTRIBUTED, R.REVEALED, R.ABORTED}),
     R.ABORTED: frozenset(),
 }
 
@@ -175,6 +186,12 @@ def predecessors(table: Mapping[Any, frozenset[Any]], target: object) -> list[st
 class InvalidTransition(ValueError):
     """A status change the tables above do not allow."""
 
+
+# the failures a worker reports only once the error result it contributes next is ready
+# (iexec-worker v9 does so for APP_IMAGE_DOWNLOAD_FAILED, DATASET_FILE_DOWNLOAD_FAILED,
+# DATASET_FILE_BAD_CHECKSUM and INPUT_FILES_DOWNLOAD_FAILED; this pool also after
+# COMPUTE_FAILED: an app that left no usable result, docs/operations.md)
+ERROR_RESULT_STATUSES = frozenset({R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED})
 
 REPLICATE_FAILURES = frozenset(
     {

@@ -96,6 +96,8 @@ class Store:
         self.tasks.create_index("chainDealId")
         self.replicates.create_index([("chainTaskId", 1), ("worker", 1)], unique=True)
         self.replicates.create_index("status")
+        # the progress bounds: replicates of a status not updated since a time
+        self.replicates.create_index([("status", 1), ("updatedAt", 1)])
         self.replicates.create_index("worker")  # a worker's replicates (API, lost workers)
         self.workers.create_index("address", unique=True)
         self.workers.create_index([("status", 1), ("capabilities", 1)])  # who serves a queue
@@ -451,12 +453,27 @@ class Store:
             {"$set": {"revealRequested": False}},
         )
 
-    def abort_replicates(self, taskid: str, statuses: Iterable[str], note: str) -> None:
-        """Every replicate of ``taskid`` in one of ``statuses`` goes to ABORTED."""
+    def abort_replicates(
+        self, taskid: str, statuses: Iterable[str], note: str, cause: str | None = None
+    ) -> list[str]:
+        """Every replicate of ``taskid`` in one of ``statuses`` goes to ABORTED; the workers
+        whose replicate moved now."""
         wanted = set(statuses)
+        moved = []
         for rep in self.replicates_of(taskid):
-            if rep["status"] in wanted:
-                self.advance_replicate(taskid, rep["worker"], ReplicateStatus.ABORTED, note=note)
+            if rep["status"] in wanted and self.advance_replicate(
+                taskid, rep["worker"], ReplicateStatus.ABORTED, note=note, cause=cause
+            ):
+                moved.append(rep["worker"])
+        return moved
+
+    def replicates_updated_before(
+        self, statuses: Iterable[str], before: dt.datetime, fields: Iterable[str]
+    ) -> list[dict[str, Any]]:
+        """Replicates in one of ``statuses`` whose last change is older than ``before`` (the
+        progress bounds), with ``fields``."""
+        query = {"status": {"$in": sorted(statuses)}, "updatedAt": {"$lt": before}}
+        return list(self.replicates.find(query, _projection(fields)))
 
     def replicates_of_worker(
         self,

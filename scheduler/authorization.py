@@ -8,6 +8,7 @@ in the store). The request's signature and the allowlist were checked before
 from __future__ import annotations
 
 import logging
+import time
 
 from poco.proofs import sign_authorization
 from pool.messages import QUEUE_CAPABILITY, Authorization, AuthorizeRequest
@@ -41,6 +42,9 @@ class Authorizer:
         otherwise the job is stale and is dropped.
         """
         taskid, worker, enclave = request.taskid, request.worker, request.enclave
+        if request.expires_at is not None and time.time() > request.expires_at:
+            # the worker stopped waiting: a grant now would reserve a slot nobody uses
+            return _refuse("the request expired before it was read", requeue=False)
         task = self.store.task(taskid)
         if task is None:
             return _refuse("unknown task", requeue=False)

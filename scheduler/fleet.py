@@ -12,11 +12,37 @@ from typing import Any
 from pool import keys
 from pool.clock import utcnow
 from pool.messages import QUEUE_CAPABILITY, Heartbeat, heartbeat_time
-from pool.states import ReplicateStatus, WorkerStatus
-from scheduler.context import IN_FLIGHT, SchedulerContext
+from pool.states import InvalidTransition, ReplicateStatus, WorkerStatus
+from pool.states import ReplicateStatusCause as Cause
+from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext
 from scheduler.planning import Planner
 
 log = logging.getLogger(__name__)
+
+R = ReplicateStatus
+# the progress bounds are looked at this often (a pass reads the replicates past the shortest)
+STALL_CHECK = 30.0
+
+
+def progress_bound(status: str, timeref: int, grace: float) -> float:
+    """Seconds a replicate may stay in ``status`` (``timeref``: the task's category time
+    reference; ``grace``: WORKERPOOL_PROGRESS_GRACE) before it counts as stalled:
+
+    * CREATED: ``grace`` (the worker starts at once once authorized: a grant its worker no
+      longer waited for holds a slot no longer);
+    * STARTING, APP_DOWNLOADING: ``timeref + 3 x grace`` (pulling the image, then the
+      downloads, which share the task's time with the app);
+    * COMPUTING: ``timeref + grace`` (the node stops the app at ``timeref``);
+    * COMPUTED, CONTRIBUTING, and a failure whose error result is being contributed:
+      ``2 x grace`` (one transaction, retried).
+    """
+    if status == str(R.CREATED):
+        return grace
+    if status in (str(R.STARTING), str(R.APP_DOWNLOADING)):
+        return timeref + 3 * grace
+    if status == str(R.COMPUTING):
+        return timeref + grace
+    return 2 * grace
 
 
 class Fleet:
@@ -24,6 +50,7 @@ class Fleet:
         self.ctx = ctx
         self.store = ctx.store
         self.planner = planner
+        self._stalls_checked: float | None = None
 
     def heartbeat(self, beat: Heartbeat) -> None:
         fields = {
@@ -76,11 +103,62 @@ class Fleet:
                 self.store.transition_replicate(
                     rep["chainTaskId"],
                     rep["worker"],
-                    ReplicateStatus.WORKER_LOST,
+                    R.WORKER_LOST,
                     note="no heartbeat for WORKER_LOST_TIMEOUT",
                 )
                 self.planner.replan(rep["chainTaskId"])
         return lost
+
+    def detect_stalled(self, force: bool = False) -> int:
+        """Replicates of live workers that stayed in one status past its
+        :func:`progress_bound` are WORKER_LOST: their node is told to abort them (except
+        while contributing: the transaction may still be mined, the chain is asked) and the
+        task is planned on another worker. Looked at once per :data:`STALL_CHECK` seconds
+        (``force``: now). Returns how many were found."""
+        now = time.monotonic()
+        last = self._stalls_checked
+        if not force and last is not None and now - last < STALL_CHECK:
+            return 0
+        self._stalls_checked = now
+        grace = self.ctx.settings.progress_grace
+        current = utcnow()
+        candidates = self.store.replicates_updated_before(
+            IN_FLIGHT,
+            current - dt.timedelta(seconds=grace),
+            fields=("chainTaskId", "worker", "status", "updatedAt"),
+        )
+        if not candidates:
+            return 0
+        ids = sorted({r["chainTaskId"] for r in candidates})
+        timerefs = {
+            t["chainTaskId"]: int(t.get("timeref") or 0)
+            for t in self.store.tasks_in(
+                CONTRIBUTING,
+                fields=("chainTaskId", "timeref"),
+                ordered=False,
+                chainTaskId={"$in": ids},
+            )
+        }
+        stalled = 0
+        for rep in candidates:
+            taskid, worker, status = rep["chainTaskId"], rep["worker"], rep["status"]
+            if taskid not in timerefs:
+                continue  # the task no longer collects contributions: its own passes decide
+            bound = progress_bound(status, timerefs[taskid], grace)
+            idle = (current - rep["updatedAt"]).total_seconds()
+            if idle <= bound:
+                continue
+            why = f"no progress from {status} in {idle:.0f} s (bound {bound:.0f} s)"
+            try:
+                self.store.transition_replicate(taskid, worker, R.WORKER_LOST, note=why)
+            except InvalidTransition:
+                continue  # it moved meanwhile
+            stalled += 1
+            log.warning("replicate of %s on %s: %s", worker, taskid, why)
+            if status != str(R.CONTRIBUTING):
+                self.ctx.send_abort(worker, taskid, Cause.UNKNOWN, why)
+            self.planner.replan(taskid, why=f"{worker}: {why}")
+        return stalled
 
     def _silent(self, record: dict[str, Any], cutoff: dt.datetime, timeout: float) -> bool:
         """Silent for longer than the timeout? Nodes write their last signed heartbeat

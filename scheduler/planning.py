@@ -18,11 +18,8 @@ log = logging.getLogger(__name__)
 R = ReplicateStatus
 T = TaskStatus
 
-# failures that come from the app or its inputs: re-running elsewhere proves nothing
-APP_FAULTS = frozenset(
-    str(s)
-    for s in (R.START_FAILED, R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)
-)
+# a request the pool refuses (START_FAILED): any other worker would refuse it the same way
+REFUSED = str(R.START_FAILED)
 
 
 class Planner:
@@ -90,18 +87,22 @@ class Planner:
         report.jobs_enqueued += added
         return added
 
-    def replan(self, taskid: str) -> int:
+    def replan(self, taskid: str, why: str = "") -> int:
         """Plan more replicates when the ones granted cannot reach consensus: contributions
-        that disagree, or replicates lost with their worker. Bounded BOINC-style by
-        WORKERPOOL_MAX_REPLICATES and WORKERPOOL_MAX_ERRONEOUS. Returns the jobs added."""
+        that disagree, or replicates lost with their worker, stalled, or failed on their
+        node's side (``why``, recorded in the task's timeline). A failure of the app or of
+        the requester's inputs ends in an error result, which counts as a contribution like
+        any other; a request the pool refuses (START_FAILED) is not planned again. Bounded
+        BOINC-style by WORKERPOOL_MAX_REPLICATES and WORKERPOOL_MAX_ERRONEOUS (the reason
+        planning stopped is kept on the task). Returns the jobs added."""
         task = self.store.task(taskid)
         if task is None or task["status"] not in {str(s) for s in CONTRIBUTING}:
             return 0
         reps = self.store.replicates_of(taskid)
         if any(r["status"] in IN_FLIGHT for r in reps):
             return 0  # wait for the replicates under way
-        if any(r["status"] in APP_FAULTS for r in reps):
-            return 0  # the app fails by itself: running it elsewhere proves nothing
+        if any(r["status"] == REFUSED for r in reps):
+            return 0  # refused by the pool's rules: running it elsewhere proves nothing
         if task.get("replicatesNeeded", 0) > task.get("replicatesGranted", 0):
             return 0  # jobs are still waiting in the queue for a worker
         client = self.ctx.client
@@ -136,7 +137,7 @@ class Planner:
             task["replicatesNeeded"],
             more,
             task["status"],
-            f"planned {more} more replicate(s)",
+            f"planned {more} more replicate(s)" + (f": {why}" if why else ""),
         )
         if doc is None:
             return 0  # another thread re-planned first

@@ -72,6 +72,7 @@ class Reconciler:
         self.finalizer.upload_timeouts()
         self.recover_interrupted()
         self.fleet.detect_lost_workers()
+        self.fleet.detect_stalled()
         self.purge_logs()
         self.reconcile_contributing()
         # winners whose contribution was never reported are found on chain: a safety net

@@ -3,7 +3,7 @@
 * the **compute** worker consumes the replicate queues of the node's capabilities with one
   thread per slot: a slot is held from pulling the image until COMPUTED, nothing more;
 * the **control** worker (a child process) consumes the node's own queue: contribute, and
-  the reveal and upload requests of the scheduler. It never waits behind a computation, and
+  the reveal, upload and abort requests of the scheduler. It never waits behind a computation, and
   being the only sender of the node's transactions it owns the nonce sequence.
 """
 
@@ -24,6 +24,7 @@ from celery.signals import worker_ready, worker_shutdown
 from poco.errors import RetryableError
 from pool import keys
 from pool.messages import (
+    ABORT,
     CONTRIBUTE,
     REPLICATE_QUEUES,
     REVEAL,
@@ -182,6 +183,10 @@ def register_compute(app: Celery, node: WorkerNode) -> None:
 
     def resume() -> None:
         try:
+            node.check_output_mount()
+        except Exception:  # the first task tries again
+            log.exception("could not check whether the app output can be mounted")
+        try:
             node.resume()
         except Exception:  # never take the node down: new jobs still run
             log.exception("resuming the replicates of a previous run failed")
@@ -192,7 +197,12 @@ def register_compute(app: Celery, node: WorkerNode) -> None:
 
 
 def register_control(app: Celery, node: WorkerNode) -> None:
-    """The receivers of the node's own queue: contribute, reveal, upload."""
+    """The receivers of the node's own queue: contribute, reveal, upload, abort."""
+
+    @app.task(shared=False, name=ABORT.name, acks_late=True)
+    def abort(payload: Any) -> dict[str, Any]:
+        request = ABORT.parse(payload)
+        return node.abort(request.taskid, request.cause, request.reason, request.signature).__dict__
 
     @app.task(
         shared=False,
