@@ -13,6 +13,7 @@ from pool.messages import Domain, Messenger, Nonces, Refusals
 from pool.settings import Settings
 from pool.states import ReplicateStatus, TaskStatus
 from pool.store import Store
+from scheduler.tee import TeeTasks
 
 R = ReplicateStatus
 T = TaskStatus
@@ -73,6 +74,11 @@ class SchedulerContext:
     def nonces(self) -> Nonces:
         """The nonces of the worker messages taken (replays are refused)."""
         return Nonces(self.redis)
+
+    @cached_property
+    def tee(self) -> TeeTasks:
+        """The SMS calls of TEE tasks (framework, enclave challenges), one per process."""
+        return TeeTasks(self.settings, self.wallet)
 
     @property
     def confirmations(self) -> int:

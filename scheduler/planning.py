@@ -31,8 +31,11 @@ class Planner:
         self.store = ctx.store
 
     def plan(self, report: TickReport) -> None:
-        """The tick's step: enqueue the replicate jobs each initialized task needs."""
+        """The tick's step: enqueue the replicate jobs each initialized task needs (a TEE
+        task once the SMS gave its enclave challenge)."""
         for task in self.store.tasks_in([T.INITIALIZED]):
+            if not self._enclave_ready(task):
+                continue
             needed = task["replicatesNeeded"]
             # record the jobs first: a crash after this loses queued jobs, which recovery
             # rebuilds from Mongo, but never enqueues twice
@@ -42,6 +45,28 @@ class Planner:
             for _ in range(needed):
                 self.enqueue(doc)
                 report.jobs_enqueued += 1
+
+    def _enclave_ready(self, task: dict[str, Any]) -> bool:
+        """A standard task, or a TEE task whose enclave challenge is stored (asked from its
+        SMS now if need be). A TEE task whose SMS does not answer waits, with the reason,
+        and is asked again next tick."""
+        tee = self.ctx.tee
+        framework = tee.framework(task.get("tag"))
+        if framework is None or task.get("enclaveChallenge"):
+            return True
+        taskid = task["chainTaskId"]
+        url = task.get("smsUrl") or tee.sms_url(framework)
+        challenge, why = tee.challenge(taskid, url) if url else ("", "no SMS for " + framework)
+        if not challenge:
+            reason = f"waiting: no enclave challenge from the SMS yet ({why})"
+            if task.get("waitingReason") != reason:
+                self.store.set_task_fields(taskid, {"waitingReason": reason})
+            return False
+        self.store.set_task_fields(
+            taskid, {"enclaveChallenge": challenge, "smsUrl": url, "waitingReason": ""}
+        )
+        log.info("task %s: enclave challenge %s from the SMS %s", taskid, challenge, url)
+        return True
 
     def enqueue(self, task: dict[str, Any]) -> None:
         self.ctx.messages.run_replicate(

@@ -30,7 +30,7 @@ from poco.errors import PocoError, RetryableError, TransactionReverted
 from poco.funds import GasCheck, format_rlc, gas_check
 from poco.orders import ZERO_ADDRESS
 from poco.results import result_link
-from poco.tags import tag_to_int
+from poco.tags import is_tee, tag_to_int
 from poco.types import ChainTaskStatus, ContributionStatus, Deal
 from pool import keys
 from pool.messages import (
@@ -47,6 +47,7 @@ from pool.states import ReplicateStatus
 from pool.states import ReplicateStatusCause as Cause
 from workers import inputs as inputs_mod
 from workers import results as results_mod
+from workers import tee as tee_mod
 from workers.identity import IndexLease, LeaseLost, liveness_ttl
 from workers.publishers import PublishError, ResultPublisher
 from workers.runner import AppImageError, AppRun, ContainerRunner, EngineError, RunnerError
@@ -96,6 +97,7 @@ class WorkerNode:
         redis: Any = None,
         lease: IndexLease | None = None,
         workdir: Path | None = None,
+        tee: tee_mod.TdxRunner | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -106,6 +108,7 @@ class WorkerNode:
         self.lease = lease  # the mnemonic index this node holds, renewed with each heartbeat
         self.runner = runner
         self.publisher = publisher
+        self.tee = tee  # TDX tasks (workers/tee.py); None: this node refuses TEE tasks
         self.name = settings.worker_name or socket.gethostname()
         base = workdir or Path(settings.worker_dir or tempfile.mkdtemp(prefix="workerpool-worker-"))
         self.workdir = base / self.address.lower()
@@ -136,7 +139,7 @@ class WorkerNode:
         return Heartbeat(
             worker=self.address,
             name=self.name,
-            capabilities=tuple(self.settings.worker_capabilities),
+            capabilities=self.settings.node_capabilities(),
             slots=self.settings.worker_slots,
             busy_slots=self.busy,
             version=VERSION,
@@ -145,15 +148,16 @@ class WorkerNode:
             refusing=refusing,
         )
 
-    def authorize(self, taskid: str) -> tuple[str, bool]:
-        """The scheduler's signed authorization for this node on ``taskid``, and whether it
-        asks for the one-transaction path (``contributeAndFinalize``, trust-1 tasks)."""
+    def authorize(self, taskid: str) -> tuple[str, bool, str]:
+        """The scheduler's signed authorization for this node on ``taskid``, whether it asks
+        for the one-transaction path (``contributeAndFinalize``, trust-1 tasks), and the
+        enclave it signed in (a TEE task's challenge, else the zero address)."""
         answer = self.messages.authorize(
             AuthorizeRequest(taskid, self.address, ZERO_ADDRESS), self.authorization_timeout
         )
         if not answer.granted:
             raise JobRefused(answer.reason or "refused", answer.requeue)
-        return answer.signature, answer.fast_path
+        return answer.signature, answer.fast_path, answer.enclave or ZERO_ADDRESS
 
     # ---- funds: gas and stake ----------------------------------------------------------------
     def gas(self, max_age: float = FUNDS_TTL) -> GasCheck:
@@ -175,7 +179,7 @@ class WorkerNode:
         """Whether this node's replicate of ``deal`` should go through contributeAndFinalize,
         which locks no worker stake (PoCo: trust-1 deals only; the scheduler grants it unless
         WORKERPOOL_CONTRIBUTE_AND_FINALIZE=false, which pools set alike on every service)."""
-        return deal.trust == 1 and self.settings.contribute_and_finalize
+        return deal.trust == 1 and (self.settings.contribute_and_finalize or is_tee(deal.tag))
 
     def stake_shortfall(self, deal: Deal) -> str:
         """Why this node's free stake cannot cover the worker stake ``contribute`` locks for
@@ -226,7 +230,7 @@ class WorkerNode:
             self.refuse(taskid, problem)
             raise JobRefused(problem, requeue=True)
         try:
-            authorization, fast = self.authorize(taskid)
+            authorization, fast, enclave = self.authorize(taskid)
         except JobRefused as exc:
             if exc.requeue:
                 raise
@@ -246,7 +250,9 @@ class WorkerNode:
         with self._busy_lock:
             self.busy += 1
         try:
-            return self._compute(taskid, task.dealid, task.idx, task.timeref, authorization, fast)
+            return self._compute(
+                taskid, task.dealid, task.idx, task.timeref, authorization, fast, enclave
+            )
         except RetryableError as exc:
             # the chain stayed out of reach (a cut link): the authorization is spent, so a
             # retried job could not get another one; the scheduler plans a new replicate
@@ -263,9 +269,12 @@ class WorkerNode:
         timeref: int,
         authorization: str,
         fast: bool = False,
+        enclave: str = ZERO_ADDRESS,
     ) -> JobOutcome:
         self.report(taskid, R.STARTING)
         deal = self.client.view_deal(dealid)
+        if is_tee(deal.tag):  # its TDX sequence (workers/tee.py), never a standard run
+            return tee_mod.compute(self, taskid, deal, index, timeref, authorization, enclave)
         task_dir = self.workdir / taskid
         shutil.rmtree(task_dir, ignore_errors=True)
         in_dir, out_dir = task_dir / "iexec_in", task_dir / "iexec_out"
@@ -443,6 +452,8 @@ class WorkerNode:
         except PocoError as exc:
             log.warning("task %s: contribute asked, nothing computed here: ignored", taskid)
             return JobOutcome(taskid, "DROPPED", str(exc))
+        if state.get("tee"):  # contributeAndFinalize with the enclave's signature
+            return tee_mod.contribute(self, taskid, state)
         digest = state["digest"]
         if self.settings.fault_inject == "wrong-digest":
             digest = "0x" + bytes(b ^ 0xFF for b in bytes.fromhex(digest[2:])).hex()
@@ -696,6 +707,7 @@ class WorkerNode:
                 task.timeref,
                 str(state["authorization"]),
                 bool(state.get("fastPath")),
+                str(state.get("enclave") or ZERO_ADDRESS),
             )
         finally:
             with self._busy_lock:
