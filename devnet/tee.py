@@ -135,6 +135,7 @@ class TeeStandIn:
         self.ipfs_gateway_url = ipfs_gateway_url
         self.images = {PRE_COMPUTE: pre_compute_image, POST_COMPUTE: post_compute_image}
         self.faults = Faults()
+        self.task_faults: dict[str, Faults] = {}  # taskid -> faults of that task only
         self.jwt_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._challenges: dict[str, str] = {}  # taskid -> private key
@@ -177,6 +178,9 @@ class TeeStandIn:
         return self.execution_problem(
             auth.chain_task_id, lambda owner: personal_signer(digest, auth.signature) == owner
         )
+
+    def faults_for(self, taskid: str) -> Faults:
+        return self.task_faults.get(taskid.lower(), self.faults)
 
     def challenge_key(self, taskid: str) -> str:
         with self._lock:
@@ -229,7 +233,7 @@ class TeeStandIn:
                     "IEXEC_DATASET_CHECKSUM": checksum,
                     "IEXEC_DATASET_FILENAME": dataset_file_name(dataset),
                 }
-            services.append(self._service(PRE_COMPUTE, self.images[PRE_COMPUTE], pre))
+            services.append(self._service(taskid, PRE_COMPUTE, self.images[PRE_COMPUTE], pre))
         app = app_env(
             deal_id=deal.dealid,
             task_id=taskid,
@@ -240,14 +244,16 @@ class TeeStandIn:
             dataset_address=deal.dataset.pointer if has_dataset else None,
         )
         app_image = self.client.app_multiaddr(deal.app.pointer).decode(errors="replace")
-        services.append(self._service(APP, app_image, app))
+        services.append(self._service(taskid, APP, app_image, app))
         post = {**self._post_tokens(auth, deal, params), **sign_tokens}
-        services.append(self._service(POST_COMPUTE, self.images[POST_COMPUTE], post))
+        services.append(self._service(taskid, POST_COMPUTE, self.images[POST_COMPUTE], post))
         name = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(10))
         return {"name": f"{name}0000{taskid}", "version": "0.1.0", "services": services}
 
-    def _service(self, name: str, image: str, environment: dict[str, str]) -> dict[str, Any]:
-        dropped = self.faults.drop_env.get(name, ())
+    def _service(
+        self, taskid: str, name: str, image: str, environment: dict[str, str]
+    ) -> dict[str, Any]:
+        dropped = self.faults_for(taskid).drop_env.get(name, ())
         env = {k: v for k, v in environment.items() if k not in dropped}
         return {"name": name, "image_name": image, "fingerprint": "", "environment": env}
 
@@ -442,7 +448,7 @@ def create_app(stand_in: TeeStandIn) -> Flask:
     @app.post("/tee/challenges/<taskid>")
     def challenge(taskid: str) -> Response | tuple[str, int]:
         taskid = taskid.lower()
-        if stand_in.faults.refuse_challenges:
+        if stand_in.faults_for(taskid).refuse_challenges:
             return "", 404
         signature = request.headers.get("authorization", "")
         try:
@@ -476,8 +482,9 @@ def create_app(stand_in: TeeStandIn) -> Flask:
         if problem or deal is None:
             error = f"EXECUTION_NOT_AUTHORIZED_{problem or 'GET_CHAIN_DEAL_FAILED'}"
             return jsonify({"data": None, "error": error}), 401
-        if stand_in.faults.session_error:
-            return jsonify({"data": None, "error": stand_in.faults.session_error}), 500
+        refusal = stand_in.faults_for(auth.chain_task_id).session_error
+        if refusal:
+            return jsonify({"data": None, "error": refusal}), 500
         try:
             made = stand_in.make_session(auth, deal)
         except SessionError as exc:
