@@ -8,6 +8,7 @@ the stand-ins serve the devnet only."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.server
 import io
 import json
@@ -23,25 +24,43 @@ from typing import Any
 import pytest
 import requests
 from api_support import serve, wait_for
+from click.testing import CliRunner
 from conftest import require_service
 from Crypto.Cipher import AES, PKCS1_v1_5
 from Crypto.PublicKey import RSA
 from Crypto.Util.Padding import unpad
-from devnet_fixtures import DevnetHandle
+from devnet_fixtures import DevnetHandle, free_port
 from eth_account import Account
 from pool_fixtures import RunningPool, pool_running
 
 from api.app import create_app as create_api
+from cli.main import main
+from devnet import network
 from devnet.network import cache_dir
-from devnet.requester import deal_params
-from devnet.tee import POST_COMPUTE_IMAGE, PRE_COMPUTE_IMAGE, Faults, TeeStandIn, create_app
+from devnet.requester import deal_params, match_deal
+from devnet.tee import (
+    POST_COMPUTE_IMAGE,
+    PRE_COMPUTE_IMAGE,
+    SIMULATION_TEXT,
+    Faults,
+    TeeStandIn,
+    create_app,
+)
 from orders.store import OrderStore
 from poco import actions
-from poco.proofs import task_id
+from poco.proofs import recover_authorization_signer, task_id
 from poco.results import parse_result_link
 from poco.types import ChainTaskStatus, ContributionStatus
+from pool.messages import AuthorizeRequest
 from pool.settings import Settings
-from pool.tee import SECRET_RESULT_ENCRYPTION_KEY, SmsClient
+from pool.tee import (
+    SECRET_RESULT_ENCRYPTION_KEY,
+    SmsClient,
+    WorkerpoolAuthorization,
+    challenge_request_digest,
+    personal_sign,
+    worker_request_digest,
+)
 
 pytestmark = [pytest.mark.devnet, pytest.mark.docker, pytest.mark.redis]
 
@@ -524,3 +543,149 @@ def test_the_iexec_sdk_9_fills_a_tdx_order_the_pool_published_and_decrypts_the_r
     results = zipfile.ZipFile(folder / "results.zip")
     assert "args: hello sdk" in results.read("result.txt").decode()
     assert b"hello sdk" not in (folder / "result.zip").read_bytes()
+
+
+# ---- the authorization carries the SMS's challenge; the SMS checks who asks ---------------------
+def test_the_authorization_carries_the_sms_challenge_and_the_sms_checks_who_asks(
+    devnet: DevnetHandle,
+    make_scheduler: Any,
+    store: Any,
+    stand_in: tuple[TeeStandIn, str],
+) -> None:
+    _, sms = stand_in
+    scheduler = make_scheduler(tee_stack=("tdx",), sms_tdx_url=sms, result_proxy_url=sms)
+    owner = devnet.address("scheduler")
+    deal = match_deal(
+        devnet.client,
+        app=devnet.app("echo"),
+        app_owner_key=devnet.key("app_provider"),
+        workerpool=devnet.info["workerpool"],
+        scheduler_key=devnet.key("scheduler"),
+        requester_key=devnet.key("requester"),
+        tag=TDX,
+    )
+    (taskid,) = deal.taskids()
+    wait_for(
+        lambda: scheduler.tick() and (store.task(taskid) or {}).get("status") == "RUNNING",
+        60,
+        "the task initialized with its challenge",
+    )
+    challenge = store.task(taskid)["enclaveChallenge"]
+    worker = devnet.accounts["workers"][7]["address"]
+    # a node that did not declare TDX gets no authorization
+    store.record_heartbeat(worker, {"capabilities": ["standard"], "slots": 2})
+    refused = scheduler.authorizer.authorize(AuthorizeRequest(taskid, worker))
+    assert not refused.granted and refused.requeue and "tee-tdx" in refused.reason
+    # a TDX node gets the SMS's challenge signed in, whatever enclave it proposes
+    store.record_heartbeat(worker, {"capabilities": ["standard", "tee-tdx"], "slots": 2})
+    proposed = Account.create().address
+    answer = scheduler.authorizer.authorize(AuthorizeRequest(taskid, worker, proposed))
+    assert answer.granted and answer.fast_path and answer.enclave == challenge
+    signer = recover_authorization_signer(answer.signature, worker, taskid, challenge)
+    assert signer.lower() == owner.lower()
+
+    # the SMS: a challenge is the pool owner's to ask, and the same one every time
+    stranger = devnet.key("requester")
+    forged = personal_sign(stranger, challenge_request_digest(taskid))
+    answer_ = requests.post(
+        f"{sms}/tee/challenges/{taskid}", headers={"authorization": forged}, timeout=10
+    )
+    assert answer_.status_code == 401
+    assert answer_.headers["X-Workerpool-Simulation"] == SIMULATION_TEXT
+    signed = personal_sign(devnet.key("scheduler"), challenge_request_digest(taskid))
+    again = requests.post(
+        f"{sms}/tee/challenges/{taskid}", headers={"authorization": signed}, timeout=10
+    )
+    assert again.text == challenge
+    # a session: the worker's own signature, over an authorization the pool owner signed
+    worker_key = devnet.worker_key(7)
+    auth = WorkerpoolAuthorization(taskid, deal.dealid, 0, worker, challenge, answer.signature)
+    mine = personal_sign(worker_key, worker_request_digest(worker, taskid, challenge))
+    for header, body, error in (
+        (forged, auth, "INVALID_AUTHORIZATION"),
+        (
+            personal_sign(worker_key, worker_request_digest(worker, taskid, proposed)),
+            dataclasses.replace(auth, enclave_challenge=proposed),
+            "EXECUTION_NOT_AUTHORIZED_INVALID_SIGNATURE",
+        ),
+    ):
+        refused_ = requests.post(
+            f"{sms}/tee/sessions",
+            headers={"Authorization": header},
+            json=body.to_json(),
+            timeout=10,
+        )
+        assert (refused_.status_code, refused_.json()["error"]) == (401, error)
+    # no upload token stored yet for this worker: the session is refused as iexec-sms does
+    no_token = requests.post(
+        f"{sms}/tee/sessions", headers={"Authorization": mine}, json=auth.to_json(), timeout=10
+    )
+    assert (no_token.status_code, no_token.json()["error"]) == (
+        500,
+        "POST_COMPUTE_GET_STORAGE_TOKENS_FAILED",
+    )
+    SmsClient(sms).set_web2_secret(worker_key, worker, "iexec-result-iexec-ipfs-token", "t0ken")
+    made = requests.post(
+        f"{sms}/tee/sessions", headers={"Authorization": mine}, json=auth.to_json(), timeout=10
+    ).json()["data"]
+    fetch = f"{made['secretProvisioningUrl']}/session/{made['sessionId']}"
+    session = requests.get(fetch, timeout=10).json()
+    assert requests.get(fetch, timeout=10).status_code == 404  # handed out once
+    services = {s["name"]: s for s in session["services"]}
+    assert sorted(services) == ["app", "post-compute"]  # no input file, no dataset
+    assert services["post-compute"]["image_name"] == POST_COMPUTE_IMAGE
+    post = services["post-compute"]["environment"]
+    assert Account.from_key(post["SIGN_TEE_CHALLENGE_PRIVATE_KEY"]).address == challenge
+    assert post["RESULT_STORAGE_TOKEN"] == "t0ken" and post["RESULT_STORAGE_PROXY"] == sms
+    assert services["app"]["environment"]["IEXEC_TASK_ID"] == taskid
+    assert "SIGN_TEE_CHALLENGE_PRIVATE_KEY" not in services["app"]["environment"]
+
+
+# ---- `workerpool devnet up --tee tdx` ----------------------------------------------------------
+def test_devnet_up_tee_starts_the_stand_ins_and_env_prints_what_the_pool_needs(
+    devnet: DevnetHandle,
+    ipfs_api_url: str,
+    ipfs_gateway_url: str,
+    stage_images: dict[str, str],
+    docker_client: Any,
+) -> None:
+    import docker
+
+    port = free_port()
+    directory = str(devnet.directory)
+    try:
+        up = CliRunner().invoke(
+            main,
+            [
+                *("devnet", "up", "--dir", directory, "--tee", "tdx", "--tee-port", str(port)),
+                *("--ipfs-api", ipfs_api_url, "--ipfs-gateway", ipfs_gateway_url),
+            ],
+        )
+        assert up.exit_code == 0, up.output
+        assert "tdx SIMULATION: SMS and result proxy" in up.output
+        about = requests.get(f"http://127.0.0.1:{port}/simulation", timeout=10)
+        assert about.json()["simulation"] is True and about.json()["chainId"] == 31337
+        assert requests.get(f"http://127.0.0.1:{port}/tee/framework", timeout=10).json() == "TDX"
+        env = CliRunner().invoke(main, ["devnet", "env", "--dir", directory]).output
+        for line in (
+            "export WORKERPOOL_TEE_STACK=tdx",
+            f"export WORKERPOOL_SMS_TDX_URL=http://127.0.0.1:{port}",
+            f"export WORKERPOOL_RESULT_PROXY_URL=http://127.0.0.1:{port}",
+            "export WORKERPOOL_WORKER_TDX=simulation",
+            f"export WORKERPOOL_TDX_POST_COMPUTE_IMAGE={POST_COMPUTE_IMAGE}",
+        ):
+            assert line in env, env
+        assert "# TDX SIMULATION" in env
+    finally:
+        assert network.stop_tee(devnet.directory)
+        (devnet.directory / network.TEE_JSON).unlink(missing_ok=True)
+    # the stage images are labelled, and refuse a session that names no devnet
+    image = docker_client.images.get(PRE_COMPUTE_IMAGE)
+    assert "no enclave" in image.labels["workerpool.simulation"]
+    env_ = {"IEXEC_TASK_ID": "0x" + "ab" * 32, "WORKERPOOL_TEE_SIMULATION_CHAIN_ID": "42161"}
+    with pytest.raises(docker.errors.ContainerError) as refused:
+        docker_client.containers.run(
+            PRE_COMPUTE_IMAGE, environment=env_, network_mode="none", remove=True, stderr=True
+        )
+    assert refused.value.exit_status == 2  # not run, and nobody to report to
+    assert b"for the devnet only" in refused.value.stderr
