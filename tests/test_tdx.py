@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import http.server
 import io
 import json
@@ -28,7 +29,7 @@ from click.testing import CliRunner
 from conftest import require_service
 from Crypto.Cipher import AES, PKCS1_v1_5
 from Crypto.PublicKey import RSA
-from Crypto.Util.Padding import unpad
+from Crypto.Util.Padding import pad, unpad
 from devnet_fixtures import DevnetHandle, free_port
 from eth_account import Account
 from pool_fixtures import RunningPool, pool_running
@@ -59,6 +60,7 @@ from pool.tee import (
     WorkerpoolAuthorization,
     challenge_request_digest,
     personal_sign,
+    web3_secret_digest,
     worker_request_digest,
 )
 
@@ -248,20 +250,18 @@ def test_a_tdx_deal_of_an_outside_requester_completes_for_its_key_only_on_tdx_no
 
 
 # ---- failures: the SMS and each stage -----------------------------------------------------------
-class Inputs(http.server.BaseHTTPRequestHandler):
-    """Input files: /ok answers a file, anything else 404."""
+FILES: dict[str, bytes] = {"/ok": b"an input file\n"}
+
+
+class Files(http.server.BaseHTTPRequestHandler):
+    """Input files and datasets: the paths of FILES, anything else 404."""
 
     def do_GET(self) -> None:
-        if self.path == "/ok":
-            body = b"an input file\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        else:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+        body = FILES.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -269,10 +269,50 @@ class Inputs(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def inputs_url() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Inputs)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+def encrypted_dataset(
+    devnet: DevnetHandle, url: str, content: bytes, *, sms: str = "", bad_checksum: bool = False
+) -> str:
+    """A dataset of the app provider's, encrypted as iExec datasets are (AES-256-CBC, the IV
+    first), served at ``url``; its key pushed to the SMS (web3 secret) when ``sms`` is given."""
+    key = os.urandom(32)
+    iv = os.urandom(16)
+    encrypted = iv + AES.new(key, AES.MODE_CBC, iv=iv).encrypt(pad(content, 16))
+    FILES["/" + url.split("/", 3)[3]] = encrypted
+    checksum = hashlib.sha256(b"other" if bad_checksum else encrypted).digest()
+    owner = devnet.wallet("app_provider")
+    registry = devnet.client.contract("DatasetRegistry", devnet.info["dataset_registry"])
+    args = (owner.address, f"data-{os.urandom(4).hex()}", url.encode(), checksum)
+    dataset = str(registry.functions.predictDataset(*args).call())
+    owner.transact(registry.functions.createDataset(*args))
+    if sms:
+        value = base64.b64encode(key).decode()
+        signature = personal_sign(devnet.key("app_provider"), web3_secret_digest(dataset, value))
+        answer = requests.post(
+            f"{sms}/secrets/web3",
+            params={"secretAddress": dataset},
+            data=value,
+            headers={"Authorization": signature},
+            timeout=10,
+        )
+        assert answer.status_code == 204, answer.text
+    return dataset
+
+
+def dataset_deal(pool: RunningPool, requester_key: str, dataset: str) -> str:
+    deal = pool.match(
+        requester_key=requester_key,
+        tag=TDX,
+        trust=1,
+        dataset=dataset,
+        dataset_owner_key=pool.devnet.key("app_provider"),
+    )
+    return deal.taskids()[0]
 
 
 @pytest.mark.timeout(600)
@@ -291,6 +331,15 @@ def test_the_sms_and_each_stage_failing_end_as_reported_failures_with_their_caus
     requester = outside_requester(devnet)
     push_encryption_key(sms, requester, rsa_key())
     no_key = outside_requester(devnet)  # a beneficiary that pushed no encryption key
+    secret = b"a confidential dataset\n"
+    datasets = {
+        name: encrypted_dataset(devnet, f"{inputs_url}/{name}", secret, **kw)
+        for name, kw in (
+            ("decrypted", {"sms": sms}),
+            ("bad-checksum", {"sms": sms, "bad_checksum": True}),
+            ("no-key", {}),
+        )
+    }
     with tdx_pool(devnet, redis_url, ipfs_api_url, tmp_path, sms) as pool:
         # Given TDX deals that fail each their way (matched before any TDX node is up, so
         # that each task's fault is set before its session is asked)
@@ -335,6 +384,22 @@ def test_the_sms_and_each_stage_failing_end_as_reported_failures_with_their_caus
                 "COMPUTE_FAILED",
                 "APP_COMPUTE_FAILED",
             ),
+            "dataset without its key in the SMS": (
+                dataset_deal(pool, requester, datasets["no-key"]),
+                "START_FAILED",
+                "TEE_SESSION_GENERATION_PRE_COMPUTE_GET_DATASET_SECRET_FAILED",
+            ),
+            "dataset of another checksum": (
+                dataset_deal(pool, requester, datasets["bad-checksum"]),
+                "COMPUTE_FAILED",
+                "PRE_COMPUTE_INVALID_DATASET_CHECKSUM",
+            ),
+            # and beside them, a dataset the pre-compute stage decrypts for the app
+            "dataset decrypted": (
+                dataset_deal(pool, requester, datasets["decrypted"]),
+                "COMPLETED",
+                "",
+            ),
         }
         tee.task_faults[cases["session refused"][0]] = Faults(
             session_error="SECURE_SESSION_GENERATION_FAILED"
@@ -356,7 +421,16 @@ def test_the_sms_and_each_stage_failing_end_as_reported_failures_with_their_caus
         for name, (taskid, status, cause) in cases.items():
             rep = replicate_of(pool, taskid)
             assert (rep["status"], last_cause(rep)) == (status, cause), (name, rep["timeline"])
-            assert devnet.client.view_task(taskid).contributors == (), name
+            if status != "COMPLETED":
+                assert devnet.client.view_task(taskid).contributors == (), name
+        done = devnet.client.view_task(cases["dataset decrypted"][0])
+        _, location = parse_result_link(done.results)
+        archive = requests.post(
+            f"{ipfs_api_url}/api/v0/cat", params={"arg": location, "timeout": "5s"}, timeout=10
+        ).content
+        result = zipfile.ZipFile(io.BytesIO(archive)).read("result.txt").decode()
+        assert f"IEXEC_DATASET_FILENAME={datasets['decrypted']}".lower() in result.lower()
+        assert secret.decode() in result
         crash = replicate_of(pool, cases["app crashes"][0])
         assert "app exited with code 3" in crash["timeline"][-1]["note"]
         assert "POST_COMPUTE_COMPUTED_FILE_NOT_FOUND" in crash["timeline"][-1]["note"]
