@@ -25,7 +25,7 @@ run.
    transaction); the results link is the result proxy's IPFS hash (or the callback); then one
    ``contributeAndFinalize`` with the enclave challenge and its signature.
 
-What is proven without TDX hardware and what is not: docs/operations.md, "TDX tasks".
+What is proven without TDX hardware and what is not: docs/tdx.md.
 """
 
 from __future__ import annotations
