@@ -186,12 +186,12 @@ class TdxRunner:
         """Run ``taskid`` of the TEE ``deal`` (STARTING already reported)."""
         framework = tee_framework(deal.tag) if is_tee(deal.tag) else None
         if framework != "tdx" or self.api is None:
-            what = f"a {framework} enclave" if framework else "a TEE task with no framework"
+            what = f"a {framework} task" if framework else "a TEE task naming no framework"
             return node._fail(
                 taskid,
                 R.START_FAILED,
-                f"this node runs no {what.removeprefix('a ')}: {what} cannot run here "
-                "(WORKERPOOL_WORKER_TDX), and never as a standard task",
+                f"{what}: this node runs TDX tasks only (WORKERPOOL_WORKER_TDX), and a TEE "
+                "task never as a standard one",
                 cause=Cause.TEE_NOT_SUPPORTED,
             )
         if int(enclave, 16) == 0:
@@ -214,6 +214,15 @@ class TdxRunner:
         }
         _write_json(task_dir / "state.json", state)
         params = parse_deal_params(deal.params)
+        try:
+            args = inputs_mod.split_args(params.iexec_args)
+        except inputs_mod.ArgsError as exc:
+            return node._fail(
+                taskid,
+                R.START_FAILED,
+                f"bad iexec_args: {exc}",
+                cause=Cause.TASK_DESCRIPTION_INVALID,
+            )
         callback = deal.callback if int(deal.callback, 16) != 0 else ""
         proxy = params.iexec_result_storage_proxy or self.settings.result_proxy_url
         sms_url = self.settings.tdx_sms_url()
@@ -276,15 +285,6 @@ class TdxRunner:
                 f"app image: {exc}",
                 cause=Cause.APP_IMAGE_DOWNLOAD_FAILED,
             )
-        try:
-            args = inputs_mod.split_args(params.iexec_args)
-        except inputs_mod.ArgsError as exc:
-            return node._fail(
-                taskid,
-                R.START_FAILED,
-                f"bad iexec_args: {exc}",
-                cause=Cause.TASK_DESCRIPTION_INVALID,
-            )
 
         node.report(taskid, R.COMPUTING)
         computed_path = task_dir / "tee-computed.json"
@@ -313,6 +313,7 @@ class TdxRunner:
             callbackData=computed.get("callback-data") or "",
             callback=callback,
             resultProxy=proxy,
+            storage=params.iexec_result_storage_provider or "ipfs",
         )
         _write_json(task_dir / "state.json", state)
         node.report(
@@ -529,6 +530,9 @@ def contribute(node: WorkerNode, taskid: str, state: dict[str, Any]) -> JobOutco
         if state.get("callback"):
             link = result_link("ethereum", state["callback"])
             results_callback = _callback_bytes(callback_data)
+        elif state.get("storage") == "dropbox":  # uploaded there by post-compute
+            link = result_link("dropbox", f"/results/{taskid}")
+            results_callback = b""
         else:
             proxy = ResultProxyClient(str(state.get("resultProxy") or ""))
             link = result_link("ipfs", "/ipfs/" + proxy.ipfs_hash(taskid))
