@@ -67,19 +67,20 @@ class Initializer:
             taskid = task["chainTaskId"]
             runs, detail = tee.runs(framework)
             if runs:
-                if task.get("smsUrl") != detail or task.get("waitingReason"):
-                    fields = {"smsUrl": detail, "teeFramework": framework, "waitingReason": ""}
+                shown = redact_urls(detail)  # the task shows its SMS (no credentials)
+                if task.get("smsUrl") != shown or task.get("waitingReason"):
+                    fields = {"smsUrl": shown, "teeFramework": framework, "waitingReason": ""}
                     self.store.set_task_fields(taskid, fields)
                 ready.append(task)
             elif runs is False:
-                reason = f"TEE task not initialized: {detail}"
+                reason = redact_urls(f"TEE task not initialized: {detail}")
                 self.store.transition_task(
                     taskid, T.INITIALIZE_FAILED, note=reason, extra={"failureReason": reason}
                 )
                 report.tasks_init_failed += 1
                 log.error("task %s: %s", taskid, reason)
             else:
-                reason = f"waiting: the SMS does not answer ({detail})"
+                reason = redact_urls(f"waiting: the SMS does not answer ({detail})")
                 if task.get("waitingReason") != reason:
                     self.store.set_task_fields(taskid, {"waitingReason": reason})
         return ready

@@ -10,6 +10,7 @@ from typing import Any
 from poco.consensus import more_replicates_needed, simulate
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool.messages import ReplicateJob
+from pool.redact import redact_urls
 from pool.states import ReplicateStatus, TaskStatus
 from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext, TickReport
 
@@ -55,17 +56,17 @@ class Planner:
         if framework is None or task.get("enclaveChallenge"):
             return True
         taskid = task["chainTaskId"]
-        url = task.get("smsUrl") or tee.sms_url(framework)
+        url = tee.sms_url(framework)
         challenge, why = tee.challenge(taskid, url) if url else ("", "no SMS for " + framework)
         if not challenge:
-            reason = f"waiting: no enclave challenge from the SMS yet ({why})"
+            reason = redact_urls(f"waiting: no enclave challenge from the SMS yet ({why})")
             if task.get("waitingReason") != reason:
                 self.store.set_task_fields(taskid, {"waitingReason": reason})
             return False
-        self.store.set_task_fields(
-            taskid, {"enclaveChallenge": challenge, "smsUrl": url, "waitingReason": ""}
+        self.store.set_task_fields(taskid, {"enclaveChallenge": challenge, "waitingReason": ""})
+        log.info(
+            "task %s: enclave challenge %s from the SMS %s", taskid, challenge, redact_urls(url)
         )
-        log.info("task %s: enclave challenge %s from the SMS %s", taskid, challenge, url)
         return True
 
     def enqueue(self, task: dict[str, Any]) -> None:

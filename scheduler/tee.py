@@ -27,6 +27,7 @@ from typing import Any
 
 from poco.chain import Wallet
 from poco.tags import is_tee, tee_framework
+from pool.redact import redact_urls
 from pool.settings import Settings
 from pool.tee import (
     SECRET_RESULT_PROXY_URL,
@@ -105,7 +106,7 @@ class TeeTasks:
             cached = self._frameworks[url] = (time.monotonic(), answer)
         expected = SMS_FRAMEWORK[framework]
         if cached[1] != expected:
-            return False, f"the SMS {url} runs {cached[1]}, not {expected}"
+            return False, f"the SMS {redact_urls(url)} runs {cached[1]}, not {expected}"
         return True, url
 
     def challenge(self, taskid: str, url: str) -> tuple[str, str]:
@@ -134,7 +135,7 @@ class TeeTasks:
                 self.wallet.account.key, self.wallet.address, SECRET_RESULT_PROXY_URL, proxy
             )
         except TeeServiceError as exc:
-            log.warning("result proxy URL not stored in the SMS %s: %s", url, exc)
+            log.warning("result proxy URL not stored in the SMS %s: %s", redact_urls(url), exc)
             return
         self._proxy_stored.add(url)
-        log.info("result proxy %s stored in the SMS %s", proxy, url)
+        log.info("result proxy %s stored in the SMS %s", redact_urls(proxy), redact_urls(url))

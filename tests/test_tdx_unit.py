@@ -379,3 +379,29 @@ def test_what_the_sms_and_worker_sign_is_iexecs_digest() -> None:
     for broken in ({**wire, "workerWallet": "nope"}, {**wire, "taskIndex": -1}, [wire]):
         with pytest.raises(ValueError):
             WorkerpoolAuthorization.from_json(broken)
+
+
+def test_a_session_naming_other_stage_images_or_another_app_is_refused() -> None:
+    settings = Settings(
+        worker_tdx="simulation",
+        tdx_pre_compute_image="pre:1",
+        tdx_post_compute_image="post:1",
+        **TDX_SETTINGS,
+    )
+    runner = tee_mod.TdxRunner(settings, None, None, None)  # type: ignore[arg-type]
+
+    def session(**images: str) -> dict[str, Any]:
+        names = {"pre-compute": "pre:1", "app": "app:1", "post-compute": "post:1", **images}
+        return {name: {"name": name, "image_name": image} for name, image in names.items()}
+
+    assert runner._session_problem(session(), "app:1") == ""
+    assert "WORKERPOOL_TDX_POST_COMPUTE_IMAGE" in runner._session_problem(
+        session(**{"post-compute": "evil:1"}), "app:1"
+    )
+    assert "names pre2:1 as the pre-compute image" in runner._session_problem(
+        session(**{"pre-compute": "pre2:1"}), "app:1"
+    )
+    assert "the app on chain is app:1" in runner._session_problem(session(app="other:1"), "app:1")
+    no_post = session()
+    del no_post["post-compute"]
+    assert "no app or post-compute service" in runner._session_problem(no_post, "app:1")

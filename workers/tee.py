@@ -52,6 +52,7 @@ from poco.proofs import result_hash, result_seal
 from poco.results import result_link
 from poco.tags import is_tee, tee_framework
 from poco.types import ChainTaskStatus, ContributionStatus, Deal
+from pool.redact import redact_urls
 from pool.settings import Settings, SettingsError
 from pool.states import ReplicateStatus as R
 from pool.states import ReplicateStatusCause as Cause
@@ -104,7 +105,8 @@ def start_check(settings: Settings, chain_id: int) -> list[str]:
     if missing:
         raise SettingsError(f"WORKERPOOL_WORKER_TDX={mode} needs {' and '.join(missing)}")
     lines = [
-        f"TDX: SMS {settings.tdx_sms_url()}, result proxy {settings.result_proxy_url}",
+        f"TDX: SMS {redact_urls(settings.tdx_sms_url())}, result proxy "
+        f"{redact_urls(settings.result_proxy_url)}",
         f"TDX: stages {settings.tdx_pre_compute_image}, {settings.tdx_post_compute_image} "
         f"on the {settings.tdx_stage_network!r} network",
     ]
