@@ -405,3 +405,14 @@ def test_a_session_naming_other_stage_images_or_another_app_is_refused() -> None
     no_post = session()
     del no_post["post-compute"]
     assert "no app or post-compute service" in runner._session_problem(no_post, "app:1")
+
+
+def test_a_second_tdx_node_on_the_same_port_is_refused_with_what_to_set(
+    api: tuple[EnclaveApi, str, list[str]],
+) -> None:
+    taken = api[0].address
+    settings = Settings(worker_tdx="simulation", worker_api_bind=taken, **TDX_SETTINGS)
+    wallet = Account.from_key(ENCLAVE_KEY)
+    runner = tee_mod.TdxRunner(settings, None, wallet, None)  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match="each TDX node of a host needs its own port"):
+        runner.start_api()

@@ -161,7 +161,14 @@ class TdxRunner:
         self.checks: list[str] = []  # what start_check saw on this host
 
     def start_api(self) -> EnclaveApi:
-        self.api = EnclaveApi(self.settings.worker_api_bind, self.wallet.address, self.chain_check)
+        bind = self.settings.worker_api_bind
+        try:
+            self.api = EnclaveApi(bind, self.wallet.address, self.chain_check)
+        except OSError as exc:
+            raise SettingsError(
+                f"WORKERPOOL_WORKER_API_BIND={bind}: the enclave API cannot listen there "
+                f"({exc}); each TDX node of a host needs its own port (0: any free port)"
+            ) from exc
         self.api.start()
         return self.api
 
