@@ -117,18 +117,46 @@ def _opt_nonneg_int(value: str) -> int | None:
     return _nonneg_int(value) if value.strip() else None
 
 
-# TEE frameworks a pool may run (the tag's low nibble names one: tee+scone, tee+gramine, tee+tdx)
-TEE_STACKS = ("scone", "gramine", "tdx")
+# TEE frameworks a pool may run (the tag's low nibble names one: tee+scone, tee+gramine, tee+tdx);
+# this pool's worker nodes run TDX only (scone and gramine are SGX frameworks, which the iExec
+# SDK 9 no longer signs)
+TEE_STACKS = ("tdx",)
+SGX_FRAMEWORKS = ("scone", "gramine")
 
 
 def _tee_stack(value: str) -> tuple[str, ...]:
     names = _str_list(value.lower())
+    sgx = [name for name in names if name in SGX_FRAMEWORKS]
+    if sgx:
+        raise ValueError(
+            f"{', '.join(sgx)}: this pool's worker nodes run no SGX enclave (TDX only: "
+            "WORKERPOOL_TEE_STACK=tdx)"
+        )
     unknown = [name for name in names if name not in TEE_STACKS]
     if unknown:
         raise ValueError(
             f"unknown TEE framework {', '.join(unknown)}; known: {', '.join(TEE_STACKS)}"
         )
     return names
+
+
+# what a worker node does with TDX tasks: nothing (off), run them in its TDX guest (on), or the
+# software simulation of the devnet's stand-ins (simulation: devnet chains only)
+WORKER_TDX_MODES = ("off", "on", "simulation")
+
+
+def _worker_tdx(value: str) -> str:
+    mode = value.strip().lower() or "off"
+    if mode not in WORKER_TDX_MODES:
+        raise ValueError(f"must be one of {', '.join(WORKER_TDX_MODES)}")
+    return mode
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port (port 0: any free port)")
+    return f"{host}:{int(port)}"
 
 
 # Blocks the listener waits by default, by chain id: deals are read only once that many blocks
@@ -406,8 +434,28 @@ SETTINGS: dict[str, Spec] = {
         "IEXEC_SMS_HOST",
         _str,
         "",
-        "Secret Management Service of TEE tasks (iexec-core's name). Accepted and named at "
-        "start without effect: this version asks it nothing.",
+        "Secret Management Service of TEE tasks (iexec-core's name): the SMS of TDX tasks when "
+        "WORKERPOOL_SMS_TDX_URL is empty.",
+        group="scheduler",
+    ),
+    "sms_tdx_url": Spec(
+        "WORKERPOOL_SMS_TDX_URL",
+        _opt_url,
+        "",
+        "Secret Management Service of TDX tasks (iExec's SMS API). Required with tdx in "
+        "WORKERPOOL_TEE_STACK (IEXEC_SMS_HOST stands for it when empty): the scheduler checks "
+        "it runs TDX before initializing a TDX task and asks it the task's enclave challenge; "
+        "TDX nodes ask it their sessions (a node without one takes the scheduler's).",
+        group="scheduler",
+    ),
+    "result_proxy_url": Spec(
+        "WORKERPOOL_RESULT_PROXY_URL",
+        _opt_url,
+        "",
+        "Result proxy of TDX tasks (iExec's /v1/results API): the post-compute stage uploads "
+        "the encrypted result through it and nodes read the result's IPFS hash from it (a "
+        "deal's iexec_result_storage_proxy wins). Required with tdx in WORKERPOOL_TEE_STACK; "
+        "the scheduler hands it to the SMS and to its nodes.",
         group="scheduler",
     ),
     "ask_replicate_period": Spec(
@@ -609,7 +657,58 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_WORKER_CAPABILITIES",
         _str_list,
         "standard",
-        "Replicate queues this node serves: standard, gpu, tee-scone, tee-gramine.",
+        "Replicate queues this node serves: standard, gpu (TDX tasks: WORKERPOOL_WORKER_TDX).",
+        group="worker",
+    ),
+    "worker_tdx": Spec(
+        "WORKERPOOL_WORKER_TDX",
+        _worker_tdx,
+        "off",
+        "TDX tasks on this node: off; on (the node runs in a TDX guest: /dev/tdx_guest and the "
+        "secret provider agent are checked at start, then it serves tee-tdx); simulation (the "
+        "devnet's software stand-ins, no enclave and no attestation: refused on any chain but "
+        "the devnet's).",
+        group="worker",
+    ),
+    "tdx_pre_compute_image": Spec(
+        "WORKERPOOL_TDX_PRE_COMPUTE_IMAGE",
+        _str,
+        "iexechub/tee-worker-pre-compute-rust:0.4.0",
+        "Pre-compute stage image of TDX tasks (inputs, dataset decryption); a session naming "
+        "another image is refused.",
+        group="worker",
+    ),
+    "tdx_post_compute_image": Spec(
+        "WORKERPOOL_TDX_POST_COMPUTE_IMAGE",
+        _str,
+        "iexechub/tee-worker-post-compute-rust:0.3.0",
+        "Post-compute stage image of TDX tasks (result encryption, upload, enclave "
+        "signature); a session naming another image is refused.",
+        group="worker",
+    ),
+    "tdx_secret_provider_agent": Spec(
+        "WORKERPOOL_TDX_SECRET_PROVIDER_AGENT",
+        _str,
+        "/usr/local/bin/secret_provider_agent",
+        "The program that attests this TDX guest to the SMS's secret provider and writes the "
+        "task's session (iexec-worker's tee.tdx.secret-provider-agent).",
+        group="worker",
+    ),
+    "tdx_stage_network": Spec(
+        "WORKERPOOL_TDX_STAGE_NETWORK",
+        _str,
+        "host",
+        "Docker network of the pre- and post-compute stages of TDX tasks (they reach the "
+        "node's enclave API, the result proxy and input URLs).",
+        group="worker",
+    ),
+    "worker_api_bind": Spec(
+        "WORKERPOOL_WORKER_API_BIND",
+        _host_port,
+        "127.0.0.1:13100",
+        "host:port of the node's enclave API, where the stages of TDX tasks report (exit "
+        "causes, the signed computed file); port 0 takes a free port. Only with "
+        "WORKERPOOL_WORKER_TDX on or simulation.",
         group="worker",
     ),
     "app_memory_mb": Spec(
@@ -877,12 +976,10 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_TEE_STACK",
         _tee_stack,
         "",
-        "TEE frameworks the pool's worker nodes run (comma list of scone, gramine, tdx). Orders "
-        "with a TEE tag (tee,scone / tee,gramine / tee,tdx) are signed, published and "
-        "replenished only for a framework listed here, and TEE deals accepted and queued for "
-        "nodes of that framework (tee-<framework>). The worker nodes of this version run "
-        "standard and GPU tasks only: leave it empty (the default) unless nodes that run the "
-        "framework serve the pool.",
+        "TEE frameworks the pool runs: empty, or tdx (it then needs WORKERPOOL_SMS_TDX_URL and "
+        "WORKERPOOL_RESULT_PROXY_URL). Orders tagged tee,tdx are signed, published and "
+        "replenished, and TDX deals accepted and queued for TDX nodes (tee-tdx), only with tdx "
+        "listed here.",
         group="orders",
     ),
     "order_category": Spec(
@@ -1003,6 +1100,8 @@ class Settings:
     tag_bits: tuple[str, ...] = ()
     tee_stack: tuple[str, ...] = ()
     sms_host: str = ""
+    sms_tdx_url: str = ""
+    result_proxy_url: str = ""
     ask_replicate_period: int | None = None
     contribute_and_finalize: bool = True
     reveal_timeout_period: int = 120_000
@@ -1029,6 +1128,12 @@ class Settings:
     worker_slots: int = 2
     worker_dir: str = ""
     worker_capabilities: tuple[str, ...] = ("standard",)
+    worker_tdx: str = "off"
+    tdx_pre_compute_image: str = "iexechub/tee-worker-pre-compute-rust:0.4.0"
+    tdx_post_compute_image: str = "iexechub/tee-worker-post-compute-rust:0.3.0"
+    tdx_secret_provider_agent: str = "/usr/local/bin/secret_provider_agent"
+    tdx_stage_network: str = "host"
+    worker_api_bind: str = "127.0.0.1:13100"
     app_memory_mb: int = 1024
     app_cpus: float = 1.0
     app_output_limit_mb: int = 100
@@ -1090,6 +1195,18 @@ class Settings:
                 object.__setattr__(self, "chain_id", preset.chain_id)
             if not self.hub_address:
                 object.__setattr__(self, "hub_address", preset.hub)
+        if "tdx" in self.tee_stack:
+            missing = []
+            if "://" not in self.tdx_sms_url():
+                missing.append("WORKERPOOL_SMS_TDX_URL (or IEXEC_SMS_HOST, a URL)")
+            if not self.result_proxy_url:
+                missing.append("WORKERPOOL_RESULT_PROXY_URL")
+            if missing:
+                raise SettingsError(
+                    f"WORKERPOOL_TEE_STACK=tdx needs {' and '.join(missing)}: TDX tasks get "
+                    "their enclave challenge and session from an SMS, and upload their "
+                    "encrypted result through a result proxy"
+                )
 
     @property
     def preset(self) -> ChainPreset | None:
@@ -1127,6 +1244,18 @@ class Settings:
         if self.confirmations is not None:
             return self.confirmations
         return CONFIRMATIONS_BY_CHAIN.get(chain_id, DEFAULT_CONFIRMATIONS)
+
+    def tdx_sms_url(self) -> str:
+        """The SMS of TDX tasks: WORKERPOOL_SMS_TDX_URL, else IEXEC_SMS_HOST (TDX is the one
+        TEE framework this pool runs)."""
+        return self.sms_tdx_url or self.sms_host
+
+    def node_capabilities(self) -> tuple[str, ...]:
+        """The replicate queues this node serves: WORKERPOOL_WORKER_CAPABILITIES, plus
+        tee-tdx when WORKERPOOL_WORKER_TDX is on or simulation."""
+        if self.worker_tdx == "off" or "tee-tdx" in self.worker_capabilities:
+            return self.worker_capabilities
+        return (*self.worker_capabilities, "tee-tdx")
 
     def served_tag_bits(self) -> tuple[str, ...]:
         """Tag bits a deal may need (WORKERPOOL_TAG_BITS, or gpu plus the TEE stack's)."""
@@ -1196,6 +1325,9 @@ def public_config(settings: Settings, chain_id: int) -> dict[str, Any]:
     base = settings.public_url.rstrip("/") or settings.result_repository()
     if base and settings.result_storage == "local":  # IPFS results have no base URL
         config["resultBaseUrl"] = base
+    if "tdx" in settings.tee_stack:  # what TDX nodes need: the SMS, the result proxy
+        config["smsTdxUrl"] = settings.tdx_sms_url()
+        config["resultProxyUrl"] = settings.result_proxy_url
     return config
 
 
@@ -1238,6 +1370,12 @@ def with_public_config(settings: Settings, config: Mapping[str, Any]) -> tuple[S
     if not own_base and config.get("resultBaseUrl"):
         values["public_url"] = parse("resultBaseUrl", _url)
         taken.append(f"result base {values['public_url']}")
+    if not settings.tdx_sms_url() and config.get("smsTdxUrl"):
+        values["sms_tdx_url"] = parse("smsTdxUrl", _url)
+        taken.append(f"TDX SMS {values['sms_tdx_url']}")
+    if not settings.result_proxy_url and config.get("resultProxyUrl"):
+        values["result_proxy_url"] = parse("resultProxyUrl", _url)
+        taken.append(f"result proxy {values['result_proxy_url']}")
     return dataclasses.replace(settings, **values), taken
 
 
@@ -1259,16 +1397,19 @@ def without_effect(
     if "IEXEC_ASK_REPLICATE_PERIOD" in present:
         notes.append(("IEXEC_ASK_REPLICATE_PERIOD", ASK_REPLICATE_REASON))
     if "IEXEC_SMS_HOST" in present:
-        notes.append(
-            (
-                "IEXEC_SMS_HOST",
-                "no effect: this pool runs no TEE task (WORKERPOOL_TEE_STACK is empty), and "
-                "only TEE tasks use a Secret Management Service"
-                if not settings.tee_stack
-                else "no effect in this version: the scheduler asks no Secret Management "
-                "Service for TEE enclave challenges",
+        uses_tdx = bool(settings.tee_stack) or (role == "worker" and settings.worker_tdx != "off")
+        if not uses_tdx:
+            notes.append(
+                (
+                    "IEXEC_SMS_HOST",
+                    "no effect: this pool runs no TEE task (WORKERPOOL_TEE_STACK is empty), and "
+                    "only TEE tasks use a Secret Management Service",
+                )
             )
-        )
+        elif settings.sms_tdx_url:
+            notes.append(
+                ("IEXEC_SMS_HOST", "no effect: WORKERPOOL_SMS_TDX_URL is set, and TDX tasks use it")
+            )
     repository = [
         name
         for name in (

@@ -16,6 +16,7 @@ from pool.messages import AbortRequest, Domain, Messenger, Nonces, Refusals
 from pool.settings import Settings
 from pool.states import ERROR_RESULT_STATUSES, ReplicateStatus, ReplicateStatusCause, TaskStatus
 from pool.store import Store
+from scheduler.tee import TeeTasks
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ class SchedulerContext:
     def nonces(self) -> Nonces:
         """The nonces of the worker messages taken (replays are refused)."""
         return Nonces(self.redis)
+
+    @cached_property
+    def tee(self) -> TeeTasks:
+        """The SMS calls of TEE tasks (framework, enclave challenges), one per process."""
+        return TeeTasks(self.settings, self.wallet)
 
     @property
     def confirmations(self) -> int:

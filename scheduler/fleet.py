@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any
 
+from poco.tags import is_tee
 from pool import keys
 from pool.clock import utcnow
 from pool.messages import QUEUE_CAPABILITY, Heartbeat, heartbeat_time
@@ -187,6 +188,8 @@ class Fleet:
 
         ``serving`` caches the count of live workers per queue across the tasks of one
         pass (one count per queue, not one per waiting task)."""
+        if task.get("tag") and not task.get("enclaveChallenge") and is_tee(task["tag"]):
+            return  # a TEE task waiting for its enclave challenge: the planner says why
         queue = task["queue"]
         counts = {} if serving is None else serving
         if queue not in counts:

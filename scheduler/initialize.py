@@ -36,7 +36,12 @@ class Initializer:
         batch_size = self.ctx.settings.init_batch_size
         # read the backlog once (earliest deadline first) and batch it here: re-querying it
         # per batch made initialization quadratic in the backlog (ops/bench, 10,000 tasks)
-        pending = self.store.tasks_in([T.RECEIVED], fields=("chainTaskId", "chainDealId", "index"))
+        pending = self.store.tasks_in(
+            [T.RECEIVED],
+            fields=("chainTaskId", "chainDealId", "index", "tag", "smsUrl", "waitingReason"),
+        )
+        # a TEE task is initialized only once the SMS of its framework says it runs it
+        pending = self._tee_ready(pending, report)
         # nothing is sent for a deal a chain reorganisation removed (or moved: it waits until
         # the listener sees it at its new block)
         hold = self.deals.drop_vanished(dict.fromkeys(t["chainDealId"] for t in pending))
@@ -47,6 +52,38 @@ class Initializer:
             for task in batch:
                 self.store.transition_task(task["chainTaskId"], T.INITIALIZING)
             self._initialize_batch(batch, report)
+
+    def _tee_ready(self, tasks: list[dict[str, Any]], report: TickReport) -> list[dict[str, Any]]:
+        """``tasks`` without the TEE tasks that cannot be initialized now: those whose SMS
+        runs another framework fail (INITIALIZE_FAILED, nothing sent, as iexec-core), those
+        whose SMS does not answer wait (RECEIVED, with the reason) for a later tick."""
+        tee = self.ctx.tee
+        ready: list[dict[str, Any]] = []
+        for task in tasks:
+            framework = tee.framework(task.get("tag"))
+            if framework is None:
+                ready.append(task)
+                continue
+            taskid = task["chainTaskId"]
+            runs, detail = tee.runs(framework)
+            if runs:
+                shown = redact_urls(detail)  # the task shows its SMS (no credentials)
+                if task.get("smsUrl") != shown or task.get("waitingReason"):
+                    fields = {"smsUrl": shown, "teeFramework": framework, "waitingReason": ""}
+                    self.store.set_task_fields(taskid, fields)
+                ready.append(task)
+            elif runs is False:
+                reason = redact_urls(f"TEE task not initialized: {detail}")
+                self.store.transition_task(
+                    taskid, T.INITIALIZE_FAILED, note=reason, extra={"failureReason": reason}
+                )
+                report.tasks_init_failed += 1
+                log.error("task %s: %s", taskid, reason)
+            else:
+                reason = redact_urls(f"waiting: the SMS does not answer ({detail})")
+                if task.get("waitingReason") != reason:
+                    self.store.set_task_fields(taskid, {"waitingReason": reason})
+        return ready
 
     def _reconcile_initializing(self, task: dict[str, Any]) -> None:
         onchain = self.client.view_task(task["chainTaskId"])

@@ -10,6 +10,7 @@ from typing import Any
 from poco.consensus import more_replicates_needed, simulate
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool.messages import ReplicateJob
+from pool.redact import redact_urls
 from pool.states import ReplicateStatus, TaskStatus
 from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext, TickReport
 
@@ -28,8 +29,11 @@ class Planner:
         self.store = ctx.store
 
     def plan(self, report: TickReport) -> None:
-        """The tick's step: enqueue the replicate jobs each initialized task needs."""
+        """The tick's step: enqueue the replicate jobs each initialized task needs (a TEE
+        task once the SMS gave its enclave challenge)."""
         for task in self.store.tasks_in([T.INITIALIZED]):
+            if not self._enclave_ready(task):
+                continue
             needed = task["replicatesNeeded"]
             # record the jobs first: a crash after this loses queued jobs, which recovery
             # rebuilds from Mongo, but never enqueues twice
@@ -39,6 +43,28 @@ class Planner:
             for _ in range(needed):
                 self.enqueue(doc)
                 report.jobs_enqueued += 1
+
+    def _enclave_ready(self, task: dict[str, Any]) -> bool:
+        """A standard task, or a TEE task whose enclave challenge is stored (asked from its
+        SMS now if need be). A TEE task whose SMS does not answer waits, with the reason,
+        and is asked again next tick."""
+        tee = self.ctx.tee
+        framework = tee.framework(task.get("tag"))
+        if framework is None or task.get("enclaveChallenge"):
+            return True
+        taskid = task["chainTaskId"]
+        url = tee.sms_url(framework)
+        challenge, why = tee.challenge(taskid, url) if url else ("", "no SMS for " + framework)
+        if not challenge:
+            reason = redact_urls(f"waiting: no enclave challenge from the SMS yet ({why})")
+            if task.get("waitingReason") != reason:
+                self.store.set_task_fields(taskid, {"waitingReason": reason})
+            return False
+        self.store.set_task_fields(taskid, {"enclaveChallenge": challenge, "waitingReason": ""})
+        log.info(
+            "task %s: enclave challenge %s from the SMS %s", taskid, challenge, redact_urls(url)
+        )
+        return True
 
     def enqueue(self, task: dict[str, Any]) -> None:
         self.ctx.messages.run_replicate(

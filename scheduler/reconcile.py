@@ -152,7 +152,14 @@ class Reconciler:
         a contribution is in, re-plan when no replicate is under way."""
         tasks = self.store.tasks_in(
             CONTRIBUTING,
-            fields=("chainTaskId", "queue", "waitingReason", "chainCheckedAt"),
+            fields=(
+                "chainTaskId",
+                "queue",
+                "waitingReason",
+                "chainCheckedAt",
+                "tag",
+                "enclaveChallenge",
+            ),
             ordered=False,
         )
         replicates = self.store.replicates_of_tasks(

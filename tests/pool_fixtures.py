@@ -105,13 +105,14 @@ class RunningPool:
         raise AssertionError(f"worker {n} sent no heartbeat:\n{log.read_text()[-3000:]}")
 
     def match(self, app: str = "echo", **kw: Any) -> MatchedDeal:
+        """A deal of the devnet's requester (or of ``requester_key``) on a sample app."""
+        kw.setdefault("requester_key", self.devnet.key("requester"))
         return match_deal(
             self.devnet.client,
             app=self.devnet.app(app),
             app_owner_key=self.devnet.key("app_provider"),
             workerpool=self.devnet.info["workerpool"],
             scheduler_key=self.devnet.key("scheduler"),
-            requester_key=self.devnet.key("requester"),
             **kw,
         )
 

@@ -35,7 +35,7 @@ from poco.funds import GasCheck, format_rlc, gas_check
 from poco.orders import ZERO_ADDRESS
 from poco.proofs import recover_abort_signer
 from poco.results import callback_bytes, result_link
-from poco.tags import tag_to_int
+from poco.tags import is_tee, tag_to_int
 from poco.types import ChainTaskStatus, ContributionStatus, Deal
 from pool import keys
 from pool.messages import (
@@ -53,6 +53,7 @@ from pool.states import ReplicateStatusCause as Cause
 from workers import inputs as inputs_mod
 from workers import mounts
 from workers import results as results_mod
+from workers import tee as tee_mod
 from workers.identity import IndexLease, LeaseLost, liveness_ttl
 from workers.publishers import PublishError, ResultPublisher
 from workers.runner import AppImageError, AppRun, ContainerRunner, EngineError, RunnerError
@@ -184,6 +185,7 @@ class WorkerNode:
         redis: Any = None,
         lease: IndexLease | None = None,
         workdir: Path | None = None,
+        tee: tee_mod.TdxRunner | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -194,6 +196,7 @@ class WorkerNode:
         self.lease = lease  # the mnemonic index this node holds, renewed with each heartbeat
         self.runner = runner
         self.publisher = publisher
+        self.tee = tee  # TDX tasks (workers/tee.py); None: this node refuses TEE tasks
         self.name = settings.worker_name or socket.gethostname()
         base = workdir or Path(settings.worker_dir or tempfile.mkdtemp(prefix="workerpool-worker-"))
         self.workdir = base / self.address.lower()
@@ -230,7 +233,7 @@ class WorkerNode:
         return Heartbeat(
             worker=self.address,
             name=self.name,
-            capabilities=tuple(self.settings.worker_capabilities),
+            capabilities=self.settings.node_capabilities(),
             slots=self.settings.worker_slots,
             busy_slots=self.busy,
             version=VERSION,
@@ -239,9 +242,10 @@ class WorkerNode:
             refusing=refusing,
         )
 
-    def authorize(self, taskid: str) -> tuple[str, bool]:
-        """The scheduler's signed authorization for this node on ``taskid``, and whether it
-        asks for the one-transaction path (``contributeAndFinalize``, trust-1 tasks)."""
+    def authorize(self, taskid: str) -> tuple[str, bool, str]:
+        """The scheduler's signed authorization for this node on ``taskid``, whether it asks
+        for the one-transaction path (``contributeAndFinalize``, trust-1 tasks), and the
+        enclave it signed in (a TEE task's challenge, else the zero address)."""
         timeout = self.authorization_timeout
         answer = self.messages.authorize(
             AuthorizeRequest(taskid, self.address, ZERO_ADDRESS, expires_at=time.time() + timeout),
@@ -249,7 +253,7 @@ class WorkerNode:
         )
         if not answer.granted:
             raise JobRefused(answer.reason or "refused", answer.requeue)
-        return answer.signature, answer.fast_path
+        return answer.signature, answer.fast_path, answer.enclave or ZERO_ADDRESS
 
     # ---- funds: gas and stake ----------------------------------------------------------------
     def gas(self, max_age: float = FUNDS_TTL) -> GasCheck:
@@ -271,7 +275,7 @@ class WorkerNode:
         """Whether this node's replicate of ``deal`` should go through contributeAndFinalize,
         which locks no worker stake (PoCo: trust-1 deals only; the scheduler grants it unless
         WORKERPOOL_CONTRIBUTE_AND_FINALIZE=false, which pools set alike on every service)."""
-        return deal.trust == 1 and self.settings.contribute_and_finalize
+        return deal.trust == 1 and (self.settings.contribute_and_finalize or is_tee(deal.tag))
 
     def stake_shortfall(self, deal: Deal) -> str:
         """Why this node's free stake cannot cover the worker stake ``contribute`` locks for
@@ -322,7 +326,7 @@ class WorkerNode:
             self.refuse(taskid, problem)
             raise JobRefused(problem, requeue=True)
         try:
-            authorization, fast = self.authorize(taskid)
+            authorization, fast, enclave = self.authorize(taskid)
         except JobRefused as exc:
             if exc.requeue:
                 raise
@@ -344,7 +348,9 @@ class WorkerNode:
         with self._busy_lock:
             self.busy += 1
         try:
-            return self._compute(taskid, task.dealid, task.idx, task.timeref, authorization, fast)
+            return self._compute(
+                taskid, task.dealid, task.idx, task.timeref, authorization, fast, enclave
+            )
         except RetryableError as exc:
             # the chain stayed out of reach (a cut link): the authorization is spent, so a
             # retried job could not get another one; the scheduler plans a new replicate
@@ -361,6 +367,7 @@ class WorkerNode:
         timeref: int,
         authorization: str,
         fast: bool = False,
+        enclave: str = ZERO_ADDRESS,
     ) -> JobOutcome:
         """Run the app of ``taskid`` and hand its result (or an error result) to the control
         process. Every way out reports: COMPUTED, a failure followed by an error result,
@@ -376,7 +383,7 @@ class WorkerNode:
             job = _Job(taskid, task_dir, authorization, fast)
             outcome = JobOutcome(taskid, str(R.ABORTED), "node error")
             try:
-                outcome = self._compute_locked(job, dealid, index, timeref)
+                outcome = self._compute_locked(job, dealid, index, timeref, enclave)
             except _Aborted as exc:
                 outcome = JobOutcome(taskid, str(R.ABORTED), str(exc))
             except Exception as exc:  # a bug or a surprise: still a report, never a silence
@@ -398,10 +405,14 @@ class WorkerNode:
                     self.purge(taskid)
             return outcome
 
-    def _compute_locked(self, job: _Job, dealid: str, index: int, timeref: int) -> JobOutcome:
+    def _compute_locked(
+        self, job: _Job, dealid: str, index: int, timeref: int, enclave: str
+    ) -> JobOutcome:
         taskid, task_dir = job.taskid, job.task_dir
         self.report(taskid, R.STARTING)
         deal = self.client.view_deal(dealid)
+        if is_tee(deal.tag):  # its TDX sequence (workers/tee.py), never a standard run
+            return tee_mod.compute(self, taskid, deal, index, timeref, job.authorization, enclave)
         job.has_callback = int(deal.callback, 16) != 0
         in_dir, out_dir = task_dir / "iexec_in", task_dir / "iexec_out"
         in_dir.mkdir(parents=True)
@@ -831,6 +842,8 @@ class WorkerNode:
         except PocoError as exc:
             log.warning("task %s: contribute asked, nothing computed here: ignored", taskid)
             return JobOutcome(taskid, "DROPPED", str(exc))
+        if state.get("tee"):  # contributeAndFinalize with the enclave's signature
+            return tee_mod.contribute(self, taskid, state)
         digest = state["digest"]
         if self.settings.fault_inject == "wrong-digest":
             digest = "0x" + bytes(b ^ 0xFF for b in bytes.fromhex(digest[2:])).hex()
@@ -1075,6 +1088,7 @@ class WorkerNode:
                 task.timeref,
                 str(state["authorization"]),
                 bool(state.get("fastPath")),
+                str(state.get("enclave") or ZERO_ADDRESS),
             )
         finally:
             with self._busy_lock:

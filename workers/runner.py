@@ -201,6 +201,10 @@ class AppRun:
     # ``output_dir`` is a filesystem of its own sized to the limit (a tmpfs the worker
     # mounted): the limit is then the filesystem's, the app cannot write past it
     output_mounted: bool = False
+    # a TEE stage's container (workers/tee.py): pre-compute writes /iexec_in, and both stages
+    # run on the Docker network named here (they reach the node's enclave API)
+    input_writable: bool = False
+    network_mode: str = ""
 
     def __post_init__(self) -> None:
         self.input_dir = Path(self.input_dir)
@@ -596,7 +600,10 @@ class DockerRunner:
         )
         host: dict[str, Any] = {
             "binds": {
-                str(run.input_dir.resolve()): {"bind": IEXEC_IN, "mode": "ro"},
+                str(run.input_dir.resolve()): {
+                    "bind": IEXEC_IN,
+                    "mode": "rw" if run.input_writable else "ro",
+                },
                 str(run.output_dir.resolve()): {"bind": IEXEC_OUT, "mode": "rw"},
             },
             "privileged": False,
@@ -613,7 +620,9 @@ class DockerRunner:
         }
         if run.nano_cpus:
             host["nano_cpus"] = run.nano_cpus
-        if not run.network:
+        if run.network_mode:
+            host["network_mode"] = run.network_mode
+        elif not run.network:
             host["network_mode"] = "none"
 
         def create() -> Container:

@@ -42,6 +42,7 @@ from workers.identity import IndexLease, LeaseLost
 from workers.node import JobRefused, WorkerNode
 from workers.publishers import PublishError, make_publisher
 from workers.runner import DockerRunner
+from workers.tee import TdxRunner, start_check
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def from_scheduler(settings: Settings, redis: Any) -> tuple[Settings, list[str]]
 
 
 def compute_queues(settings: Settings) -> list[str]:
+    """The replicate queues of the node's capabilities. A TEE queue comes only from
+    WORKERPOOL_WORKER_TDX (a node declares TDX only when configured for it)."""
     queues = []
     for capability in settings.worker_capabilities:
         if capability not in REPLICATE_QUEUES:
@@ -82,6 +85,13 @@ def compute_queues(settings: Settings) -> list[str]:
                 f"WORKERPOOL_WORKER_CAPABILITIES: unknown {capability!r}; "
                 f"known: {', '.join(REPLICATE_QUEUES)}"
             )
+        if capability.startswith("tee-"):
+            raise SettingsError(
+                f"WORKERPOOL_WORKER_CAPABILITIES: {capability} is not declared there: a node "
+                "serves TDX tasks with WORKERPOOL_WORKER_TDX=on (or simulation), and no SGX "
+                "framework (scone, gramine)"
+            )
+    for capability in settings.node_capabilities():
         queues.append(REPLICATE_QUEUES[capability])
     return queues
 
@@ -111,8 +121,10 @@ def build_node(
         local_dir=local_dir,
         base_url=settings.result_base_url(),
     )
+    runner = DockerRunner()
+    tee = TdxRunner(settings, client, wallet, runner) if settings.worker_tdx != "off" else None
     return WorkerNode(
-        settings, client, wallet, messages, DockerRunner(), publisher, redis=redis, lease=lease
+        settings, client, wallet, messages, runner, publisher, redis=redis, lease=lease, tee=tee
     )
 
 
@@ -122,6 +134,11 @@ def create_compute_app(
     """The compute process: its Celery app, the node built on it, the receivers registered."""
     app = make_celery(settings, "workerpool-worker")
     node = build_node(settings, private_key, app, redis=redis, lease=lease)
+    # what the node checked on its host before it declares TDX (SettingsError: it cannot)
+    checks = start_check(settings, node.client.chain_id)
+    if node.tee is not None:
+        node.tee.checks = checks
+        node.tee.start_api()
     register_compute(app, node)
     return app, node
 
