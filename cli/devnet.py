@@ -51,10 +51,31 @@ def devnet() -> None:
     "token mode as on Arbitrum (stakes in an RLC ERC-20). A chain of the other mode in --dir "
     "is put aside and a new one deployed.",
 )
-def devnet_up(directory: Path, port: int, native: bool) -> None:
+@click.option(
+    "--tee",
+    type=click.Choice(network.TEE_FRAMEWORKS),
+    default=None,
+    help="Also start the TEE stand-ins of this framework (SIMULATION: an SMS and result proxy "
+    "process, and the stage images; no enclave, no attestation).",
+)
+@click.option("--tee-port", default=network.TEE_PORT, show_default=True)
+@click.option("--ipfs-api", default="http://127.0.0.1:5001", show_default=True)
+@click.option("--ipfs-gateway", default="http://127.0.0.1:8080", show_default=True)
+def devnet_up(
+    directory: Path,
+    port: int,
+    native: bool,
+    tee: str | None,
+    tee_port: int,
+    ipfs_api: str,
+    ipfs_gateway: str,
+) -> None:
     """Start anvil, deploy PoCo, create the pool and sample apps (idempotent)."""
     with refusals(DevnetError):
         info, seconds, deployed = network.up(directory, port, "native" if native else "token")
+        stand_in = (
+            network.start_tee(directory, tee, tee_port, ipfs_api, ipfs_gateway) if tee else None
+        )
     what = "deployed PoCo and provisioned" if deployed else "resumed"
     click.echo(f"devnet up ({what}) in {seconds:.1f}s: {info['rpc_url']} chain {info['chain_id']}")
     click.echo(f"  mode       {info['mode']}")
@@ -65,12 +86,21 @@ def devnet_up(directory: Path, port: int, native: bool) -> None:
     for name, app in info["apps"].items():
         click.echo(f"  app {name:<10} {app['address']}  {app['image']}")
     click.echo(f"  wrote {directory / 'devnet.json'} (its keys are PUBLIC TEST KEYS)")
+    if stand_in is not None:
+        click.echo(
+            f"  {stand_in['framework']} SIMULATION: SMS and result proxy {stand_in['sms_url']}, "
+            f"stages {stand_in['pre_compute_image']}, {stand_in['post_compute_image']} "
+            "(no enclave, no attestation; `workerpool devnet env` prints their settings)"
+        )
 
 
 @devnet.command("down")
 @DIR_OPTION
 def devnet_down(directory: Path) -> None:
-    """Stop the anvil this directory started (its state is kept for the next `up`)."""
+    """Stop the anvil this directory started (its state is kept for the next `up`), and the
+    TEE stand-ins."""
+    if network.stop_tee(directory):
+        click.echo("TEE stand-ins stopped")
     stopped = network.Devnet(directory).stop()
     click.echo("devnet stopped" if stopped else "devnet was not running")
 
@@ -108,7 +138,34 @@ def devnet_env(directory: Path, worker: int | None, mnemonic: bool) -> None:
     info = _load(directory)
     with refusals(DevnetError):
         lines = network.env_lines(info, worker, mnemonic)
+    tee = network.tee_info(directory)
+    if tee is not None:
+        lines += network.tee_env_lines(tee)
     click.echo("\n".join(lines))
+
+
+@devnet.command("tee-serve")
+@DIR_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=network.TEE_PORT, show_default=True)
+@click.option("--ipfs-api", default="http://127.0.0.1:5001", show_default=True)
+@click.option("--ipfs-gateway", default="http://127.0.0.1:8080", show_default=True)
+def devnet_tee_serve(
+    directory: Path, host: str, port: int, ipfs_api: str, ipfs_gateway: str
+) -> None:
+    """SIMULATION: serve the devnet's TEE stand-ins (SMS and result proxy) in the foreground.
+    No enclave, no attestation; refused on any chain but the devnet's."""
+    import waitress
+
+    from devnet.tee import StandInRefused, TeeStandIn, create_app
+
+    info = _load(directory)
+    with refusals(StandInRefused):
+        stand_in = TeeStandIn(info["rpc_url"], info["hub"], ipfs_api, ipfs_gateway_url=ipfs_gateway)
+    click.echo(
+        f"TEE stand-ins (SIMULATION, chain {stand_in.chain_id}) on http://{host}:{port}", err=True
+    )
+    waitress.serve(create_app(stand_in), host=host, port=port, threads=8, ident="tee-stand-in")
 
 
 @devnet.command("deal")

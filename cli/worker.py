@@ -53,7 +53,7 @@ def _celery_argv(queues: str, concurrency: int, loglevel: str, name: str) -> lis
 def _resolved(settings: Settings) -> dict[str, str]:
     """The values a node may take from its scheduler, as environment for its control child."""
     out: dict[str, str] = {}
-    for name in ("chain_rpc_url", "hub_address", "public_url"):
+    for name in ("chain_rpc_url", "hub_address", "public_url", "sms_tdx_url", "result_proxy_url"):
         value = getattr(settings, name)
         if value:
             out[SETTINGS[name].env] = str(value)
@@ -108,6 +108,11 @@ def run_compute(loglevel: str) -> None:
         app, node = create_compute_app(settings, key, client, lease)
     for name, reason in without_effect(settings, os.environ, "worker"):
         click.echo(f"note: {name}: {reason}", err=True)
+    if node.tee is not None:
+        for line in node.tee.checks:
+            click.echo(line, err=True)
+        if node.tee.api is not None:
+            click.echo(f"TDX: enclave API on {node.tee.api.address}", err=True)
 
     # the control process reads the same settings, the scheduler's published ones included
     env = {**os.environ, "IEXEC_WORKER_BASE_DIR": settings.worker_dir, **_resolved(settings)}

@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ SAMPLE_APPS = {
     "nocomputed": "workerpool-apps/nocomputed:1",
     "evil": "workerpool-apps/evil:1",
     "callback": "workerpool-apps/callback:1",
+    "failwrite": "workerpool-apps/failwrite:1",
+    "deeptree": "workerpool-apps/deeptree:1",
+    "spin": "workerpool-apps/spin:1",
+    "fsprobe": "workerpool-apps/fsprobe:1",
 }
 WORKERPOOL_DESCRIPTION = "workerpool devnet pool"
 
@@ -465,6 +470,9 @@ def env_lines(info: dict[str, Any], worker: int | None = None, mnemonic: bool = 
         if not 0 <= worker < len(workers):
             raise DevnetError(f"worker {worker} does not exist; the devnet has {len(workers)}")
         lines.append(f"export IEXEC_WORKER_WALLET_PRIVATE_KEY={workers[worker]['private_key']}")
+    if worker is not None or mnemonic:
+        # a devnet's input files are served from this host: let the worker fetch them
+        lines.append("export WORKERPOOL_DOWNLOAD_ALLOW_PRIVATE=1")
     if mnemonic:
         lines += [
             f"export IEXEC_WORKER_MNEMONIC='{PUBLIC_TEST_MNEMONIC}'",
@@ -472,3 +480,159 @@ def env_lines(info: dict[str, Any], worker: int | None = None, mnemonic: bool = 
             f"export WORKERPOOL_WORKER_INDEX_COUNT={WORKER_COUNT}",
         ]
     return lines
+
+
+# ---- the TEE stand-ins (SIMULATION) -----------------------------------------------------------
+TEE_FRAMEWORKS = ("tdx",)
+TEE_PORT = 13300
+TEE_JSON = "tee.json"
+TEE_PID = "tee.pid"
+
+
+def _image_present(tag: str) -> bool:
+    proc = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, check=False)
+    return proc.returncode == 0
+
+
+def ensure_stage_images() -> list[str]:
+    """The simulated stage images, built by ``ops/apps/build`` when missing (a checkout of the
+    project has it; otherwise the error says how to build them)."""
+    from devnet.tee import POST_COMPUTE_IMAGE, PRE_COMPUTE_IMAGE
+
+    images = [PRE_COMPUTE_IMAGE, POST_COMPUTE_IMAGE]
+    try:
+        missing = [tag for tag in images if not _image_present(tag)]
+    except OSError as exc:
+        raise DevnetError(f"docker is not usable here: {exc}") from exc
+    if not missing:
+        return images
+    build = Path(__file__).resolve().parents[1] / "ops" / "apps" / "build"
+    if not build.exists():
+        raise DevnetError(
+            f"the stage images {', '.join(missing)} are missing: build them from a checkout "
+            "of the project with ops/apps/build tee-pre-compute tee-post-compute"
+        )
+    proc = subprocess.run(
+        ["bash", str(build), "tee-pre-compute", "tee-post-compute"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise DevnetError(f"ops/apps/build failed: {(proc.stdout + proc.stderr)[-1500:]}")
+    return images
+
+
+def _tee_pid(directory: Path) -> int | None:
+    try:
+        pid = int((directory / TEE_PID).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"tee-serve" in cmdline else None
+
+
+def tee_info(directory: Path) -> dict[str, Any] | None:
+    """What ``up --tee`` started (tee.json), or None."""
+    path = directory / TEE_JSON
+    if not path.exists():
+        return None
+    return cast(dict[str, Any], json.loads(path.read_text()))
+
+
+def start_tee(
+    directory: Path,
+    framework: str,
+    port: int = TEE_PORT,
+    ipfs_api: str = "http://127.0.0.1:5001",
+    ipfs_gateway: str = "http://127.0.0.1:8080",
+) -> dict[str, Any]:
+    """Start the TEE stand-ins of ``framework`` (SIMULATION) beside the devnet of
+    ``directory``: the stage images (built if missing) and the SMS and result proxy process
+    (``workerpool devnet tee-serve``), which refuses any chain but the devnet's. Idempotent:
+    a stand-in already running is kept."""
+    if framework not in TEE_FRAMEWORKS:
+        raise DevnetError(
+            f"unknown TEE framework {framework!r}; known: {', '.join(TEE_FRAMEWORKS)}"
+        )
+    if Devnet(directory).load() is None:
+        raise DevnetError(f"no devnet in {directory} (run: workerpool devnet up)")
+    images = ensure_stage_images()
+    known = tee_info(directory)
+    if known is not None and _tee_pid(directory) is not None and _answers(known["sms_url"]):
+        return known
+    url = f"http://127.0.0.1:{port}"
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise DevnetError(f"port {port} on 127.0.0.1 is taken; choose --tee-port")
+    logfile = open(directory / "tee.log", "ab")  # noqa: SIM115 - handed to the child
+    command = [sys.executable, "-m", "cli", "devnet", "tee-serve", "--dir", str(directory)]
+    command += ["--port", str(port), "--ipfs-api", ipfs_api, "--ipfs-gateway", ipfs_gateway]
+    proc = subprocess.Popen(
+        command,
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    logfile.close()
+    (directory / TEE_PID).write_text(str(proc.pid))
+    deadline = time.monotonic() + 30
+    while not _answers(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            tail = (directory / "tee.log").read_text(errors="replace")[-1500:]
+            raise DevnetError(f"the TEE stand-ins did not start:\n{tail}")
+        time.sleep(0.1)
+    info = {
+        "framework": framework,
+        "simulation": True,
+        "sms_url": url,
+        "result_proxy_url": url,
+        "pre_compute_image": images[0],
+        "post_compute_image": images[1],
+        "ipfs_api": ipfs_api,
+        "ipfs_gateway": ipfs_gateway,
+    }
+    (directory / TEE_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _answers(url: str) -> bool:
+    try:
+        import requests
+
+        return requests.get(f"{url}/simulation", timeout=2).status_code == 200
+    except Exception:
+        return False
+
+
+def stop_tee(directory: Path) -> bool:
+    """Stop the stand-ins ``up --tee`` started (by pid); True when they were running."""
+    pid = _tee_pid(directory)
+    (directory / TEE_PID).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    return True
+
+
+def tee_env_lines(tee: dict[str, Any]) -> list[str]:
+    """What a scheduler and a node need to use the stand-ins (SIMULATION)."""
+    return [
+        "# TDX SIMULATION: the devnet's stand-ins, no enclave and no attestation",
+        "export WORKERPOOL_TEE_STACK=tdx",
+        f"export WORKERPOOL_SMS_TDX_URL={tee['sms_url']}",
+        f"export WORKERPOOL_RESULT_PROXY_URL={tee['result_proxy_url']}",
+        "# a node that runs TDX tasks (simulation: refused on any chain but the devnet's)",
+        "export WORKERPOOL_WORKER_TDX=simulation",
+        f"export WORKERPOOL_TDX_PRE_COMPUTE_IMAGE={tee['pre_compute_image']}",
+        f"export WORKERPOOL_TDX_POST_COMPUTE_IMAGE={tee['post_compute_image']}",
+        "export WORKERPOOL_WORKER_API_BIND=127.0.0.1:0",
+    ]

@@ -74,6 +74,43 @@ def recover_authorization_signer(
     )
 
 
+def abort_digest(worker: str, taskid: str | bytes, cause: str, reason: str) -> bytes:
+    """The 32 bytes the scheduler signs (EIP-191) to tell ``worker`` its replicate of
+    ``taskid`` is no longer needed (a pool's own message, not PoCo's: the leading string keeps
+    it apart from an authorization)."""
+    return bytes(
+        Web3.solidity_keccak(
+            ["string", "address", "bytes32", "string", "string"],
+            ["workerpool.abort", to_checksum_address(worker), _b32(taskid), cause, reason],
+        )
+    )
+
+
+def sign_abort(
+    private_key: str | bytes, worker: str, taskid: str | bytes, cause: str, reason: str
+) -> str:
+    signed = Account.sign_message(
+        encode_defunct(primitive=abort_digest(worker, taskid, cause, reason)), private_key
+    )
+    return "0x" + bytes(signed.signature).hex()
+
+
+def recover_abort_signer(
+    signature: str, worker: str, taskid: str | bytes, cause: str, reason: str
+) -> str:
+    """Who signed an abort; ValueError when the signature is not one."""
+    digest = abort_digest(worker, taskid, cause, reason)
+    try:
+        return str(
+            Account.recover_message(
+                encode_defunct(primitive=digest),
+                signature=bytes.fromhex(signature.removeprefix("0x")),
+            )
+        )
+    except Exception as exc:  # eth_account raises several kinds for a malformed signature
+        raise ValueError(f"not a signature: {exc}") from exc
+
+
 def result_hash(taskid: str | bytes, result_digest: str | bytes) -> str:
     """resultHash = keccak256(packed(taskid, resultDigest)): the public part of a contribution."""
     return hex32(Web3.solidity_keccak(["bytes32", "bytes32"], [_b32(taskid), _b32(result_digest)]))

@@ -11,6 +11,9 @@ included, so links written by us and by iexec-worker are byte-identical on chain
 from __future__ import annotations
 
 import json
+import re
+
+_HEX = re.compile(r"[0-9a-fA-F]*")
 
 # iexec-commons-poco: String.format("{ \"storage\": \"%s\", \"location\": \"%s\" }", ...)
 _RESULT_LINK_FORMAT = '{{ "storage": "{storage}", "location": "{location}" }}'
@@ -49,3 +52,20 @@ def parse_result_link(data: bytes | str) -> tuple[str, str]:
     if not isinstance(storage, str) or not isinstance(location, str) or not storage:
         raise ValueError("result link needs string 'storage' and 'location'")
     return storage, location
+
+
+def callback_bytes(callback_data: str) -> bytes:
+    """The bytes of a task's ``callback-data`` (the ``resultsCallback`` of ``finalize``): the
+    one parser of the pool, used by the worker for the result digest and by whoever sends
+    ``finalize`` or ``contributeAndFinalize``, so what was hashed is what is sent.
+
+    As web3j's ``Numeric.hexStringToByteArray`` (iexec-worker): an optional ``0x``, and an
+    odd number of digits reads the first digit as a byte of its own (``0x123`` is
+    ``01 23``). "" (or "0x") is no bytes. Anything else raises ValueError.
+    """
+    digits = callback_data[2:] if callback_data.startswith("0x") else callback_data
+    if not _HEX.fullmatch(digits):
+        raise ValueError(f"callback-data is not hexadecimal: {callback_data[:80]!r}")
+    if len(digits) % 2:
+        digits = "0" + digits
+    return bytes.fromhex(digits)

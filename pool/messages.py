@@ -18,8 +18,8 @@ receivers of its own messages on its own app. For each message this module fixes
   ``scheduler.replicate_update`` (:class:`ReplicateReport`), ``scheduler.worker_heartbeat``
   (:class:`Heartbeat`): worker -> scheduler (``scheduler``);
 * ``workers.contribute`` (:class:`TaskRef`): a node's compute process -> its control process,
-  and ``workers.reveal``, ``workers.upload`` (:class:`TaskRef`): scheduler -> one worker
-  (``worker.<address>``).
+  and ``workers.reveal``, ``workers.upload`` (:class:`TaskRef`), ``workers.abort``
+  (:class:`AbortRequest`): scheduler -> one worker (``worker.<address>``).
 
 Every worker -> scheduler message travels in a signed envelope (:class:`MessageSigner` seals
 it with the node's wallet, :meth:`Message.open` checks it where the scheduler receives it):
@@ -199,6 +199,23 @@ class AuthorizeRequest(Payload):
     taskid: str
     worker: str
     enclave: str = ZERO_ADDRESS
+    # Unix time after which the worker no longer waits for the answer: a request read later
+    # is refused rather than granted a slot nobody will use
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AbortRequest(Payload):
+    """The scheduler no longer needs ``taskid``'s replicate of the worker whose queue this is
+    on (consensus reached without it, contribution deadline passed, task final, no progress
+    within its bound): stop its container, free its slot, delete its files, report ABORTED."""
+
+    taskid: str
+    cause: ReplicateStatusCause
+    reason: str = ""
+    # the scheduler's signature (poco.proofs.sign_abort): anyone can write to Redis, only the
+    # pool owner's key makes a node stop a replicate
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -235,6 +252,9 @@ class ReplicateReport(Payload):
     callback_data: str | None = None
     finalized: bool = False  # COMPLETED by the worker's contributeAndFinalize
     upload_failed: bool = False  # REVEALED again: the upload asked of it failed
+    # ABORTED because of the node itself (its Docker engine, the registry as seen from it,
+    # its disk): planned on another node, and counted towards pausing this one
+    node_fault: bool = False
 
 
 class ReportFields(TypedDict, total=False):
@@ -254,6 +274,7 @@ class ReportFields(TypedDict, total=False):
     callback_data: str | None
     finalized: bool
     upload_failed: bool
+    node_fault: bool
 
 
 @dataclass(frozen=True)
@@ -375,6 +396,7 @@ HEARTBEAT = Message("scheduler.worker_heartbeat", Heartbeat)
 CONTRIBUTE = Message("workers.contribute", TaskRef)
 REVEAL = Message("workers.reveal", TaskRef)
 UPLOAD = Message("workers.upload", TaskRef)
+ABORT = Message("workers.abort", AbortRequest)
 
 SCHEDULER_TASKS = (TICK_TASK, LISTEN_TASK, AUTHORIZE.name, REPORT.name, HEARTBEAT.name)
 
@@ -435,6 +457,9 @@ class Messenger:
 
     def upload(self, worker: str, taskid: str) -> None:
         self._send(UPLOAD, TaskRef(taskid), worker_queue(worker))
+
+    def abort(self, worker: str, request: AbortRequest) -> None:
+        self._send(ABORT, request, worker_queue(worker))
 
     # a node to itself
     def contribute(self, worker: str, taskid: str) -> None:

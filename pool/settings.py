@@ -117,18 +117,46 @@ def _opt_nonneg_int(value: str) -> int | None:
     return _nonneg_int(value) if value.strip() else None
 
 
-# TEE frameworks a pool may run (the tag's low nibble names one: tee+scone, tee+gramine, tee+tdx)
-TEE_STACKS = ("scone", "gramine", "tdx")
+# TEE frameworks a pool may run (the tag's low nibble names one: tee+scone, tee+gramine, tee+tdx);
+# this pool's worker nodes run TDX only (scone and gramine are SGX frameworks, which the iExec
+# SDK 9 no longer signs)
+TEE_STACKS = ("tdx",)
+SGX_FRAMEWORKS = ("scone", "gramine")
 
 
 def _tee_stack(value: str) -> tuple[str, ...]:
     names = _str_list(value.lower())
+    sgx = [name for name in names if name in SGX_FRAMEWORKS]
+    if sgx:
+        raise ValueError(
+            f"{', '.join(sgx)}: this pool's worker nodes run no SGX enclave (TDX only: "
+            "WORKERPOOL_TEE_STACK=tdx)"
+        )
     unknown = [name for name in names if name not in TEE_STACKS]
     if unknown:
         raise ValueError(
             f"unknown TEE framework {', '.join(unknown)}; known: {', '.join(TEE_STACKS)}"
         )
     return names
+
+
+# what a worker node does with TDX tasks: nothing (off), run them in its TDX guest (on), or the
+# software simulation of the devnet's stand-ins (simulation: devnet chains only)
+WORKER_TDX_MODES = ("off", "on", "simulation")
+
+
+def _worker_tdx(value: str) -> str:
+    mode = value.strip().lower() or "off"
+    if mode not in WORKER_TDX_MODES:
+        raise ValueError(f"must be one of {', '.join(WORKER_TDX_MODES)}")
+    return mode
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port (port 0: any free port)")
+    return f"{host}:{int(port)}"
 
 
 # Blocks the listener waits by default, by chain id: deals are read only once that many blocks
@@ -407,8 +435,28 @@ SETTINGS: dict[str, Spec] = {
         "IEXEC_SMS_HOST",
         _str,
         "",
-        "Secret Management Service of TEE tasks (iexec-core's name). Accepted and named at "
-        "start without effect: this version asks it nothing.",
+        "Secret Management Service of TEE tasks (iexec-core's name): the SMS of TDX tasks when "
+        "WORKERPOOL_SMS_TDX_URL is empty.",
+        group="scheduler",
+    ),
+    "sms_tdx_url": Spec(
+        "WORKERPOOL_SMS_TDX_URL",
+        _opt_url,
+        "",
+        "Secret Management Service of TDX tasks (iExec's SMS API). Required with tdx in "
+        "WORKERPOOL_TEE_STACK (IEXEC_SMS_HOST stands for it when empty): the scheduler checks "
+        "it runs TDX before initializing a TDX task and asks it the task's enclave challenge; "
+        "TDX nodes ask it their sessions (a node without one takes the scheduler's).",
+        group="scheduler",
+    ),
+    "result_proxy_url": Spec(
+        "WORKERPOOL_RESULT_PROXY_URL",
+        _opt_url,
+        "",
+        "Result proxy of TDX tasks (iExec's /v1/results API): the post-compute stage uploads "
+        "the encrypted result through it and nodes read the result's IPFS hash from it (a "
+        "deal's iexec_result_storage_proxy wins). Required with tdx in WORKERPOOL_TEE_STACK; "
+        "the scheduler hands it to the SMS and to its nodes.",
         group="scheduler",
     ),
     "ask_replicate_period": Spec(
@@ -487,7 +535,9 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_WORKER_MAX_FAILURES",
         _pos_int,
         "3",
-        "Consecutive failed replicates after which a worker is paused.",
+        "Consecutive failures on the node's side (Docker engine, image registry, disk) after "
+        "which a worker is paused; failures of the app or of the requester's inputs do not "
+        "count.",
         group="scheduler",
     ),
     "worker_pause": Spec(
@@ -495,6 +545,15 @@ SETTINGS: dict[str, Spec] = {
         _pos_float,
         "300",
         "Seconds a failing worker is paused (gets no authorization).",
+        group="scheduler",
+    ),
+    "progress_grace": Spec(
+        "WORKERPOOL_PROGRESS_GRACE",
+        _pos_float,
+        "300",
+        "Seconds of slack in the progress bound of each replicate status (docs/operations.md): "
+        "a replicate of a live worker that stays in one status past its bound is marked "
+        "WORKER_LOST, its node told to abort it, and it is planned on another worker.",
         group="scheduler",
     ),
     # ---- worker node ----------------------------------------------------------------------
@@ -599,7 +658,58 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_WORKER_CAPABILITIES",
         _str_list,
         "standard",
-        "Replicate queues this node serves: standard, gpu, tee-scone, tee-gramine.",
+        "Replicate queues this node serves: standard, gpu (TDX tasks: WORKERPOOL_WORKER_TDX).",
+        group="worker",
+    ),
+    "worker_tdx": Spec(
+        "WORKERPOOL_WORKER_TDX",
+        _worker_tdx,
+        "off",
+        "TDX tasks on this node: off; on (the node runs in a TDX guest: /dev/tdx_guest and the "
+        "secret provider agent are checked at start, then it serves tee-tdx); simulation (the "
+        "devnet's software stand-ins, no enclave and no attestation: refused on any chain but "
+        "the devnet's).",
+        group="worker",
+    ),
+    "tdx_pre_compute_image": Spec(
+        "WORKERPOOL_TDX_PRE_COMPUTE_IMAGE",
+        _str,
+        "iexechub/tee-worker-pre-compute-rust:0.4.0",
+        "Pre-compute stage image of TDX tasks (inputs, dataset decryption); a session naming "
+        "another image is refused.",
+        group="worker",
+    ),
+    "tdx_post_compute_image": Spec(
+        "WORKERPOOL_TDX_POST_COMPUTE_IMAGE",
+        _str,
+        "iexechub/tee-worker-post-compute-rust:0.3.0",
+        "Post-compute stage image of TDX tasks (result encryption, upload, enclave "
+        "signature); a session naming another image is refused.",
+        group="worker",
+    ),
+    "tdx_secret_provider_agent": Spec(
+        "WORKERPOOL_TDX_SECRET_PROVIDER_AGENT",
+        _str,
+        "/usr/local/bin/secret_provider_agent",
+        "The program that attests this TDX guest to the SMS's secret provider and writes the "
+        "task's session (iexec-worker's tee.tdx.secret-provider-agent).",
+        group="worker",
+    ),
+    "tdx_stage_network": Spec(
+        "WORKERPOOL_TDX_STAGE_NETWORK",
+        _str,
+        "host",
+        "Docker network of the pre- and post-compute stages of TDX tasks (they reach the "
+        "node's enclave API, the result proxy and input URLs).",
+        group="worker",
+    ),
+    "worker_api_bind": Spec(
+        "WORKERPOOL_WORKER_API_BIND",
+        _host_port,
+        "127.0.0.1:13100",
+        "host:port of the node's enclave API, where the stages of TDX tasks report (exit "
+        "causes, the signed computed file); port 0 takes a free port. Only with "
+        "WORKERPOOL_WORKER_TDX on or simulation.",
         group="worker",
     ),
     "app_memory_mb": Spec(
@@ -624,6 +734,56 @@ SETTINGS: dict[str, Spec] = {
         _pos_int,
         "100",
         "Largest input file or dataset a worker downloads (MB).",
+        group="worker",
+    ),
+    "app_input_files_max": Spec(
+        "WORKERPOOL_APP_INPUT_FILES_MAX",
+        _pos_int,
+        "100",
+        "Most input files a task may list (iexec_input_files); more is the requester's error.",
+        group="worker",
+    ),
+    "app_input_total_mb": Spec(
+        "WORKERPOOL_APP_INPUT_TOTAL_MB",
+        _pos_int,
+        "500",
+        "Largest total of a task's input files and dataset (MB).",
+        group="worker",
+    ),
+    "download_allow_private": Spec(
+        "WORKERPOOL_DOWNLOAD_ALLOW_PRIVATE",
+        _bool,
+        "false",
+        "Let input files and datasets be fetched from non-global addresses (loopback, private, "
+        "link-local, the cloud metadata address...), redirects included: for devnets and "
+        "tests only. Off, such a URL is the requester's error.",
+        group="worker",
+    ),
+    "download_private_hosts": Spec(
+        "WORKERPOOL_DOWNLOAD_PRIVATE_HOSTS",
+        _str_list,
+        "",
+        "host:port pairs (comma-separated) that input files and datasets may come from even "
+        "though they resolve to non-global addresses (a data server on the pool's own "
+        "network); every other non-global address stays refused.",
+        group="worker",
+    ),
+    "app_tmp_mb": Spec(
+        "WORKERPOOL_APP_TMP_MB",
+        _pos_int,
+        "64",
+        "Size of the app's /tmp (a tmpfs, counted in its memory); the rest of its root "
+        "filesystem is read-only.",
+        group="worker",
+    ),
+    "app_output_tmpfs": Spec(
+        "WORKERPOOL_APP_OUTPUT_TMPFS",
+        _bool,
+        "true",
+        "Mount each app's /iexec_out on a tmpfs of WORKERPOOL_APP_OUTPUT_LIMIT_MB, so the "
+        "limit is a hard one (needs root with CAP_SYS_ADMIN, in the Docker engine's mount "
+        "namespace); when the node cannot mount, it measures the output while the app runs "
+        "(a soft limit) and says so at start.",
         group="worker",
     ),
     "app_max_runtime": Spec(
@@ -817,12 +977,10 @@ SETTINGS: dict[str, Spec] = {
         "WORKERPOOL_TEE_STACK",
         _tee_stack,
         "",
-        "TEE frameworks the pool's worker nodes run (comma list of scone, gramine, tdx). Orders "
-        "with a TEE tag (tee,scone / tee,gramine / tee,tdx) are signed, published and "
-        "replenished only for a framework listed here, and TEE deals accepted and queued for "
-        "nodes of that framework (tee-<framework>). The worker nodes of this version run "
-        "standard and GPU tasks only: leave it empty (the default) unless nodes that run the "
-        "framework serve the pool.",
+        "TEE frameworks the pool runs: empty, or tdx (it then needs WORKERPOOL_SMS_TDX_URL and "
+        "WORKERPOOL_RESULT_PROXY_URL). Orders tagged tee,tdx are signed, published and "
+        "replenished, and TDX deals accepted and queued for TDX nodes (tee-tdx), only with tdx "
+        "listed here.",
         group="orders",
     ),
     "order_category": Spec(
@@ -943,6 +1101,8 @@ class Settings:
     tag_bits: tuple[str, ...] = ()
     tee_stack: tuple[str, ...] = ()
     sms_host: str = ""
+    sms_tdx_url: str = ""
+    result_proxy_url: str = ""
     ask_replicate_period: int | None = None
     contribute_and_finalize: bool = True
     reveal_timeout_period: int = 120_000
@@ -954,6 +1114,7 @@ class Settings:
     worker_lost_timeout: float = 30.0
     worker_max_failures: int = 3
     worker_pause: float = 300.0
+    progress_grace: float = 300.0
     worker_mnemonic: str = field(default="", repr=False)
     worker_mnemonic_file: str = ""
     worker_index_first: int = 0
@@ -968,10 +1129,22 @@ class Settings:
     worker_slots: int = 2
     worker_dir: str = ""
     worker_capabilities: tuple[str, ...] = ("standard",)
+    worker_tdx: str = "off"
+    tdx_pre_compute_image: str = "iexechub/tee-worker-pre-compute-rust:0.4.0"
+    tdx_post_compute_image: str = "iexechub/tee-worker-post-compute-rust:0.3.0"
+    tdx_secret_provider_agent: str = "/usr/local/bin/secret_provider_agent"
+    tdx_stage_network: str = "host"
+    worker_api_bind: str = "127.0.0.1:13100"
     app_memory_mb: int = 1024
     app_cpus: float = 1.0
     app_output_limit_mb: int = 100
     app_input_limit_mb: int = 100
+    app_input_files_max: int = 100
+    app_input_total_mb: int = 500
+    download_allow_private: bool = False
+    download_private_hosts: tuple[str, ...] = ()
+    app_tmp_mb: int = 64
+    app_output_tmpfs: bool = True
     app_max_runtime: int = 0
     app_network: bool = False
     result_storage: str = "ipfs"
@@ -1023,6 +1196,18 @@ class Settings:
                 object.__setattr__(self, "chain_id", preset.chain_id)
             if not self.hub_address:
                 object.__setattr__(self, "hub_address", preset.hub)
+        if "tdx" in self.tee_stack:
+            missing = []
+            if "://" not in self.tdx_sms_url():
+                missing.append("WORKERPOOL_SMS_TDX_URL (or IEXEC_SMS_HOST, a URL)")
+            if not self.result_proxy_url:
+                missing.append("WORKERPOOL_RESULT_PROXY_URL")
+            if missing:
+                raise SettingsError(
+                    f"WORKERPOOL_TEE_STACK=tdx needs {' and '.join(missing)}: TDX tasks get "
+                    "their enclave challenge and session from an SMS, and upload their "
+                    "encrypted result through a result proxy"
+                )
 
     @property
     def preset(self) -> ChainPreset | None:
@@ -1060,6 +1245,18 @@ class Settings:
         if self.confirmations is not None:
             return self.confirmations
         return CONFIRMATIONS_BY_CHAIN.get(chain_id, DEFAULT_CONFIRMATIONS)
+
+    def tdx_sms_url(self) -> str:
+        """The SMS of TDX tasks: WORKERPOOL_SMS_TDX_URL, else IEXEC_SMS_HOST (TDX is the one
+        TEE framework this pool runs)."""
+        return self.sms_tdx_url or self.sms_host
+
+    def node_capabilities(self) -> tuple[str, ...]:
+        """The replicate queues this node serves: WORKERPOOL_WORKER_CAPABILITIES, plus
+        tee-tdx when WORKERPOOL_WORKER_TDX is on or simulation."""
+        if self.worker_tdx == "off" or "tee-tdx" in self.worker_capabilities:
+            return self.worker_capabilities
+        return (*self.worker_capabilities, "tee-tdx")
 
     def served_tag_bits(self) -> tuple[str, ...]:
         """Tag bits a deal may need (WORKERPOOL_TAG_BITS, or gpu plus the TEE stack's)."""
@@ -1129,12 +1326,15 @@ def public_config(settings: Settings, chain_id: int) -> dict[str, Any]:
     base = settings.public_url.rstrip("/") or settings.result_repository()
     if base and settings.result_storage == "local":  # IPFS results have no base URL
         config["resultBaseUrl"] = base
+    if "tdx" in settings.tee_stack:  # what TDX nodes need: the SMS, the result proxy
+        config["smsTdxUrl"] = settings.tdx_sms_url()
+        config["resultProxyUrl"] = settings.result_proxy_url
     return config
 
 
 def with_public_config(settings: Settings, config: Mapping[str, Any]) -> tuple[Settings, list[str]]:
     """A worker node's settings completed from its scheduler's published configuration: the
-    chain URL and hub when the node has none, its chain id when IEXEC_CHAIN_ID is 0, the
+    chain URL, hub and pool when the node has none, its chain id when IEXEC_CHAIN_ID is 0, the
     result base when neither WORKERPOOL_PUBLIC_URL nor a result repository is set. Returns
     the settings and what was taken (for the start-up log). A malformed value is refused."""
     taken: list[str] = []
@@ -1160,6 +1360,10 @@ def with_public_config(settings: Settings, config: Mapping[str, Any]) -> tuple[S
     if not settings.hub_address and config.get("hub"):
         values["hub_address"] = parse("hub", _address)
         taken.append(f"hub {values['hub_address']}")
+    if not settings.pool_address and config.get("pool"):
+        # the node signs its messages in this pool's domain (pool/messages.py)
+        values["pool_address"] = parse("pool", _address)
+        taken.append(f"pool {values['pool_address']}")
     if not settings.chain_id and config.get("chainId") is not None:
         values["chain_id"] = parse("chainId", _nonneg_int)
         taken.append(f"chain id {values['chain_id']}")
@@ -1167,6 +1371,12 @@ def with_public_config(settings: Settings, config: Mapping[str, Any]) -> tuple[S
     if not own_base and config.get("resultBaseUrl"):
         values["public_url"] = parse("resultBaseUrl", _url)
         taken.append(f"result base {values['public_url']}")
+    if not settings.tdx_sms_url() and config.get("smsTdxUrl"):
+        values["sms_tdx_url"] = parse("smsTdxUrl", _url)
+        taken.append(f"TDX SMS {values['sms_tdx_url']}")
+    if not settings.result_proxy_url and config.get("resultProxyUrl"):
+        values["result_proxy_url"] = parse("resultProxyUrl", _url)
+        taken.append(f"result proxy {values['result_proxy_url']}")
     return dataclasses.replace(settings, **values), taken
 
 
@@ -1188,16 +1398,19 @@ def without_effect(
     if "IEXEC_ASK_REPLICATE_PERIOD" in present:
         notes.append(("IEXEC_ASK_REPLICATE_PERIOD", ASK_REPLICATE_REASON))
     if "IEXEC_SMS_HOST" in present:
-        notes.append(
-            (
-                "IEXEC_SMS_HOST",
-                "no effect: this pool runs no TEE task (WORKERPOOL_TEE_STACK is empty), and "
-                "only TEE tasks use a Secret Management Service"
-                if not settings.tee_stack
-                else "no effect in this version: the scheduler asks no Secret Management "
-                "Service for TEE enclave challenges",
+        uses_tdx = bool(settings.tee_stack) or (role == "worker" and settings.worker_tdx != "off")
+        if not uses_tdx:
+            notes.append(
+                (
+                    "IEXEC_SMS_HOST",
+                    "no effect: this pool runs no TEE task (WORKERPOOL_TEE_STACK is empty), and "
+                    "only TEE tasks use a Secret Management Service",
+                )
             )
-        )
+        elif settings.sms_tdx_url:
+            notes.append(
+                ("IEXEC_SMS_HOST", "no effect: WORKERPOOL_SMS_TDX_URL is set, and TDX tasks use it")
+            )
     repository = [
         name
         for name in (

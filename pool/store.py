@@ -117,6 +117,9 @@ class Store:
         self.tasks.create_index([("status", 1), ("queue", 1), ("enqueuedAt", 1)])
         self.replicates.create_index([("chainTaskId", 1), ("worker", 1)], unique=True)
         self.replicates.create_index("status")
+        # the progress bounds: replicates in flight whose stall mark is due (a range on the
+        # mark within their statuses, :meth:`replicates_due`)
+        self.replicates.create_index([("status", 1), ("stallAt", 1)])
         self.replicates.create_index("worker")  # a worker's replicates (API, lost workers)
         self.workers.create_index("address", unique=True)
         self.workers.create_index([("status", 1), ("capabilities", 1)])  # who serves a queue
@@ -261,15 +264,19 @@ class Store:
         *,
         fields: Iterable[str],
         skip_deals: Iterable[str] = (),
+        skip_tasks: Iterable[str] = (),
     ) -> list[dict[str, Any]]:
         """At most ``limit`` tasks in ``status``, earliest final deadline first (the index
         (status, finalDeadline, chainTaskId) serves the order: a page costs its size, not the
-        backlog's), leaving out those of the deals in ``skip_deals``; ``chainTaskId`` is
-        always read."""
+        backlog's), leaving out those of the deals in ``skip_deals`` and the tasks in
+        ``skip_tasks``; ``chainTaskId`` is always read."""
         query: dict[str, Any] = {"status": str(status)}
         skip = sorted(set(skip_deals))
         if skip:
             query["chainDealId"] = {"$nin": skip}
+        left_out = sorted(set(skip_tasks))
+        if left_out:
+            query["chainTaskId"] = {"$nin": left_out}
         cursor = self.tasks.find(query, _projection({"chainTaskId", *fields}))
         cursor = cursor.sort([("finalDeadline", 1), ("chainTaskId", 1)]).limit(limit)
         return list(cursor)
@@ -525,6 +532,7 @@ class Store:
             "status": str(ReplicateStatus.CREATED),
             "createdAt": now,
             "updatedAt": now,
+            "stallAt": now,  # its progress bound is looked at (:meth:`replicates_due`)
             "timeline": [{"status": str(ReplicateStatus.CREATED), "at": now}],
         }
         try:
@@ -632,12 +640,46 @@ class Store:
             {"$set": {"revealRequested": False}},
         )
 
-    def abort_replicates(self, taskid: str, statuses: Iterable[str], note: str) -> None:
-        """Every replicate of ``taskid`` in one of ``statuses`` goes to ABORTED."""
+    def abort_replicates(
+        self, taskid: str, statuses: Iterable[str], note: str, cause: str | None = None
+    ) -> list[str]:
+        """Every replicate of ``taskid`` in one of ``statuses`` goes to ABORTED; the workers
+        whose replicate moved now."""
         wanted = set(statuses)
+        moved = []
         for rep in self.replicates_of(taskid):
-            if rep["status"] in wanted:
-                self.advance_replicate(taskid, rep["worker"], ReplicateStatus.ABORTED, note=note)
+            if rep["status"] in wanted and self.advance_replicate(
+                taskid, rep["worker"], ReplicateStatus.ABORTED, note=note, cause=cause
+            ):
+                moved.append(rep["worker"])
+        return moved
+
+    def replicates_due(
+        self, statuses: Iterable[str], upto: dt.datetime, *, fields: Iterable[str], limit: int
+    ) -> list[dict[str, Any]]:
+        """At most ``limit`` replicates in one of ``statuses`` whose stall mark (``stallAt``:
+        set to the time of each status change, moved on by the progress bounds' pass) is at or
+        before ``upto``, earliest first; the (status, stallAt) index answers it."""
+        query = {"status": {"$in": sorted(statuses)}, "stallAt": {"$lte": upto}}
+        wanted = {"chainTaskId", "worker", "stallAt", *fields}
+        cursor = self.replicates.find(query, _projection(wanted)).sort("stallAt", 1)
+        return list(cursor.limit(limit))
+
+    def move_stall_mark(self, taskid: str, worker: str, marked: Any, to: dt.datetime) -> None:
+        """The progress bounds' pass looked at the replicate for its mark of ``marked``: the
+        mark moves to ``to``, unless the replicate changed meanwhile (which set a new one)."""
+        self.replicates.update_one(
+            {"chainTaskId": taskid, "worker": worker.lower(), "stallAt": marked},
+            {"$set": {"stallAt": to}},
+        )
+
+    def mark_unmarked_replicates(self, statuses: Iterable[str]) -> int:
+        """Replicates in one of ``statuses`` without a stall mark (stored by an earlier
+        version) get one now; how many."""
+        done = self.replicates.update_many(
+            {"status": {"$in": sorted(statuses)}, "stallAt": None}, {"$set": {"stallAt": utcnow()}}
+        )
+        return int(done.modified_count)
 
     def replicates_of_worker(
         self,
@@ -699,6 +741,8 @@ class Store:
             extra,
             None,
             cause,
+            # a change: its progress bound is looked at from now (:meth:`replicates_due`)
+            marks=("stallAt",),
         )
 
     # ---- compute logs -----------------------------------------------------------------------
@@ -991,11 +1035,19 @@ def _transition(
     extra: dict[str, Any] | None,
     inc: dict[str, int] | None,
     cause: str | None = None,
+    marks: Iterable[str] = (),
 ) -> dict[str, Any]:
+    """Move the document at ``key`` to ``new`` from a status that allows it (its fields
+    ``marks`` set to the time of the change, as ``updatedAt``)."""
     now = utcnow()
     event = _event(new, now, tx_hash, note, cause)
     update: dict[str, Any] = {
-        "$set": {**(extra or {}), "status": str(new), "updatedAt": now},
+        "$set": {
+            **(extra or {}),
+            **dict.fromkeys(marks, now),
+            "status": str(new),
+            "updatedAt": now,
+        },
         "$push": {"timeline": event},
     }
     if inc:

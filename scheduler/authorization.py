@@ -8,7 +8,9 @@ in the store). The request's signature and the allowlist were checked before
 from __future__ import annotations
 
 import logging
+import time
 
+from poco.orders import ZERO_ADDRESS
 from poco.proofs import sign_authorization
 from pool.messages import QUEUE_CAPABILITY, Authorization, AuthorizeRequest
 from pool.states import ReplicateStatus, WorkerStatus
@@ -40,12 +42,21 @@ class Authorizer:
         ``requeue`` in a refusal tells the worker to put the job back for another worker;
         otherwise the job is stale and is dropped.
         """
-        taskid, worker, enclave = request.taskid, request.worker, request.enclave
+        taskid, worker = request.taskid, request.worker
+        if request.expires_at is not None and time.time() > request.expires_at:
+            # the worker stopped waiting: a grant now would reserve a slot nobody uses
+            return _refuse("the request expired before it was read", requeue=False)
         task = self.store.task(taskid)
         if task is None:
             return _refuse("unknown task", requeue=False)
         if task["status"] not in {str(s) for s in CONTRIBUTING}:
             return _refuse(f"task is {task['status']}, not collecting contributions", False)
+        # the enclave signed in: a TEE task's challenge from its SMS, never one a worker
+        # proposes; none for a standard task
+        tee = self.ctx.tee.framework(task.get("tag")) is not None
+        enclave = str(task.get("enclaveChallenge") or "") if tee else ZERO_ADDRESS
+        if not enclave:
+            return _refuse("the task has no enclave challenge from its SMS yet", True)
         record = self.store.worker(worker)
         if record is None or record.get("status") != str(WorkerStatus.ALIVE):
             return _refuse(f"worker {worker} has sent no heartbeat yet (or is LOST)", True)
@@ -91,8 +102,9 @@ class Authorizer:
             signature=signature,
             enclave=enclave,
             workerpool=self.ctx.pool,
-            # trust 1: the worker contributes, reveals and finalizes in one transaction
-            fast_path=task.get("trust") == 1 and self.ctx.settings.contribute_and_finalize,
+            # trust 1: the worker contributes, reveals and finalizes in one transaction (a TEE
+            # task always does, as iexec-core asks: its result is uploaded by its enclave)
+            fast_path=task.get("trust") == 1 and (self.ctx.settings.contribute_and_finalize or tee),
         )
 
 

@@ -12,7 +12,8 @@ from poco.errors import PocoError
 from poco.types import ChainTaskStatus, ContributionStatus, Task
 from pool.clock import utcnow
 from pool.states import ReplicateStatus, TaskStatus
-from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext
+from pool.states import ReplicateStatusCause as Cause
+from scheduler.context import CONTRIBUTING, IN_FLIGHT, STILL_RUNNING, SchedulerContext
 from scheduler.finalize import Finalizer
 from scheduler.planning import Planner
 
@@ -59,6 +60,14 @@ class Consensus:
             return False
         log.info("task %s reached consensus", taskid)
         self.request_reveals(taskid, chain)  # the state just read: not read again
+        # iexec-core's ConsensusReachedEvent: every replicate that did not contribute in time
+        # is no longer needed; its node stops the container and frees the slot now
+        self.ctx.abort_replicates(
+            taskid,
+            STILL_RUNNING,
+            Cause.CONSENSUS_REACHED,
+            "consensus was reached without this replicate",
+        )
         return True
 
     def request_reveals(self, taskid: str, chain: Task | None = None) -> int:
@@ -152,9 +161,10 @@ class Consensus:
         return True
 
     def abort_silent_winners(self, taskid: str) -> None:
-        self.store.abort_replicates(
+        self.ctx.abort_replicates(
             taskid,
             SILENT_WINNERS,
+            Cause.REVEAL_TIMEOUT,
             "did not reveal before the reveal deadline: task reopened",
         )
 
@@ -171,5 +181,10 @@ class Consensus:
                 T.CONTRIBUTION_TIMEOUT,
                 note="contribution deadline passed without consensus",
             ):
-                self.store.abort_replicates(taskid, IN_FLIGHT, "contribution deadline passed")
+                self.ctx.abort_replicates(
+                    taskid,
+                    STILL_RUNNING,
+                    Cause.CONTRIBUTION_TIMEOUT,
+                    "the contribution deadline passed",
+                )
                 log.warning("task %s: contribution deadline passed without consensus", taskid)

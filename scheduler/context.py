@@ -5,16 +5,22 @@ messages to the workers, and Redis (None in tests that run without it)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 from poco.chain import ChainClient, Wallet
+from poco.proofs import sign_abort
 from pool.clock import utcnow
-from pool.messages import Domain, Messenger, Nonces, Refusals
+from pool.messages import AbortRequest, Domain, Messenger, Nonces, Refusals
 from pool.settings import Settings
-from pool.states import ReplicateStatus, TaskStatus
+from pool.states import ERROR_RESULT_STATUSES, ReplicateStatus, ReplicateStatusCause, TaskStatus
 from pool.store import Store
+from scheduler.tee import TeeTasks
+
+log = logging.getLogger(__name__)
 
 R = ReplicateStatus
 T = TaskStatus
@@ -23,10 +29,20 @@ T = TaskStatus
 CONTRIBUTING = (T.INITIALIZED, T.RUNNING, T.REOPENED)
 # task statuses between consensus and finalize: winners may still have to reveal
 REVEAL_PHASE = (T.CONSENSUS_REACHED, T.AT_LEAST_ONE_REVEALED, T.RESULT_UPLOADING, T.RESULT_UPLOADED)
-# replicates under way (their worker may still contribute)
+# replicates under way (their worker may still contribute): a failure of the app or of the
+# requester's inputs (APP_DOWNLOAD_FAILED, DATA_DOWNLOAD_FAILED, COMPUTE_FAILED) is followed by
+# the contribution of an error result
 IN_FLIGHT = frozenset(
     str(s)
-    for s in (R.CREATED, R.STARTING, R.APP_DOWNLOADING, R.COMPUTING, R.COMPUTED, R.CONTRIBUTING)
+    for s in (
+        R.CREATED,
+        R.STARTING,
+        R.APP_DOWNLOADING,
+        R.COMPUTING,
+        R.COMPUTED,
+        R.CONTRIBUTING,
+        *ERROR_RESULT_STATUSES,
+    )
 )
 
 # steps that send a transaction and record its outcome: a task left in one of these by a
@@ -34,18 +50,12 @@ IN_FLIGHT = frozenset(
 INTERRUPTIBLE = (T.FINALIZING, T.FINALIZED, T.REOPENING)
 INTERRUPTED_MARGIN = 10.0  # seconds beyond WORKERPOOL_TX_TIMEOUT
 
+# replicates a node may still be working on, though the scheduler no longer counts on them
+STILL_RUNNING = IN_FLIGHT | {str(R.WORKER_LOST)}
+
 # replicate statuses that will never contribute
 REPLICATE_DEAD = frozenset(
-    str(s)
-    for s in (
-        R.START_FAILED,
-        R.APP_DOWNLOAD_FAILED,
-        R.DATA_DOWNLOAD_FAILED,
-        R.COMPUTE_FAILED,
-        R.CONTRIBUTE_FAILED,
-        R.WORKER_LOST,
-        R.ABORTED,
-    )
+    str(s) for s in (R.START_FAILED, R.CONTRIBUTE_FAILED, R.WORKER_LOST, R.ABORTED)
 )
 
 
@@ -65,6 +75,33 @@ class SchedulerContext:
     def pool(self) -> str:
         """The workerpool this scheduler serves (POOL_ADDRESS)."""
         return str(self.settings.pool_address)
+
+    def abort_replicates(
+        self,
+        taskid: str,
+        statuses: Iterable[str],
+        cause: ReplicateStatusCause,
+        reason: str,
+    ) -> list[str]:
+        """Record ``taskid``'s replicates in ``statuses`` ABORTED for ``cause``, and tell
+        each of their nodes (``workers.abort`` on the node's own queue) to stop its container
+        and delete its files. Returns the workers told."""
+        workers = self.store.abort_replicates(taskid, statuses, reason, cause=str(cause))
+        for worker in workers:
+            self.send_abort(worker, taskid, cause, reason)
+        return workers
+
+    def send_abort(
+        self, worker: str, taskid: str, cause: ReplicateStatusCause, reason: str
+    ) -> None:
+        """Tell ``worker``'s node to abort its replicate of ``taskid``, signed with the
+        scheduler's key (the node obeys the pool owner only). Redis down: logged, the node's
+        janitor deletes the task's files once the task is final."""
+        signature = sign_abort(self.wallet.account.key, worker, taskid, str(cause), reason)
+        try:
+            self.messages.abort(worker, AbortRequest(taskid, cause, reason, signature))
+        except Exception as exc:
+            log.warning("task %s: could not tell %s to abort: %s", taskid, worker, exc)
 
     @cached_property
     def domain(self) -> Domain:
@@ -87,6 +124,11 @@ class SchedulerContext:
         transaction any more (the time the claim marks its task for the tick's look)."""
         seconds = self.settings.tx_timeout + INTERRUPTED_MARGIN
         return (since or utcnow()) + dt.timedelta(seconds=seconds)
+
+    @cached_property
+    def tee(self) -> TeeTasks:
+        """The SMS calls of TEE tasks (framework, enclave challenges), one per process."""
+        return TeeTasks(self.settings, self.wallet)
 
     @property
     def confirmations(self) -> int:

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 CONTRIBUTION_DEADLINE_RATIO = 7
 FINAL_DEADLINE_RATIO = 10
+# the trusts a TEE deal may have (iexec-core's CORRECT_TEE_TRUSTS)
+TEE_TRUSTS = (0, 1)
 # a node that refused a block filter is asked for one again after this many seconds (it may
 # have been restarted, or the request may have reached another node of a provider)
 FILTER_RETRY = 600.0
@@ -259,8 +261,20 @@ class DealListener:
         unsupported = tag_to_int(deal.tag) & ~self.supported_tag_bits
         if unsupported:
             return f"tag needs {', '.join(decode_tag(unsupported))}, which this pool does not serve"
-        if is_tee(deal.tag) and tee_framework(deal.tag) is None:
+        framework = tee_framework(deal.tag) if is_tee(deal.tag) else None
+        if is_tee(deal.tag) and framework is None:
             return "tag has the TEE bit without exactly one framework (scone, gramine or tdx)"
+        if framework is not None:
+            if deal.trust not in TEE_TRUSTS:  # iexec-core's DealWatcherService
+                return (
+                    f"a TEE deal must have trust 0 or 1, this one has {deal.trust} (iexec-core "
+                    "refuses it too: an enclave result needs no replication)"
+                )
+            if framework not in settings.tee_stack:
+                return (
+                    f"tag asks for a {framework} enclave, which this pool does not run "
+                    "(WORKERPOOL_TEE_STACK)"
+                )
         final_deadline = deal.start_time + FINAL_DEADLINE_RATIO * category.work_clock_time_ref
         now = self.client.block_timestamp()
         if final_deadline <= now:

@@ -14,11 +14,13 @@ from eth_utils import keccak
 from poco import actions
 from poco.chain import Receipt
 from poco.errors import PocoError, TransactionReverted
+from poco.results import callback_bytes
 from poco.types import ChainTaskStatus, ContributionStatus, Task
 from pool.clock import utcnow
 from pool.redact import redact_urls
 from pool.states import FINAL_TASK_STATUSES, ReplicateStatus, TaskStatus
-from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext, TickReport
+from pool.states import ReplicateStatusCause as Cause
+from scheduler.context import CONTRIBUTING, STILL_RUNNING, SchedulerContext, TickReport
 from scheduler.fleet import Fleet
 
 log = logging.getLogger(__name__)
@@ -159,13 +161,16 @@ class Finalizer:
         )
         if claimed is None:
             return False
-        callback = claimed.get("callbackData") or ""
+        try:
+            # the parser the worker hashed it with: what was hashed is what is sent
+            callback = callback_bytes(str(claimed.get("callbackData") or ""))
+        except ValueError as exc:
+            self._finalize_failed(claimed, f"the uploader's callback data: {exc}")
+            log.error("finalize %s: %s", taskid, exc)
+            return False
         try:
             receipt = actions.finalize(
-                self.wallet,
-                taskid,
-                claimed["resultLink"].encode(),
-                bytes.fromhex(callback.removeprefix("0x")) if callback else b"",
+                self.wallet, taskid, claimed["resultLink"].encode(), callback
             )
         except TransactionReverted as exc:
             if self.client.view_task(taskid).status == ChainTaskStatus.COMPLETED:
@@ -259,6 +264,10 @@ class Finalizer:
         for rep in self.store.replicates_of(taskid):
             if rep["status"] in (str(R.REVEALED), str(R.RESULT_UPLOADED), str(R.CONTRIBUTED)):
                 self.store.advance_replicate(taskid, rep["worker"], R.COMPLETED)
+        # a replicate still under way (planned again meanwhile) is not needed any more
+        self.ctx.abort_replicates(
+            taskid, STILL_RUNNING, Cause.CONSENSUS_REACHED, "the task completed without it"
+        )
 
     def _record_contributions(
         self, taskid: str, contributors: Sequence[str], receipt: Receipt
@@ -278,12 +287,16 @@ class Finalizer:
             self.store.count_verdict(worker, proved)
             verdict = "PROVED" if proved else "REJECTED"
             self.store.set_replicate_fields(taskid, worker, {"contribution": verdict})
-            if not proved:
-                self.store.advance_replicate(
-                    taskid,
-                    worker,
-                    R.ABORTED,
-                    note="contribution rejected: it lost the consensus, its stake was seized",
+            if not proved and self.store.advance_replicate(
+                taskid,
+                worker,
+                R.ABORTED,
+                note="contribution rejected: it lost the consensus, its stake was seized",
+                cause=str(Cause.CONSENSUS_REACHED),
+            ):
+                # its node keeps the result it computed until told: nothing more to do with it
+                self.ctx.send_abort(
+                    worker, taskid, Cause.CONSENSUS_REACHED, "contribution rejected"
                 )
 
     # ---- the final deadline -----------------------------------------------------------------
@@ -297,7 +310,9 @@ class Finalizer:
         ):
             taskid = task["chainTaskId"]
             self.store.claim_task(taskid, [TaskStatus(task["status"])], T.FINAL_DEADLINE_REACHED)
-            self.store.abort_replicates(taskid, IN_FLIGHT, "the task reached its final deadline")
+            self.ctx.abort_replicates(
+                taskid, STILL_RUNNING, Cause.UNKNOWN, "the task reached its final deadline"
+            )
             chain = self.client.view_task(taskid)
             if chain.status == ChainTaskStatus.COMPLETED:
                 self.store.transition_task(taskid, T.COMPLETED, note="completed on chain")

@@ -42,12 +42,19 @@ class Initializer:
         page_size = batch_size * max(1, PAGE // batch_size)
         hold: set[str] = set()
         checked: set[str] = set()
+        waiting: set[str] = set()  # TEE tasks whose SMS does not answer: left for a later tick
         while True:
             pending = self.store.tasks_page(
-                T.RECEIVED, page_size, fields=("chainDealId", "index"), skip_deals=hold
+                T.RECEIVED,
+                page_size,
+                fields=("chainDealId", "index", "tag", "smsUrl", "waitingReason"),
+                skip_deals=hold,
+                skip_tasks=waiting,
             )
             if not pending:
                 return
+            # a TEE task is initialized only once the SMS of its framework says it runs it
+            pending = self._tee_ready(pending, report, waiting)
             # nothing is sent for a deal a chain reorganisation removed (or moved: it waits
             # until the listener sees it at its new block)
             deals = {t["chainDealId"] for t in pending} - checked
@@ -63,6 +70,42 @@ class Initializer:
                 self._initialize_batch(batch, report)
             if pending and not sent:
                 return  # none of them moved (another scheduler's?): nothing more here
+
+    def _tee_ready(
+        self, tasks: list[dict[str, Any]], report: TickReport, waiting: set[str]
+    ) -> list[dict[str, Any]]:
+        """``tasks`` without the TEE tasks that cannot be initialized now: those whose SMS
+        runs another framework fail (INITIALIZE_FAILED, nothing sent, as iexec-core), those
+        whose SMS does not answer wait (RECEIVED, with the reason) for a later tick (added to
+        ``waiting``: the next pages of this tick leave them out)."""
+        tee = self.ctx.tee
+        ready: list[dict[str, Any]] = []
+        for task in tasks:
+            framework = tee.framework(task.get("tag"))
+            if framework is None:
+                ready.append(task)
+                continue
+            taskid = task["chainTaskId"]
+            runs, detail = tee.runs(framework)
+            if runs:
+                shown = redact_urls(detail)  # the task shows its SMS (no credentials)
+                if task.get("smsUrl") != shown or task.get("waitingReason"):
+                    fields = {"smsUrl": shown, "teeFramework": framework, "waitingReason": ""}
+                    self.store.set_task_fields(taskid, fields)
+                ready.append(task)
+            elif runs is False:
+                reason = redact_urls(f"TEE task not initialized: {detail}")
+                self.store.transition_task(
+                    taskid, T.INITIALIZE_FAILED, note=reason, extra={"failureReason": reason}
+                )
+                report.tasks_init_failed += 1
+                log.error("task %s: %s", taskid, reason)
+            else:
+                reason = redact_urls(f"waiting: the SMS does not answer ({detail})")
+                waiting.add(taskid)
+                if task.get("waitingReason") != reason:
+                    self.store.set_task_fields(taskid, {"waitingReason": reason})
+        return ready
 
     def _reconcile_initializing(self, task: dict[str, Any]) -> None:
         onchain = self.client.view_task(task["chainTaskId"])

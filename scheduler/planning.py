@@ -10,6 +10,7 @@ from typing import Any
 from poco.consensus import more_replicates_needed, simulate
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool.messages import QUEUE_CAPABILITY, REPLICATE_QUEUES, ReplicateJob
+from pool.redact import redact_urls
 from pool.states import ReplicateStatus, TaskStatus
 from scheduler.context import CONTRIBUTING, IN_FLIGHT, SchedulerContext, TickReport
 
@@ -18,18 +19,23 @@ log = logging.getLogger(__name__)
 R = ReplicateStatus
 T = TaskStatus
 
-# failures that come from the app or its inputs: re-running elsewhere proves nothing
-APP_FAULTS = frozenset(
-    str(s)
-    for s in (R.START_FAILED, R.APP_DOWNLOAD_FAILED, R.DATA_DOWNLOAD_FAILED, R.COMPUTE_FAILED)
-)
+# a request the pool refuses (START_FAILED): any other worker would refuse it the same way
+REFUSED = str(R.START_FAILED)
 
 
 # tasks read at once by the planning step (a page: its memory does not grow with the backlog)
 PLAN_PAGE = 1000
 # tasks the lost-jobs pass looks at per queue and tick, oldest enqueued first
 REQUEUE_PER_TICK = 1000
-_PLANNED = ("chainTaskId", "queue", "contributionDeadline", "replicatesNeeded")
+_PLANNED = (
+    "chainTaskId",
+    "queue",
+    "contributionDeadline",
+    "replicatesNeeded",
+    "tag",
+    "enclaveChallenge",
+    "waitingReason",
+)
 
 
 def waiting_reason(queue: str, served: bool) -> str:
@@ -43,25 +49,59 @@ class Planner:
         self.store = ctx.store
 
     def plan(self, report: TickReport) -> None:
-        """The tick's step: enqueue the replicate jobs each initialized task needs, a page
-        of tasks at a time, each page recorded in the store with one update per queue and
-        number of replicates before its jobs are sent (a crash after this loses queued jobs,
-        which :meth:`requeue_lost_jobs` rebuilds from the store, but never enqueues twice)."""
+        """The tick's step: enqueue the replicate jobs each initialized task needs (a TEE
+        task once the SMS gave its enclave challenge), a page of tasks at a time, each page
+        recorded in the store with one update per queue and number of replicates before its
+        jobs are sent (a crash after this loses queued jobs, which :meth:`requeue_lost_jobs`
+        rebuilds from the store, but never enqueues twice)."""
         served: set[str] | None = None
+        waiting: set[str] = set()  # TEE tasks without a challenge yet: left for a later tick
         while True:
-            page = self.store.tasks_page(T.INITIALIZED, PLAN_PAGE, fields=_PLANNED)
+            page = self.store.tasks_page(
+                T.INITIALIZED, PLAN_PAGE, fields=_PLANNED, skip_tasks=waiting
+            )
             if not page:
                 return
+            ready: list[dict[str, Any]] = []
+            for task in page:
+                if self._enclave_ready(task):
+                    ready.append(task)
+                else:
+                    waiting.add(task["chainTaskId"])
+            if not ready:
+                continue  # the next page leaves these out
             if served is None:  # why a task waits, from the start (the fleet pass follows)
                 served = self.store.served_capabilities()
             groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-            for task in page:
+            for task in ready:
                 groups.setdefault((task["queue"], task["replicatesNeeded"]), []).append(task)
             moved = 0
             for (queue, needed), tasks in groups.items():
                 moved += self._start(queue, needed, tasks, served, report)
             if not moved:
                 return  # another scheduler moved them: nothing of this page is ours
+
+    def _enclave_ready(self, task: dict[str, Any]) -> bool:
+        """A standard task, or a TEE task whose enclave challenge is stored (asked from its
+        SMS now if need be). A TEE task whose SMS does not answer waits, with the reason,
+        and is asked again next tick."""
+        tee = self.ctx.tee
+        framework = tee.framework(task.get("tag"))
+        if framework is None or task.get("enclaveChallenge"):
+            return True
+        taskid = task["chainTaskId"]
+        url = tee.sms_url(framework)
+        challenge, why = tee.challenge(taskid, url) if url else ("", "no SMS for " + framework)
+        if not challenge:
+            reason = redact_urls(f"waiting: no enclave challenge from the SMS yet ({why})")
+            if task.get("waitingReason") != reason:
+                self.store.set_task_fields(taskid, {"waitingReason": reason})
+            return False
+        self.store.set_task_fields(taskid, {"enclaveChallenge": challenge, "waitingReason": ""})
+        log.info(
+            "task %s: enclave challenge %s from the SMS %s", taskid, challenge, redact_urls(url)
+        )
+        return True
 
     def _start(
         self,
@@ -139,18 +179,22 @@ class Planner:
         report.jobs_enqueued += added
         return added
 
-    def replan(self, taskid: str) -> int:
+    def replan(self, taskid: str, why: str = "") -> int:
         """Plan more replicates when the ones granted cannot reach consensus: contributions
-        that disagree, or replicates lost with their worker. Bounded BOINC-style by
-        WORKERPOOL_MAX_REPLICATES and WORKERPOOL_MAX_ERRONEOUS. Returns the jobs added."""
+        that disagree, or replicates lost with their worker, stalled, or failed on their
+        node's side (``why``, recorded in the task's timeline). A failure of the app or of
+        the requester's inputs ends in an error result, which counts as a contribution like
+        any other; a request the pool refuses (START_FAILED) is not planned again. Bounded
+        BOINC-style by WORKERPOOL_MAX_REPLICATES and WORKERPOOL_MAX_ERRONEOUS (the reason
+        planning stopped is kept on the task). Returns the jobs added."""
         task = self.store.task(taskid)
         if task is None or task["status"] not in {str(s) for s in CONTRIBUTING}:
             return 0
         reps = self.store.replicates_of(taskid)
         if any(r["status"] in IN_FLIGHT for r in reps):
             return 0  # wait for the replicates under way
-        if any(r["status"] in APP_FAULTS for r in reps):
-            return 0  # the app fails by itself: running it elsewhere proves nothing
+        if any(r["status"] == REFUSED for r in reps):
+            return 0  # refused by the pool's rules: running it elsewhere proves nothing
         if task.get("replicatesNeeded", 0) > task.get("replicatesGranted", 0):
             return 0  # jobs are still waiting in the queue for a worker
         client = self.ctx.client
@@ -185,7 +229,7 @@ class Planner:
             task["replicatesNeeded"],
             more,
             task["status"],
-            f"planned {more} more replicate(s)",
+            f"planned {more} more replicate(s)" + (f": {why}" if why else ""),
         )
         if doc is None:
             return 0  # another thread re-planned first

@@ -9,6 +9,9 @@ Its cost follows what changed, not what exists (ops/bench scale):
 * **marks**: a report or an event that needs a look (a replicate failed, a worker was lost, a
   contribution under way, a winner revealed late) sets the task's ``reviewAt``; the next tick
   looks at the marked tasks, oldest mark first;
+* **the progress bounds** (``Fleet.detect_stalled``, every ``STALL_CHECK``): a range on the
+  replicates' stall mark, set by each status change and moved by the look to when the
+  replicate's bound runs out;
 * **the safety net**: behind the reports, each tick looks at a bounded slice of the tasks in
   flight, the next ones by task id: a round robin over all of them, so every task is still
   looked at, and a round starts at most once per :data:`CHAIN_RECHECK`.
@@ -66,7 +69,15 @@ _CONTRIBUTING = frozenset(str(s) for s in CONTRIBUTING)
 _REVEAL_PHASE = frozenset(str(s) for s in REVEAL_PHASE)
 _INTERRUPTIBLE = frozenset(str(s) for s in INTERRUPTIBLE)
 # what a look at a task reads of it
-_LOOK = ("status", "queue", "waitingReason", "chainCheckedAt", "updatedAt")
+_LOOK = (
+    "status",
+    "queue",
+    "waitingReason",
+    "chainCheckedAt",
+    "updatedAt",
+    "tag",
+    "enclaveChallenge",
+)
 
 
 class Reconciler:
@@ -107,6 +118,7 @@ class Reconciler:
         self.finalizer.retry_uploads()
         self.finalizer.retry_finalize(now)
         self.fleet.detect_lost_workers()
+        self.fleet.detect_stalled()
         self.fleet.explain_waiting_queues()
         self.purge_logs()
         self.review_marked(report)

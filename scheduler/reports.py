@@ -31,7 +31,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from poco.results import parse_result_link
+from poco.results import callback_bytes, parse_result_link
 from poco.types import ChainTaskStatus, ContributionStatus, Task
 from pool.messages import (
     BAD_RESULT_LINK,
@@ -155,6 +155,19 @@ class Reports:
             )
         elif target == R.COMPLETED:
             self.finalizer.finalized_by_worker(taskid, worker, chain["task"])
+        elif target == R.ABORTED and report.node_fault:
+            # the node's own failure (engine, registry seen from it, disk): another node may
+            # well succeed, and this one is paused after repeated ones
+            log.warning(
+                "replicate of %s on %s failed on the node's side: %s",
+                worker,
+                taskid,
+                _short(report.reason),
+            )
+            self.fleet.failed(worker)
+            self.planner.replan(
+                taskid, why=f"{worker} failed on its side: {_short(report.reason) or report.cause}"
+            )
         elif str(target) in REPLICATE_DEAD:
             log.warning(
                 "replicate of %s on %s: %s (%s)", worker, taskid, target, _short(report.reason)
@@ -260,12 +273,11 @@ def _link_problem(report: ReplicateReport) -> str | None:
         return str(exc)
     callback = report.callback_data or ""
     if callback:
-        hex_ok = callback.startswith("0x") and len(callback) % 2 == 0
-        try:
-            bytes.fromhex(callback[2:])
+        try:  # the parser finalize sends them with (poco.results: one for the whole pool)
+            callback_bytes(callback)
         except ValueError:
-            hex_ok = False
-        if not hex_ok or len(callback) > MAX_CALLBACK:
+            return "callback data must be hex bytes (at most 64 KiB)"
+        if len(callback) > MAX_CALLBACK:
             return "callback data must be hex bytes (at most 64 KiB)"
     return None
 

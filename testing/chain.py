@@ -255,6 +255,11 @@ class FakeChain:
     def domain(self) -> Any:
         raise NotImplementedError("orders are not signed on the fake chain")
 
+    def callback_gas(self) -> int:
+        """PoCo's callbackgas (the devnet's value)."""
+        self._count("callbackgas")
+        return 100_000
+
     # ---- the scheduler's transactions (through FakeWallet) -------------------------------
     def apply(self, name: str, args: tuple[Any, ...]) -> None:
         self.txs[name] += 1

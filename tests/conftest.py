@@ -27,7 +27,19 @@ DEFAULT_IPFS_GATEWAY = "http://127.0.0.1:8091"
 # name -> tag of the images built by ops/apps/build (no registry involved)
 APP_IMAGES: dict[str, str] = {
     name: f"workerpool-apps/{name}:1"
-    for name in ("echo", "crash", "bigout", "sleep", "nocomputed", "evil", "callback")
+    for name in (
+        "echo",
+        "crash",
+        "bigout",
+        "sleep",
+        "nocomputed",
+        "evil",
+        "callback",
+        "failwrite",
+        "deeptree",
+        "spin",
+        "fsprobe",
+    )
 }
 
 

@@ -105,13 +105,14 @@ class RunningPool:
         raise AssertionError(f"worker {n} sent no heartbeat:\n{log.read_text()[-3000:]}")
 
     def match(self, app: str = "echo", **kw: Any) -> MatchedDeal:
+        """A deal of the devnet's requester (or of ``requester_key``) on a sample app."""
+        kw.setdefault("requester_key", self.devnet.key("requester"))
         return match_deal(
             self.devnet.client,
             app=self.devnet.app(app),
             app_owner_key=self.devnet.key("app_provider"),
             workerpool=self.devnet.info["workerpool"],
             scheduler_key=self.devnet.key("scheduler"),
-            requester_key=self.devnet.key("requester"),
             **kw,
         )
 
@@ -182,6 +183,8 @@ def pool_env(devnet: DevnetHandle, redis_url: str, ipfs_api_url: str) -> dict[st
         "IEXEC_IPFS_PORT": ipfs_api_url.rsplit(":", 1)[1],
         "WORKERPOOL_RESULT_STORAGE": "ipfs",
         "WORKERPOOL_APP_OUTPUT_LIMIT_MB": "5",
+        # the tests serve input files from 127.0.0.1, which workers refuse by default
+        "WORKERPOOL_DOWNLOAD_ALLOW_PRIVATE": "1",
         "WORKERPOOL_WORKER_SLOTS": "2",
         "WORKERPOOL_HEARTBEAT_PERIOD": "1",
         "WORKER_LOST_TIMEOUT": "5",
@@ -302,6 +305,19 @@ def pool_running(
     finally:
         process.stop()
         pool.stop_workers()
+        unmount_below(tmp)
+
+
+def unmount_below(folder: Path) -> None:
+    """Detach the app-output filesystems worker nodes mounted under ``folder`` and left
+    mounted (a node killed with -9 in the middle of a run, never restarted)."""
+    from workers import mounts
+
+    for line in Path("/proc/mounts").read_text().splitlines():
+        target = Path(line.split()[1].replace("\\040", " "))
+        if target == folder or folder in target.parents:
+            with contextlib.suppress(OSError):
+                mounts.unmount(target)
 
 
 @pytest.fixture

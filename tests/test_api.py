@@ -3,9 +3,10 @@ pagination, /healthz, /metrics, the dashboard's first paint, and a property-base
 schemathesis against the served OpenAPI document.
 
 One pool runs for the whole module (redis-server, dockerd, IPFS, anvil + PoCo, a
-``workerpool worker`` process): a deal of 3 echo tasks completes, a crashing app's task
-fails its compute, and an order is published through the market-shaped orderbook. The API
-under test is served by waitress over real HTTP, from the scheduler's own store.
+``workerpool worker`` process): a deal of 3 echo tasks completes, a task the pool refuses
+(it asks for an encrypted result) fails at its start and waits, and an order is published
+through the market-shaped orderbook. The API under test is served by waitress over real
+HTTP, from the scheduler's own store.
 """
 
 from __future__ import annotations
@@ -95,19 +96,20 @@ def run(
             published = OrderbookClient(url, int(devnet.client.chain_id)).publish(
                 order.to_dict(), devnet.key("scheduler")
             )
-            # And a deal of 3 tasks that completes, and one whose app crashes
+            # And a deal of 3 tasks that completes, and one the pool refuses (a failing app
+            # would complete with an error result): it waits until its final deadline
             completed = pool.match(volume=3, trust=1, params=deal_params("hello api"))
-            crashed = pool.match(app="crash")
+            crashed = pool.match(app="crash", params=deal_params("x", iexec_result_encryption=True))
             pool.wait_tasks(
                 completed.taskids(), lambda d: d.get("status") == "COMPLETED", timeout=120
             )
             (crash_task,) = crashed.taskids()
             wait_for(
                 lambda: any(
-                    r["status"] == "COMPUTE_FAILED" for r in pool.store.replicates_of(crash_task)
+                    r["status"] == "START_FAILED" for r in pool.store.replicates_of(crash_task)
                 ),
                 60,
-                "the crashing app's replicate to fail",
+                "the refused task's replicate to fail",
             )
             token_app = create_app(replace(pool.scheduler.settings, api_token=TOKEN), pool.store)
             yield DevnetRun(
@@ -143,7 +145,7 @@ def test_pool_summary_reports_identity_chain_workers_queues_and_counts(run: Devn
     assert body["deals"] == {"total": 2, "byStatus": {"ACCEPTED": 2}}
     assert body["tasks"]["total"] == 4
     assert body["tasks"]["byStatus"]["COMPLETED"] == 3
-    # the crashed task waits for contributions until its final deadline
+    # the refused task waits for contributions until its final deadline
     assert body["backlog"]["compute"] == 1 and body["backlog"]["initialize"] == 0
     _iso(body["generatedAt"])
 
@@ -164,7 +166,7 @@ def test_workers_list_and_one_worker_with_its_replicates(run: DevnetRun) -> None
     detail = run.json(f"/api/v1/workers/{run.worker.upper().replace('0X', '0x')}")
     assert detail["address"] == run.worker
     assert detail["replicates"]["byStatus"]["COMPLETED"] == 3
-    assert detail["replicates"]["byStatus"]["COMPUTE_FAILED"] == 1
+    assert detail["replicates"]["byStatus"]["START_FAILED"] == 1
     recent = detail["replicates"]["recent"]
     assert {r["chainTaskId"] for r in recent} == {*run.completed.taskids(), *run.crashed.taskids()}
     created = [_iso(r["createdAt"]) for r in recent]
@@ -251,7 +253,7 @@ def test_task_with_replicates_and_timeline_of_real_transactions(run: DevnetRun) 
 
     crashed = run.json(f"/api/v1/tasks/{run.crashed.taskids()[0]}")
     (failed,) = crashed["replicates"]
-    assert failed["status"] == "COMPUTE_FAILED" and "exited with code 3" in failed["reason"]
+    assert failed["status"] == "START_FAILED" and "iexec_result_encryption" in failed["reason"]
 
 
 def test_task_404_and_400(run: DevnetRun) -> None:
@@ -327,7 +329,7 @@ def test_metrics_read_the_run_from_the_store_redis_and_the_chain(run: DevnetRun)
     assert m[("workerpool_tasks", (("status", "COMPLETED"),))] == 3
     assert m[("workerpool_deals", (("status", "ACCEPTED"),))] == 2
     assert m[("workerpool_backlog_tasks", (("stage", "compute"),))] == 1
-    assert m[("workerpool_replicates", (("status", "COMPUTE_FAILED"),))] == 1
+    assert m[("workerpool_replicates", (("status", "START_FAILED"),))] == 1
     sent = {
         k: m[("workerpool_transactions_sent", (("kind", k),))]
         for k in (

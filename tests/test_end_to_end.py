@@ -132,33 +132,39 @@ def test_the_app_sees_input_files_and_args(
     assert "1 2 3" in out and "alpha beta" in out
 
 
-def test_crashing_app_is_compute_failed_then_claimed_at_the_final_deadline(
-    chain_snapshot: DevnetHandle, running_pool: RunningPool
+def test_a_crashing_app_completes_with_an_error_result_and_nothing_is_claimed(
+    running_pool: RunningPool, ipfs_api_url: str
 ) -> None:
     pool = running_pool
-    devnet = chain_snapshot
+    devnet = pool.devnet
     pool.start_worker(2)
-    requester = devnet.address("requester")
+    requester, scheduler = devnet.address("requester"), devnet.address("scheduler")
     before = devnet.client.view_account(requester)
+    pool_before = devnet.client.view_account(scheduler)
     deal = pool.match(app="crash", appprice=APP_PRICE, workerpoolprice=POOL_PRICE)
     (taskid,) = deal.taskids()
-
-    # Then the replicate is COMPUTE_FAILED with the app's log tail, and nothing is retried
-    def failed(doc: dict[str, Any]) -> bool:
-        reps = pool.store.replicates_of(taskid)
-        return bool(reps) and reps[0]["status"] == "COMPUTE_FAILED"
-
-    pool.wait_tasks([taskid], failed, timeout=60)
+    # Then the task completes at once with iexec-worker's error result (not claimed at its
+    # final deadline): the app ran, the requester pays for it, the pool owner loses nothing
+    pool.wait_tasks([taskid], _completed, timeout=90)
+    chain = devnet.client.view_task(taskid)
+    assert chain.status == ChainTaskStatus.COMPLETED
+    _, location = parse_result_link(chain.results.decode())
+    archive = zipfile.ZipFile(io.BytesIO(_fetch_ipfs(ipfs_api_url, location)))
+    assert archive.read("error.txt") == (
+        b"[IEXEC] Errors occurred while computing the task [error:COMPUTE_FAILED, "
+        b"causes:[WorkflowError[cause=APP_COMPUTE_FAILED, message=]]]"
+    )
+    # And the replicate says why: the status, its cause, the app's exit code and log tail
     (rep,) = pool.store.replicates_of(taskid)
-    assert "exited with code 3" in rep["reason"]
+    (failed,) = [e for e in rep["timeline"] if e["status"] == "COMPUTE_FAILED"]
+    assert failed["cause"] == "APP_COMPUTE_FAILED"
+    assert "exited with code 3" in rep["reason"] and rep["exitCode"] == 3
     assert "boom: something went wrong" in rep["logTail"]
-    assert pool.chain_status(taskid) == ChainTaskStatus.ACTIVE
-    # When anvil's clock passes the final deadline, the scheduler claims the task
-    devnet.increase_time(10 * 300 + 5)
-    (doc,) = pool.wait_tasks([taskid], lambda d: d.get("status") == "FAILED", timeout=60)
-    assert pool.chain_status(taskid) == ChainTaskStatus.FAILED
-    assert "claimed" in doc["timeline"][-1]["note"]
-    assert devnet.client.view_account(requester).stake == before.stake  # refunded
+    assert rep["status"] == "COMPLETED" and pool.store.task(taskid)["replicatesNeeded"] == 1  # type: ignore[index]
+    after = devnet.client.view_account(requester)
+    assert before.stake - after.stake == APP_PRICE + POOL_PRICE
+    pool_after = devnet.client.view_account(scheduler)
+    assert pool_after.stake >= pool_before.stake and pool_after.locked == pool_before.locked
 
 
 def test_output_flood_and_timeout_are_stopped_and_the_worker_keeps_serving(
@@ -169,16 +175,14 @@ def test_output_flood_and_timeout_are_stopped_and_the_worker_keeps_serving(
     flood = pool.match(app="bigout", params=deal_params("50"))  # 50 MB > the 5 MB limit
     sleeper = pool.match(app="sleep", params=deal_params("3600"))
     ids = [*flood.taskids(), *sleeper.taskids()]
-
-    def failed(doc: dict[str, Any]) -> bool:
-        reps = pool.store.replicates_of(doc.get("chainTaskId", ""))
-        return bool(reps) and reps[0]["status"] == "COMPUTE_FAILED"
-
-    pool.wait_tasks(ids, failed, timeout=90)
+    # Then both end with an error result (the app left nothing usable), promptly
+    pool.wait_tasks(ids, _completed, timeout=90)
     (big,) = pool.store.replicates_of(flood.taskids()[0])
     (slow,) = pool.store.replicates_of(sleeper.taskids()[0])
     assert "output exceeded the limit" in big["reason"]
     assert "time limit" in slow["reason"]
+    causes = {e["status"]: e.get("cause") for e in slow["timeline"]}
+    assert causes["COMPUTE_FAILED"] == "APP_COMPUTE_TIMEOUT"
     # And the same worker still computes the next deal
     ok = pool.match(params=deal_params("still alive"))
     pool.wait_tasks(ok.taskids(), _completed, timeout=90)

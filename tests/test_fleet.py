@@ -126,10 +126,12 @@ def test_a_killed_worker_is_replanned_and_its_orphan_container_removed(
     # When the node is killed with -9 while its container runs
     pool.kill_worker(victim)
     pool.start_worker(9)
-    # Then its replicate is WORKER_LOST, re-planned, and the task completes before its deadline
+    # Then its replicate is WORKER_LOST, re-planned, and the task completes before its
+    # deadline; the lost replicate, no longer needed, is then recorded ABORTED
     pool.wait_tasks([taskid], _completed, timeout=120)
     lost = pool.store.replicate(taskid, pool.worker_address(8))
-    assert lost is not None and lost["status"] == "WORKER_LOST"
+    assert lost is not None and lost["status"] == "ABORTED"
+    assert [e["status"] for e in lost["timeline"]][-2:] == ["WORKER_LOST", "ABORTED"]
     assert pool.store.replicate(taskid, pool.worker_address(9))["status"] == "COMPLETED"  # type: ignore[index]
     assert pool.store.workers.find_one({"address": pool.worker_address(8)})["status"] == "LOST"  # type: ignore[index]
     # And the orphan container is removed by a live node on this Docker host

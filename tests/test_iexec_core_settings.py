@@ -169,7 +169,7 @@ def test_the_seed_block_parses_and_names_what_has_no_effect_here() -> None:
     assert local.result_base_url() == "http://my-workerpool.com:18090"
     assert public_config(local, 42)["resultBaseUrl"] == "http://my-workerpool.com:18090"
     assert "IEXEC_RESULT_REPOSITORY_HOST" not in dict(without_effect(local, filled))
-    # WORKERPOOL_PUBLIC_URL wins over the repository; with a TEE stack the SMS is still unused
+    # WORKERPOOL_PUBLIC_URL wins over the repository
     both = Settings.from_env(
         {**filled, "WORKERPOOL_RESULT_STORAGE": "local", "WORKERPOOL_PUBLIC_URL": "https://p.io"}
     )
@@ -178,10 +178,22 @@ def test_the_seed_block_parses_and_names_what_has_no_effect_here() -> None:
         "WORKERPOOL_PUBLIC_URL is set"
         in dict(without_effect(both, filled))["IEXEC_RESULT_REPOSITORY_PORT"]
     )
-    tee = Settings.from_env({**filled, "WORKERPOOL_TEE_STACK": "tdx"})
-    assert (
-        "asks no Secret Management Service" in dict(without_effect(tee, filled))["IEXEC_SMS_HOST"]
-    )
+    # with TDX the seed's SMS is the SMS of TDX tasks (scheduler, nodes), unless a URL of
+    # WORKERPOOL_SMS_TDX_URL wins over it; TDX also needs a result proxy
+    with pytest.raises(ValueError, match="needs WORKERPOOL_RESULT_PROXY_URL"):
+        Settings.from_env({**filled, "WORKERPOOL_TEE_STACK": "tdx"})
+    tdx = {**filled, "WORKERPOOL_TEE_STACK": "tdx", "WORKERPOOL_RESULT_PROXY_URL": "http://r.io"}
+    tee = Settings.from_env(tdx)
+    assert tee.tdx_sms_url() == "http://my-sms.com"
+    assert "IEXEC_SMS_HOST" not in dict(without_effect(tee, tdx))
+    assert public_config(tee, 42)["smsTdxUrl"] == "http://my-sms.com"
+    own = Settings.from_env({**tdx, "WORKERPOOL_SMS_TDX_URL": "http://tdx-sms.io"})
+    assert own.tdx_sms_url() == "http://tdx-sms.io"
+    assert "WORKERPOOL_SMS_TDX_URL is set" in dict(without_effect(own, tdx))["IEXEC_SMS_HOST"]
+    node = Settings.from_env({**filled, "WORKERPOOL_WORKER_TDX": "simulation"})
+    assert "IEXEC_SMS_HOST" not in dict(without_effect(node, filled, "worker"))
+    with pytest.raises(ValueError, match="run no SGX enclave"):
+        Settings.from_env({**tdx, "WORKERPOOL_TEE_STACK": "scone"})
 
 
 def test_an_unknown_iexec_variable_is_named_and_a_bad_known_one_refused() -> None:

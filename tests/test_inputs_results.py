@@ -23,6 +23,7 @@ import pytest
 from testing.runner import FakeRunner
 from workers import results
 from workers.inputs import (
+    AddressPolicy,
     ArgsError,
     DataDownloadError,
     DealParams,
@@ -37,6 +38,8 @@ from workers.results import ComputedFile, ResultError
 from workers.runner import AppImageError, AppRun, RunOutcome
 
 MB = 1024 * 1024
+# the test servers are on 127.0.0.1, which workers refuse unless allowed (devnets, tests)
+LOCAL = AddressPolicy(allow_private=True)
 TASK_ID = "0x" + "ab" * 32
 DEAL_ID = "0x" + "cd" * 32
 DATASET = "0x" + "Ef" * 20
@@ -209,7 +212,7 @@ def test_download_inputs_fetches_each_url_in_order(http_files: FileServer, tmp_p
     urls = [http_files.url("/a.txt"), http_files.url("/b.csv"), http_files.url("/a.txt")]
 
     # When they are downloaded
-    names = download_inputs(urls, tmp_path / "in", max_bytes=MB, timeout=10)
+    names = download_inputs(urls, tmp_path / "in", max_bytes=MB, timeout=10, policy=LOCAL)
 
     # Then each is named by the sha256 of its URL, in order, with its content
     assert names == [input_file_name(u) for u in urls]
@@ -222,7 +225,7 @@ def test_download_inputs_fetches_each_url_in_order(http_files: FileServer, tmp_p
 def test_download_error_names_the_url(http_files: FileServer, tmp_path: Path) -> None:
     url = http_files.url("/missing")
     with pytest.raises(DataDownloadError, match="404") as caught:
-        download_inputs([url], tmp_path, max_bytes=MB, timeout=10)
+        download_inputs([url], tmp_path, max_bytes=MB, timeout=10, policy=LOCAL)
     assert url in str(caught.value)
     assert caught.value.url == url
     assert list(tmp_path.iterdir()) == []
@@ -233,7 +236,9 @@ def test_download_over_the_size_limit_fails_and_leaves_nothing(
 ) -> None:
     http_files.files = {"/big": b"z" * (300 * 1024)}
     with pytest.raises(DataDownloadError, match="larger than the limit of 100000 bytes"):
-        download_inputs([http_files.url("/big")], tmp_path, max_bytes=100_000, timeout=10)
+        download_inputs(
+            [http_files.url("/big")], tmp_path, max_bytes=100_000, timeout=10, policy=LOCAL
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -241,8 +246,8 @@ def test_download_of_a_dripping_server_stops_at_the_total_timeout(
     http_files: FileServer, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    with pytest.raises(DataDownloadError, match="took longer than 1 s"):
-        download_inputs([http_files.url("/drip")], tmp_path, max_bytes=MB, timeout=1)
+    with pytest.raises(DataDownloadError, match="took longer than the time left"):
+        download_inputs([http_files.url("/drip")], tmp_path, max_bytes=MB, timeout=1, policy=LOCAL)
     assert time.monotonic() - started < 5
     assert list(tmp_path.iterdir()) == []
 
@@ -255,7 +260,9 @@ def test_unreachable_server_is_a_download_error(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(DataDownloadError, match="ConnectionError"):
-        download_inputs([f"http://127.0.0.1:{port}/x"], tmp_path, max_bytes=MB, timeout=5)
+        download_inputs(
+            [f"http://127.0.0.1:{port}/x"], tmp_path, max_bytes=MB, timeout=5, policy=LOCAL
+        )
 
 
 @pytest.mark.parametrize(
@@ -288,7 +295,13 @@ def test_dataset_is_named_by_its_address_and_checked(
     checksum = "0x" + hashlib.sha256(data).hexdigest()
 
     name = download_dataset(
-        http_files.url("/ds.bin"), checksum, tmp_path, DATASET, max_bytes=MB, timeout=10
+        http_files.url("/ds.bin"),
+        checksum,
+        tmp_path,
+        DATASET,
+        max_bytes=MB,
+        timeout=10,
+        policy=LOCAL,
     )
 
     assert name == DATASET.lower()
@@ -300,7 +313,13 @@ def test_dataset_checksum_mismatch_is_refused(http_files: FileServer, tmp_path: 
     wrong = "0x" + hashlib.sha256(b"original").hexdigest()
     with pytest.raises(DataDownloadError, match="checksum mismatch"):
         download_dataset(
-            http_files.url("/ds.bin"), wrong, tmp_path, DATASET, max_bytes=MB, timeout=10
+            http_files.url("/ds.bin"),
+            wrong,
+            tmp_path,
+            DATASET,
+            max_bytes=MB,
+            timeout=10,
+            policy=LOCAL,
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -308,7 +327,13 @@ def test_dataset_checksum_mismatch_is_refused(http_files: FileServer, tmp_path: 
 def test_dataset_with_zero_checksum_is_not_checked(http_files: FileServer, tmp_path: Path) -> None:
     http_files.files = {"/ds.bin": b"anything"}
     name = download_dataset(
-        http_files.url("/ds.bin"), "0x" + "00" * 32, tmp_path, DATASET, max_bytes=MB, timeout=10
+        http_files.url("/ds.bin"),
+        "0x" + "00" * 32,
+        tmp_path,
+        DATASET,
+        max_bytes=MB,
+        timeout=10,
+        policy=LOCAL,
     )
     assert (tmp_path / name).read_bytes() == b"anything"
 
@@ -328,6 +353,7 @@ def test_ipfs_dataset_tries_each_gateway_in_turn(http_files: FileServer, tmp_pat
         max_bytes=MB,
         timeout=10,
         ipfs_gateways=gateways,
+        policy=LOCAL,
     )
 
     assert (tmp_path / name).read_bytes() == data
@@ -346,6 +372,7 @@ def test_ipfs_dataset_fails_when_every_gateway_fails(
             max_bytes=MB,
             timeout=10,
             ipfs_gateways=[http_files.url("/g1"), http_files.url("/g2")],
+            policy=LOCAL,
         )
 
 

@@ -143,6 +143,8 @@ class Book:
             "WORKERPOOL_ORDER_VOLUME": "5",
             "WORKERPOOL_ORDER_TRUST": "1",
             "WORKERPOOL_TEE_STACK": ",".join(self.settings.tee_stack),
+            "WORKERPOOL_SMS_TDX_URL": self.settings.sms_tdx_url,
+            "WORKERPOOL_RESULT_PROXY_URL": self.settings.result_proxy_url,
             "MONGO_URL": self.settings.mongo_url,
             "MONGO_DB": self.settings.mongo_db,
         }
@@ -165,8 +167,10 @@ def serve(app: Flask) -> tuple[str, Any]:
 
 @pytest.fixture
 def book(devnet: DevnetHandle, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Book]:
-    """The orderbook; parametrize it indirectly with a TEE stack to sell TEE tags. Its store
-    is a named in-memory one the CLI (run in-process) reaches through MONGO_URL."""
+    """The orderbook; parametrize it indirectly with a TEE stack to sell TEE tags (with the
+    SMS and result proxy a TEE stack needs). Its store is a named in-memory one the CLI (run
+    in-process) reaches through MONGO_URL."""
+    stack = tuple(getattr(request, "param", ()))
     settings = Settings(
         chain_rpc_url=devnet.info["rpc_url"],
         hub_address=devnet.info["hub"],
@@ -175,7 +179,9 @@ def book(devnet: DevnetHandle, tmp_path: Path, request: pytest.FixtureRequest) -
         orderbook_sync_interval=1e-6,  # every read syncs: tests see the chain at once
         mongo_url=f"mongomock://orders-{uuid.uuid4().hex}",
         mongo_db="orders",
-        tee_stack=tuple(getattr(request, "param", ())),
+        tee_stack=stack,
+        sms_tdx_url="http://sms.example" if stack else "",
+        result_proxy_url="http://result-proxy.example" if stack else "",
     )
     store = connect(settings)
     app = Flask("orderbook-test")
@@ -301,12 +307,12 @@ def test_cli_init_refuses_tee_tags_without_a_tee_stack(book: Book, tmp_path: Pat
         assert not out.exists()
 
 
-@pytest.mark.parametrize("book", [("scone", "gramine")], indirect=True)
+@pytest.mark.parametrize("book", [("tdx",)], indirect=True)
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--tag", "tee,scone", "--trust", "0"], "trust: a TEE order (tee,scone) needs trust 1"),
-        (["--tag", "tee,gramine", "--trust", "3"], "needs trust 1, got 3"),
+        (["--tag", "tee,tdx", "--trust", "0"], "trust: a TEE order (tee,tdx) needs trust 1"),
+        (["--tag", TEE_TDX, "--trust", "3"], "needs trust 1, got 3"),
     ],
 )
 def test_cli_init_refuses_a_tee_order_of_the_stack_without_trust_1(
@@ -315,18 +321,27 @@ def test_cli_init_refuses_a_tee_order_of_the_stack_without_trust_1(
     _refused(book.cli("order", "init", "--out", str(tmp_path / "t.json"), *options), message)
 
 
-@pytest.mark.parametrize("book", [("scone", "gramine", "tdx")], indirect=True)
+@pytest.mark.parametrize("book", [("tdx",)], indirect=True)
 def test_cli_init_accepts_tee_names_and_bytes32_with_a_tee_stack(
     book: Book, tmp_path: Path
 ) -> None:
-    for tag, expected in (
-        ("tee,scone", TEE_SCONE),
-        (TEE_GRAMINE, TEE_GRAMINE),
-        ("tee,tdx", TEE_TDX),
-    ):
-        out = tmp_path / f"{expected[-2:]}.json"
+    for tag in ("tee,tdx", TEE_TDX):
+        out = tmp_path / f"{tag[-2:]}.json"
         _ok(book.cli("order", "init", "--out", str(out), "--tag", tag, "--trust", "1"))
-        assert json.loads(out.read_text())["tag"] == expected
+        assert json.loads(out.read_text())["tag"] == TEE_TDX
+    # the SGX frameworks stay refused: no node of this pool runs them
+    for tag in ("tee,scone", TEE_GRAMINE):
+        out = tmp_path / "sgx.json"
+        _refused(
+            book.cli("order", "init", "--out", str(out), "--tag", tag, "--trust", "1"),
+            "(WORKERPOOL_TEE_STACK is tdx)",
+        )
+        assert not out.exists()
+    # a TEE stack without its SMS or result proxy is refused before anything is signed
+    _refused(
+        book.cli("order", "init", "--out", str(out), WORKERPOOL_RESULT_PROXY_URL=""),
+        "WORKERPOOL_TEE_STACK=tdx needs WORKERPOOL_RESULT_PROXY_URL",
+    )
 
 
 @pytest.mark.parametrize(
@@ -564,19 +579,19 @@ def test_missing_or_forged_challenges_are_refused(book: Book, case: str, message
     assert book.listing()["count"] == before
 
 
-@pytest.mark.parametrize("book", [("gramine",)], indirect=True)
+@pytest.mark.parametrize("book", [("tdx",)], indirect=True)
 def test_a_tee_order_of_the_stack_is_sold_with_trust_1_only(book: Book) -> None:
-    code, body = book.publish(book.order(tag="tee,gramine", trust=0).to_dict())
-    assert (code, body["error"]) == (400, "trust: a TEE order (tee,gramine) needs trust 1, got 0")
+    code, body = book.publish(book.order(tag="tee,tdx", trust=0).to_dict())
+    assert (code, body["error"]) == (400, "trust: a TEE order (tee,tdx) needs trust 1, got 0")
     # the framework is in the stack, but no node serves it yet
-    code, body = book.publish(book.order(tag="tee,gramine", trust=1).to_dict())
-    assert code == 400 and "no live worker node serves tee-gramine tasks" in body["error"]
-    book.store.record_heartbeat("0x" + "7e" * 20, {"capabilities": ["tee-gramine"], "slots": 1})
-    code, body = book.publish(book.order(tag="tee,gramine", trust=1).to_dict())
+    code, body = book.publish(book.order(tag="tee,tdx", trust=1).to_dict())
+    assert code == 400 and "no live worker node serves tee-tdx tasks" in body["error"]
+    book.store.record_heartbeat("0x" + "7e" * 20, {"capabilities": ["tee-tdx"], "slots": 1})
+    code, body = book.publish(book.order(tag="tee,tdx", trust=1).to_dict())
     assert code == 200, body
     # another framework stays refused
-    code, body = book.publish(book.order(tag="tee,scone", trust=1).to_dict())
-    assert code == 400 and "(WORKERPOOL_TEE_STACK is gramine)" in body["error"]
+    code, body = book.publish(book.order(tag="tee,gramine", trust=1).to_dict())
+    assert code == 400 and "(WORKERPOOL_TEE_STACK is tdx)" in body["error"]
 
 
 def test_a_gpu_order_is_signed_and_published_while_a_gpu_node_is_alive(

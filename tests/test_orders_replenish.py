@@ -346,3 +346,29 @@ def test_gpu_capacity_is_sold_while_gpu_nodes_are_alive_and_withdrawn_after(
     fleet.worker("0xgpu", slots=2, busy=0, capabilities=("standard", "gpu"), status="LOST")
     result = fleet.replenisher().replenish()
     assert result.withdrawn == [entry["orderHash"]] and fleet.listed() == []
+
+
+def test_tdx_capacity_is_sold_with_trust_1_only_when_the_pool_runs_tdx(fleet: Fleet) -> None:
+    fleet.worker("0xtdx", slots=3, busy=0, capabilities=("standard", "tee-tdx"))
+    # without tdx in the stack: refused with the reason, nothing published
+    result = fleet.replenisher(order_tag="tee,tdx", order_trust=1, replenish_orders=1).replenish()
+    assert result.published == [] and "(WORKERPOOL_TEE_STACK is empty)" in result.errors[0]
+    tdx = {
+        "tee_stack": ("tdx",),
+        "sms_tdx_url": "http://sms.example",
+        "result_proxy_url": "http://result-proxy.example",
+        "order_tag": "tee,tdx",
+        "replenish_orders": 1,
+    }
+    # with it, a TEE order must have trust 1
+    result = fleet.replenisher(**tdx, order_trust=0).replenish()
+    assert result.published == [] and "needs trust 1, got 0" in result.errors[0]
+    result = fleet.replenisher(**tdx, order_trust=1).replenish()
+    assert result.errors == [] and result.capacity == 3 and len(result.published) == 1
+    (entry,) = fleet.listed()
+    assert entry["order"]["tag"] == "0x" + "00" * 31 + "09" and entry["order"]["trust"] == 1
+    # only TDX nodes count: when the TDX node is gone, the order is withdrawn
+    fleet.worker("0xtdx", slots=3, busy=0, capabilities=("standard", "tee-tdx"), status="LOST")
+    fleet.worker("0xstd", slots=8, busy=0)
+    result = fleet.replenisher().replenish()
+    assert result.withdrawn == [entry["orderHash"]] and fleet.listed() == []

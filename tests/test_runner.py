@@ -9,9 +9,11 @@ the worker hash or zip files of the host.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.server
 import json
+import os
 import threading
 import time
 import uuid
@@ -23,9 +25,11 @@ from typing import Any
 import docker
 import pytest
 from docker.errors import ImageNotFound, NotFound
+from engine_support import Registry
 
 from testing.runner import FakeRunner
-from workers import inputs, results
+from workers import inputs, mounts, results
+from workers import runner as runner_mod
 from workers.results import ResultError
 from workers.runner import (
     AppImageError,
@@ -34,6 +38,7 @@ from workers.runner import (
     DockerRunner,
     EngineError,
     RunOutcome,
+    dir_size,
 )
 
 pytestmark = pytest.mark.docker
@@ -160,7 +165,14 @@ def test_echo_app_end_to_end(
     )
     task_id = new_task_id()
     in_dir, out_dir = tmp_path / "iexec_in", tmp_path / "iexec_out"
-    names = inputs.download_inputs(params.iexec_input_files, in_dir, max_bytes=MB, timeout=10)
+    # (the server is on 127.0.0.1, which only devnets and tests allow)
+    names = inputs.download_inputs(
+        params.iexec_input_files,
+        in_dir,
+        max_bytes=MB,
+        timeout=10,
+        policy=inputs.AddressPolicy(allow_private=True),
+    )
     env = inputs.app_env(
         deal_id=DEAL_ID,
         task_id=task_id,
@@ -574,3 +586,106 @@ def test_an_engine_that_does_not_answer_is_a_retryable_engine_error(tmp_path: Pa
 def test_both_runners_are_container_runners() -> None:
     assert isinstance(DockerRunner(), ContainerRunner)
     assert isinstance(FakeRunner(), ContainerRunner)
+
+
+# --- the hard limits (issue 17) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def mounted_output(tmp_path: Path) -> Iterator[Path]:
+    """``tmp_path/iexec_out`` on a tmpfs of 5 MB, as a worker node mounts it."""
+    out = tmp_path / "iexec_out"
+    out.mkdir()
+    mounts.mount_tmpfs(out, 5 * MB)
+    yield out
+    mounts.unmount(out)
+
+
+def test_a_writer_as_fast_as_it_can_writes_at_most_the_limit(
+    docker_client: docker.DockerClient,
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    tmp_path: Path,
+    mounted_output: Path,
+) -> None:
+    # Given an app writing 1 GB with dd, and a 5 MB output on a filesystem of its own
+    run = make_run(
+        tmp_path, app_images["bigout"], ["1024"], output_limit_bytes=5 * MB, output_mounted=True
+    )
+    outcome = docker_runner.run(run)
+    # Then it met a full disk at the limit: never more on the host, flagged as over
+    used = os.statvfs(mounted_output)
+    assert (used.f_blocks - used.f_bfree) * used.f_frsize <= 5 * MB
+    assert (mounted_output / "big.bin").stat().st_size <= 5 * MB
+    assert outcome.output_too_large and not outcome.ok
+    assert outcome.reason() == "app output exceeded the limit of 5 MB and was stopped"
+    assert_gone(docker_client, run.name)
+
+
+def test_the_app_cannot_write_its_root_filesystem_and_its_tmp_is_bounded(
+    docker_runner: DockerRunner, app_images: dict[str, str], tmp_path: Path
+) -> None:
+    rootfs = docker_runner.run(make_run(tmp_path, app_images["fsprobe"], ["rootfs"]))
+    assert rootfs.ok
+    for target in ("/probe.txt", "/root/probe.txt", "/app/probe.txt"):
+        assert f"could not write {target}" in rootfs.stdout
+    tmpfill = docker_runner.run(
+        make_run(tmp_path / "t", app_images["fsprobe"], ["tmpfill", "50"], tmp_bytes=2 * MB)
+    )
+    assert tmpfill.ok and f"/tmp/fill holds {2 * MB} bytes" in tmpfill.stdout
+
+
+@pytest.mark.parametrize("mounted", [True, False])
+def test_a_tree_deeper_than_path_max_is_measured_and_refused_by_the_zip(
+    mounted: bool, docker_runner: DockerRunner, app_images: dict[str, str], tmp_path: Path
+) -> None:
+    # Given an app that makes 40 levels of 200-character folder names (8,000 characters)
+    out = tmp_path / "iexec_out"
+    out.mkdir()
+    if mounted:
+        mounts.mount_tmpfs(out, 5 * MB)
+    try:
+        run = make_run(tmp_path, app_images["deeptree"], ["40", "200"], output_mounted=mounted)
+        outcome = docker_runner.run(run)
+        # Then its output is measured (by descriptor, no path too long), not over the limit
+        assert outcome.ok and "40 levels of 200-character names" in outcome.stdout
+        assert (
+            dir_size(out) == len("bottom of 40 levels\n") + (out / "computed.json").stat().st_size
+        )
+        # And the zip refuses it with a reason, rather than a crash of the node
+        with pytest.raises(ResultError, match="cannot be zipped: File name too long"):
+            results.package(out, tmp_path / "result.zip", max_bytes=5 * MB)
+    finally:
+        if mounted:
+            mounts.unmount(out)
+
+
+def test_an_output_that_cannot_be_measured_counts_as_over_the_limit(
+    docker_runner: DockerRunner,
+    app_images: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a measure of the output that fails (a tree that exhausts the node's descriptors)
+    def failing(run: AppRun) -> tuple[int, bool]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(runner_mod, "output_size", failing)
+    # Then the run counts as over the limit, never as an output of zero bytes
+    outcome = docker_runner.run(make_run(tmp_path, app_images["echo"], ["measure me"]))
+    assert outcome.output_too_large and not outcome.ok
+
+
+@pytest.mark.parametrize(("mode", "node_fault"), [("404", False), ("429", True)])
+def test_whose_fault_an_image_pull_is(
+    mode: str, node_fault: bool, docker_runner: DockerRunner
+) -> None:
+    registry = Registry(mode)
+    try:
+        with pytest.raises(AppImageError) as failed:
+            docker_runner.ensure_image(registry.image(f"nope-{SESSION}/app"))
+    finally:
+        registry.close()
+    assert failed.value.node_fault is node_fault
+    assert any("/manifests/" in r for r in registry.requests)
+    assert ("manifest unknown" if mode == "404" else "toomanyrequests") in str(failed.value)

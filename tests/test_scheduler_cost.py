@@ -18,11 +18,19 @@ from eth_utils import keccak
 from poco.chain import Receipt
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool.clock import utcnow
-from pool.messages import REPLICATE_QUEUES, REVEAL, Messenger, ReplicateReport
+from pool.messages import (
+    ABORT,
+    REPLICATE_QUEUES,
+    REVEAL,
+    RUN_REPLICATE,
+    Messenger,
+    ReplicateReport,
+)
 from pool.settings import Settings
 from pool.states import ReplicateStatus, TaskStatus
 from pool.store import Store
 from scheduler import finalize as finalize_mod
+from scheduler import fleet as fleet_mod
 from scheduler import planning as planning_mod
 from scheduler import reconcile as reconcile_mod
 from scheduler.context import SchedulerContext, TickReport
@@ -208,6 +216,8 @@ def test_a_tick_at_10000_running_tasks_with_nothing_changed_costs_what_it_costs_
     indexed: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     costs = {}
+    # (the progress bounds' pass runs at every tick, not once per STALL_CHECK: it is counted)
+    monkeypatch.setattr(fleet_mod, "STALL_CHECK", 0.0)
     for size in (1_000, 10_000):
         # Given running tasks a tick has planned, and nothing happening since
         scheduler, store, chain, _ = settled_pool(size)
@@ -293,6 +303,61 @@ def test_a_report_marks_its_task_and_the_next_tick_looks_at_that_task_only(
     assert [m.args[0]["taskid"] for m in list(celery.messages)[sent:]] == [tid]
     doc = store.task(tid)
     assert doc is not None and doc["replicatesNeeded"] == 2 and "reviewAt" not in doc
+
+
+def test_the_progress_bounds_read_the_replicates_that_changed_or_ran_out_not_all(
+    indexed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given 10,000 running tasks, 5,000 with a replicate that started 400 s ago (within its
+    # bound, timeref + 3 x grace) and was not looked at since
+    scheduler, store, chain, celery = settled_pool(10_000)
+    fleet = scheduler.fleet
+    clock = Clock()
+    monkeypatch.setattr(fleet_mod, "utcnow", clock)
+    started = clock.now - dt.timedelta(seconds=400)
+    store.replicates.update_many({}, {"$set": {"updatedAt": started, "stallAt": started}})
+
+    def stall_pass() -> tuple[int, Counter[str]]:
+        calls = count_calls(store, docs=True)
+        try:
+            return fleet.detect_stalled(force=True), calls
+        finally:
+            for name in COLLECTIONS:
+                setattr(store, name, getattr(store, name)._inner)
+
+    # When the bounds are looked at: each is read once (with its task), none stalled
+    found, calls = stall_pass()
+    assert found == 0 and calls["replicates.docs_read"] == 5_000, calls
+    # And when they are looked at again with nothing changed
+    found, calls = stall_pass()
+    # Then no replicate and no task is read (one index range, empty)
+    assert found == 0 and sum(docs_read(calls).values()) == 0, calls
+    # When one replicate reports COMPUTING
+    tid = taskid(200_000 + 3)
+    chain.tasks[tid] = task_on_chain(tid, ChainTaskStatus.ACTIVE, [])
+    scheduler.reports.apply(ReplicateReport(tid, WORKER_A, ReplicateStatus.COMPUTING))
+    clock.now = utcnow() + dt.timedelta(seconds=1)
+    found, calls = stall_pass()
+    # Then the next pass reads that replicate and its task alone, and moves its mark to when
+    # its bound (timeref + grace) runs out
+    assert found == 0
+    assert calls["replicates.docs_read"] == 1 and calls["tasks.docs_read"] == 1, calls
+    rep = store.replicate(tid, WORKER_A) or {}
+    grace = scheduler.ctx.settings.progress_grace
+    assert rep["stallAt"] == rep["updatedAt"] + dt.timedelta(seconds=300 + grace)
+    # When that time has passed (and not the others' bound)
+    clock.now = rep["stallAt"] + dt.timedelta(seconds=1)
+    sent = len(celery.messages)
+    found, calls = stall_pass()
+    # Then that replicate alone is found stalled: WORKER_LOST, its node told to abort, the
+    # task planned again; the others were not read
+    assert found == 1 and calls["replicates.docs_read"] <= 3, calls
+    assert (store.replicate(tid, WORKER_A) or {})["status"] == "WORKER_LOST"
+    assert [(m.name, m.args[0]["taskid"]) for m in list(celery.messages)[sent:]] == [
+        (ABORT.name, tid),
+        (RUN_REPLICATE.name, tid),
+    ]
+    assert store.replicates.count_documents({"status": "STARTING"}) == 4_999
 
 
 def test_a_queue_emptied_by_busy_workers_costs_each_task_one_look_for_lost_jobs(

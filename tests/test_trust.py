@@ -406,8 +406,12 @@ def test_an_anonymous_reader_sees_no_digest_and_no_log_tail(running_pool: Runnin
         rep = pool.store.replicate(taskid, worker) or {}
         return rep.get("status") == "CONTRIBUTED"
 
-    def failed(_: dict[str, Any]) -> bool:
-        return any(r["status"] == "COMPUTE_FAILED" for r in pool.store.replicates_of(crash_task))
+    def failed(_: dict[str, Any]) -> bool:  # (it goes on to contribute its error result)
+        return any(
+            e["status"] == "COMPUTE_FAILED"
+            for r in pool.store.replicates_of(crash_task)
+            for e in r["timeline"]
+        )
 
     pool.wait_tasks([taskid], contributed, timeout=90)
     pool.wait_tasks([crash_task], failed, timeout=90)

@@ -8,16 +8,20 @@ the docstring says so and why.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
-import requests
+import certifi
 import urllib3
 
 from poco.params import DealParams
@@ -53,11 +57,19 @@ class DataDownloadError(InputError):
     """An input file or the dataset could not be fetched or failed its checks.
 
     ``url`` names what was being fetched, so the replicate's failure says which input broke.
+    ``node_fault`` is set when the failure is this node's (its disk), not the requester's
+    URL, server or data: the replicate is then given to another node instead of ending in
+    an error result.
     """
 
-    def __init__(self, message: str, url: str = "") -> None:
+    def __init__(self, message: str, url: str = "", *, node_fault: bool = False) -> None:
         super().__init__(message)
         self.url = url
+        self.node_fault = node_fault
+
+
+class ChecksumError(DataDownloadError):
+    """The dataset's sha256 differs from its on-chain checksum."""
 
 
 # --- deal params: parsed in poco.params (the API shows the command line from them) ---------
@@ -141,6 +153,18 @@ Fetch = Callable[[str, float], Iterator[bytes]]
 """``fetch(url, timeout)`` yields the body of ``url`` in chunks, or raises
 :class:`DataDownloadError`. The size and total-time limits are enforced by the caller."""
 
+MAX_REDIRECTS = 5
+# each wait for the server (connect, or the next bytes) is bounded by this, and by the time left
+READ_TIMEOUT = 60.0
+# a download that fails on the server's side (no connection, HTTP 5xx or 429) is tried again
+# this many times, a second apart, within the task's time: a glitch of the requester's server
+# should not decide the task's result
+DOWNLOAD_ATTEMPTS = 3
+_REDIRECTS = (301, 302, 303, 307, 308)
+# NAT64 (RFC 6052): an IPv6 address that a translator turns into the IPv4 address it embeds
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+METADATA_ADDRESSES = frozenset({"169.254.169.254", "fd00:ec2::254", "100.100.100.200"})
+
 
 def input_file_name(url: str) -> str:
     """The name iexec-worker gives a downloaded input file: ``0x`` + sha256 of the URL text
@@ -148,73 +172,279 @@ def input_file_name(url: str) -> str:
     return "0x" + hashlib.sha256(url.encode("utf-8")).hexdigest()
 
 
-def http_fetch(url: str, timeout: float) -> Iterator[bytes]:
-    """The default :data:`Fetch`: a streaming GET with ``requests``.
+def non_global(address: str) -> str:
+    """Why ``address`` (an IP address) must not be fetched from, or "" when it is a global
+    unicast address. IPv4 addresses inside IPv6 ones (mapped, NAT64, 6to4, Teredo) are
+    judged as the IPv4 address they reach."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip.teredo is not None:
+            ip = ip.teredo[1]
+    if str(ip) in METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    checks = (
+        (ip.is_loopback, "a loopback address"),
+        (ip.is_unspecified, "the unspecified address"),
+        (ip.is_link_local, "a link-local address"),
+        (ip.is_multicast, "a multicast address"),
+        (ip.is_private, "a private address"),
+        (ip.is_reserved, "a reserved address"),
+        (not ip.is_global, "not a global address"),
+    )
+    return next((why for bad, why in checks if bad), "")
 
-    Chunks are read with ``read1`` (whatever has arrived, up to 64 KiB) rather than
-    ``iter_content``, which waits for a full chunk: a server that drips a byte at a time
-    would otherwise never give the caller a chance to apply its total deadline.
-    ``timeout`` bounds the connection and each wait for data.
-    ``Accept-Encoding: identity`` keeps the bytes exactly as served (as Java's
-    ``URL.openStream`` in iexec-worker), so the size limit and checksums apply to them.
-    """
-    try:
-        with requests.get(
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Where downloads may connect. By default only to global addresses: an input URL must
+    not reach the node's loopback (the pool's Redis, its chain node), its private network or
+    a cloud metadata service, whose answers the app could publish in its result.
+    ``allow_private`` lifts that (devnets, tests); ``private_hosts`` (``host:port``) lets
+    named servers of the pool's own network through while every other stays refused."""
+
+    allow_private: bool = False
+    private_hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_settings(cls, allow_private: bool, private_hosts: Sequence[str]) -> AddressPolicy:
+        return cls(allow_private, frozenset(h.strip().lower() for h in private_hosts if h))
+
+    def pick(self, url: str, host: str, port: int, addresses: Sequence[str]) -> str:
+        """The address to connect to for ``host:port``, among those it resolved to; the
+        requester's error (:class:`DataDownloadError`) when none may be used."""
+        if not addresses:
+            raise DataDownloadError(f"could not download {url}: {host} has no address", url)
+        if self.allow_private or f"{host.lower()}:{port}" in self.private_hosts:
+            return addresses[0]
+        reasons = []
+        for address in addresses:
+            why = non_global(address)
+            if not why:
+                return address
+            reasons.append(why if address == host.strip("[]") else f"resolves to {address}, {why}")
+        raise DataDownloadError(
+            f"refused to download {url}: {host} is {'; '.join(reasons)} (input files and "
+            "datasets are fetched from global addresses only)",
             url,
-            stream=True,
-            timeout=timeout,
-            headers={"Accept-Encoding": "identity", "User-Agent": "workerpool-worker"},
-        ) as response:
-            if not 200 <= response.status_code < 300:
-                raise DataDownloadError(
-                    f"could not download {url}: HTTP {response.status_code} {response.reason}",
-                    url,
-                )
-            while chunk := response.raw.read1(_CHUNK, decode_content=True):
-                yield chunk
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise DataDownloadError(
-            f"could not download {url}: {type(exc).__name__}: {exc}", url
-        ) from exc
-
-
-def _check_http_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise DataDownloadError(
-            f"cannot download {url!r}: only http:// and https:// URLs are supported", url
         )
 
 
-def _download(url: str, dest: Path, *, max_bytes: int, timeout: float, fetch: Fetch) -> int:
-    """Fetch ``url`` into ``dest`` (through ``dest.part``), at most ``max_bytes`` bytes and
-    ``timeout`` seconds in total; returns the size. Nothing is left behind on failure."""
-    _check_http_url(url)
-    part = dest.with_name(dest.name + ".part")
-    deadline = time.monotonic() + timeout
-    size = 0
-    chunks = fetch(url, timeout)
+STRICT = AddressPolicy()
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to (an IP literal resolves to itself)."""
     try:
-        with open(part, "wb") as out:
+        return [ipaddress.ip_address(host.strip("[]")).compressed]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise DataDownloadError(f"cannot resolve {host}: {exc}") from exc
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _target(url: str) -> tuple[str, str, int, str]:
+    """``(scheme, host, port, path?query)`` of an http(s) URL; DataDownloadError otherwise."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise DataDownloadError(f"cannot download {url!r}: {exc}", url) from exc
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise DataDownloadError(
+            f"cannot download {url!r}: only http:// and https:// URLs are supported", url
+        )
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return scheme, parts.hostname, port or (443 if scheme == "https" else 80), path
+
+
+def http_fetch(
+    url: str,
+    timeout: float,
+    *,
+    policy: AddressPolicy = STRICT,
+) -> Iterator[bytes]:
+    """The default :data:`Fetch`: a GET that connects only where ``policy`` allows.
+
+    Each hop is checked: the host is resolved once, the address is checked, and the
+    connection goes to that very address (TLS still checks the host name), so a name that
+    resolves elsewhere the second time (DNS rebinding) changes nothing; a redirect (at most
+    :data:`MAX_REDIRECTS`) is a new hop, checked the same way. No proxy from the environment.
+    Chunks are read with ``read1`` (whatever has arrived, up to 64 KiB), so a server that
+    drips a byte at a time never keeps the caller from applying its total deadline.
+    ``timeout`` bounds the connection and each wait for data. ``Accept-Encoding: identity``
+    keeps the bytes exactly as served (as Java's ``URL.openStream`` in iexec-worker), so the
+    size limit and checksums apply to them.
+    """
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        scheme, host, port, path = _target(current)
+        address = policy.pick(current, host, port, resolve(host, port))
+        netloc = urlsplit(current).netloc.rsplit("@", 1)[-1]
+        wait = urllib3.Timeout(connect=timeout, read=timeout)
+        pool: urllib3.HTTPConnectionPool
+        if scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(
+                address,
+                port,
+                timeout=wait,
+                retries=False,
+                cert_reqs="CERT_REQUIRED",
+                ca_certs=certifi.where(),
+                server_hostname=host,
+                assert_hostname=host,
+            )
+        else:
+            pool = urllib3.HTTPConnectionPool(address, port, timeout=wait, retries=False)
+        try:
+            response = pool.urlopen(
+                "GET",
+                path,
+                headers={
+                    "Host": netloc,
+                    "Accept-Encoding": "identity",
+                    "User-Agent": "workerpool-worker",
+                },
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                assert_same_host=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            pool.close()
+            raise DataDownloadError(
+                f"could not download {current}: {type(exc).__name__}: {exc}", url
+            ) from exc
+        try:
+            location = response.headers.get("Location")
+            if response.status in _REDIRECTS and location:
+                current = urljoin(current, location)
+                continue
+            if not 200 <= response.status < 300:
+                raise _HttpStatus(
+                    f"could not download {current}: HTTP {response.status} {response.reason}",
+                    url,
+                    status=response.status,
+                )
+            while chunk := response.read1(_CHUNK):
+                yield chunk
+            return
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise DataDownloadError(
+                f"could not download {current}: {type(exc).__name__}: {exc}", url
+            ) from exc
+        finally:
+            response.release_conn()
+            pool.close()
+    raise DataDownloadError(f"could not download {url}: more than {MAX_REDIRECTS} redirects", url)
+
+
+class _HttpStatus(DataDownloadError):
+    def __init__(self, message: str, url: str, *, status: int) -> None:
+        super().__init__(message, url)
+        self.status = status
+
+
+def _check_http_url(url: str) -> None:
+    _target(url)
+
+
+@dataclass
+class DownloadBudget:
+    """What a task's downloads may take together: ``max_file`` bytes each, ``max_total``
+    bytes in all (input files and dataset), and the time until ``deadline`` (a
+    ``time.monotonic()`` value: the task's time, shared with the app that runs after)."""
+
+    max_file: int
+    max_total: int
+    deadline: float
+    used: int = 0
+
+    @classmethod
+    def of(cls, max_bytes: int, timeout: float, max_total: int | None = None) -> DownloadBudget:
+        return cls(max_bytes, max_total or max_bytes, time.monotonic() + timeout)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _retryable(exc: DataDownloadError) -> bool:
+    """A failure on the server's side that may pass: no connection, or HTTP 5xx / 429."""
+    if isinstance(exc, _HttpStatus):
+        return exc.status >= 500 or exc.status == 429
+    return exc.__cause__ is not None and not isinstance(exc, ChecksumError)
+
+
+def _download(url: str, dest: Path, budget: DownloadBudget, fetch: Fetch) -> int:
+    """Fetch ``url`` into ``dest`` within ``budget`` (tried again after a failure of the
+    server's side while time is left); returns the size. Nothing is left behind on failure."""
+    _check_http_url(url)
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            return _download_once(url, dest, budget, fetch)
+        except DataDownloadError as exc:
+            if exc.node_fault or attempt == DOWNLOAD_ATTEMPTS or not _retryable(exc):
+                raise
+            if budget.left() < 2.0:
+                raise
+            log.warning("download of %s failed (%s): trying again", url, exc)
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+def _download_once(url: str, dest: Path, budget: DownloadBudget, fetch: Fetch) -> int:
+    part = dest.with_name(dest.name + ".part")
+    left = budget.left()
+    if left <= 0:
+        raise DataDownloadError(
+            f"could not download {url}: no time left (the task's time is used up)", url
+        )
+    size = 0
+    chunks = fetch(url, min(READ_TIMEOUT, left))
+    try:
+        try:
+            out = open(part, "wb")  # noqa: SIM115 (closed below, errors told apart)
+        except OSError as exc:
+            raise DataDownloadError(f"could not store {url}: {exc}", url, node_fault=True) from exc
+        with out:
             for chunk in chunks:
                 size += len(chunk)
-                if size > max_bytes:
+                if size > budget.max_file:
                     raise DataDownloadError(
-                        f"could not download {url}: larger than the limit of {max_bytes} bytes",
+                        f"could not download {url}: larger than the limit of "
+                        f"{budget.max_file} bytes",
                         url,
                     )
-                if time.monotonic() > deadline:
+                if budget.used + size > budget.max_total:
                     raise DataDownloadError(
-                        f"could not download {url}: took longer than {timeout:g} s", url
+                        f"could not download {url}: the task's inputs are larger than the "
+                        f"limit of {budget.max_total} bytes in all",
+                        url,
                     )
-                out.write(chunk)
-        os.replace(part, dest)
-    except DataDownloadError:
-        part.unlink(missing_ok=True)
-        raise
-    except OSError as exc:
-        part.unlink(missing_ok=True)
-        raise DataDownloadError(f"could not download {url}: {exc}", url) from exc
+                if budget.left() < 0:
+                    raise DataDownloadError(
+                        f"could not download {url}: took longer than the time left for the task",
+                        url,
+                    )
+                try:
+                    out.write(chunk)
+                except OSError as exc:  # disk full: the node's, not the requester's
+                    raise DataDownloadError(
+                        f"could not store {url}: {exc}", url, node_fault=True
+                    ) from exc
+        try:
+            os.replace(part, dest)
+        except OSError as exc:
+            raise DataDownloadError(f"could not store {url}: {exc}", url, node_fault=True) from exc
     except BaseException:
         part.unlink(missing_ok=True)
         raise
@@ -222,7 +452,14 @@ def _download(url: str, dest: Path, *, max_bytes: int, timeout: float, fetch: Fe
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
+    budget.used += size
     return size
+
+
+def _fetcher(fetch: Fetch | None, policy: AddressPolicy) -> Fetch:
+    if fetch is not None:
+        return fetch
+    return functools.partial(http_fetch, policy=policy)
 
 
 def download_inputs(
@@ -230,20 +467,35 @@ def download_inputs(
     input_dir: Path,
     *,
     max_bytes: int,
-    timeout: float,
+    timeout: float | None = None,
+    budget: DownloadBudget | None = None,
+    max_files: int | None = None,
     fetch: Fetch | None = None,
+    policy: AddressPolicy = STRICT,
 ) -> list[str]:
     """Download the deal's ``iexec_input_files`` into ``input_dir``; return their names, in
     order (the app finds them as ``IEXEC_INPUT_FILE_NAME_1..n``).
 
     Like iexec-worker (``DataService.downloadStandardInputFiles``) the first failure stops
-    everything; unlike it, only http(s) URLs are accepted, and each file is bounded by
-    ``max_bytes`` and ``timeout`` (total seconds), so a requester cannot fill the worker's
-    disk or hold it forever. Failures are not retried here.
+    everything; unlike it, only http(s) URLs to addresses ``policy`` allows are fetched,
+    at most ``max_files`` of them, and the downloads are bounded by ``budget`` (bytes per
+    file and in all, the task's time; by default ``max_bytes`` each and ``timeout``
+    seconds), so a requester cannot fill the worker's disk or hold it forever.
     """
-    fetch = fetch or http_fetch
+    fetch = _fetcher(fetch, policy)
+    if budget is None:
+        budget = DownloadBudget.of(
+            max_bytes, timeout or READ_TIMEOUT, max_bytes * max(1, len(urls))
+        )
+    if max_files is not None and len(urls) > max_files:
+        raise DataDownloadError(
+            f"the task lists {len(urls)} input files, more than this pool's limit of {max_files}"
+        )
     input_dir = Path(input_dir)
-    input_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        input_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataDownloadError(f"cannot create {input_dir}: {exc}", node_fault=True) from exc
     names: list[str] = []
     done: set[str] = set()
     for url in urls:
@@ -253,7 +505,7 @@ def download_inputs(
         names.append(name)
         if name in done:  # same URL twice: same file name, one download
             continue
-        size = _download(url, input_dir / name, max_bytes=max_bytes, timeout=timeout, fetch=fetch)
+        size = _download(url, input_dir / name, budget, fetch)
         done.add(name)
         log.info("input file %s downloaded (%d bytes) as %s", url, size, name)
     return names
@@ -279,9 +531,11 @@ def download_dataset(
     dataset_address: str,
     *,
     max_bytes: int,
-    timeout: float,
+    timeout: float | None = None,
+    budget: DownloadBudget | None = None,
     fetch: Fetch | None = None,
     ipfs_gateways: Sequence[str] = IPFS_GATEWAYS,
+    policy: AddressPolicy = STRICT,
 ) -> str:
     """Download the deal's dataset into ``input_dir`` as ``<dataset address>``; return that name.
 
@@ -289,11 +543,17 @@ def download_dataset(
     on-chain multiaddr) is fetched from each gateway in turn until one answers; any other
     value must be an http(s) URL. The file's sha256 must equal the on-chain checksum,
     except when the checksum is empty or all zeros (then a warning: nothing can be checked).
-    A mismatch deletes the file and raises :class:`DataDownloadError`.
+    A mismatch deletes the file and raises :class:`ChecksumError`. Downloads are bounded
+    and checked as in :func:`download_inputs`.
     """
-    fetch = fetch or http_fetch
+    fetch = _fetcher(fetch, policy)
+    if budget is None:
+        budget = DownloadBudget.of(max_bytes, timeout or READ_TIMEOUT)
     input_dir = Path(input_dir)
-    input_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        input_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataDownloadError(f"cannot create {input_dir}: {exc}", node_fault=True) from exc
     name = dataset_file_name(dataset_address)
     dest = input_dir / name
     uri = (multiaddr_or_url or "").strip()
@@ -306,9 +566,11 @@ def download_dataset(
         for gateway in ipfs_gateways:
             url = gateway.rstrip("/") + uri
             try:
-                _download(url, dest, max_bytes=max_bytes, timeout=timeout, fetch=fetch)
+                _download(url, dest, budget, fetch)
                 break
             except DataDownloadError as exc:
+                if exc.node_fault:
+                    raise
                 log.warning("dataset %s: gateway %s failed: %s", dataset_address, gateway, exc)
                 failures.append(str(exc))
         else:
@@ -317,7 +579,7 @@ def download_dataset(
                 uri,
             )
     else:
-        _download(uri, dest, max_bytes=max_bytes, timeout=timeout, fetch=fetch)
+        _download(uri, dest, budget, fetch)
 
     expected = (checksum_hex or "").strip().lower()
     if not expected or _is_zero_hex(expected):
@@ -326,13 +588,16 @@ def download_dataset(
     if not expected.startswith("0x"):
         expected = "0x" + expected
     digest = hashlib.sha256()
-    with open(dest, "rb") as data:
-        for chunk in iter(lambda: data.read(_CHUNK), b""):
-            digest.update(chunk)
+    try:
+        with open(dest, "rb") as data:
+            for chunk in iter(lambda: data.read(_CHUNK), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataDownloadError(f"cannot read {dest}: {exc}", uri, node_fault=True) from exc
     actual = "0x" + digest.hexdigest()
     if actual != expected:
         dest.unlink(missing_ok=True)
-        raise DataDownloadError(
+        raise ChecksumError(
             f"checksum mismatch for dataset {dataset_address} from {uri}: "
             f"on-chain {expected}, downloaded file {actual}",
             uri,

@@ -28,12 +28,15 @@ from typing import Any
 
 from eth_utils import keccak
 
+from poco.results import callback_bytes as poco_callback_bytes
+
 log = logging.getLogger(__name__)
 
 IEXEC_OUT = "/iexec_out"
 COMPUTED_JSON = "computed.json"
 STDOUT_FILE = "stdout.txt"
 STDERR_FILE = "stderr.txt"
+ERROR_FILE = "error.txt"  # iexec-worker ResultService.ERROR_FILENAME
 # iexec-worker PostComputeService.RESULT_FILE_NAME_MAX_LENGTH
 RESULT_FILE_NAME_MAX_LENGTH = 31
 MAX_COMPUTED_JSON_BYTES = 1024 * 1024
@@ -47,6 +50,10 @@ class ResultError(Exception):
     the replicate is COMPUTE_FAILED. Not retryable: the same output fails the same way."""
 
     retryable = False
+
+
+class NameTooLongError(ResultError):
+    """A result file name is longer than iexec allows (POST_COMPUTE_TOO_LONG_RESULT_FILE_NAME)."""
 
 
 # --- computed.json ---------------------------------------------------------------
@@ -156,6 +163,49 @@ def read_computed(output_dir: Path) -> ComputedFile:
     if not isinstance(data, dict):
         raise ResultError(f"{shown} must hold a JSON object, got {type(data).__name__}")
     return ComputedFile.from_dict(data)
+
+
+# --- error result ----------------------------------------------------------------------
+
+# iexec-worker v9.2 ResultService.writeErrorToIexecOut: the computed.json of an error result,
+# as Jackson writes iexec-common's ComputedFile (every field, null when unset, no spaces)
+ERROR_COMPUTED_JSON = (
+    '{"deterministic-output-path":"/iexec_out/error.txt","callback-data":null,'
+    '"task-id":null,"result-digest":null,"enclave-signature":null,"error-message":null}'
+)
+
+
+def error_text(status: str, causes: list[str]) -> str:
+    """``error.txt`` of an error result, byte for byte as iexec-worker v9.2 writes it:
+    ``String.format("[IEXEC] Errors occurred while computing the task [error:%s, causes:%s]",
+    status, causes)`` where each cause prints as the Java record ``WorkflowError[cause=<cause>,
+    message=]`` (the message is always empty on this path), no trailing newline. Workers of
+    one task with the same failure write the same bytes, so they agree on the digest."""
+    listed = ", ".join(f"WorkflowError[cause={cause}, message=]" for cause in causes)
+    return f"[IEXEC] Errors occurred while computing the task [error:{status}, causes:[{listed}]]"
+
+
+def write_error_result(output_dir: Path, status: str, causes: list[str]) -> Path:
+    """Write an error result into the empty folder ``output_dir`` (created): ``error.txt``
+    (:func:`error_text`) and ``computed.json`` naming it as the deterministic output. Returns
+    the path of ``error.txt``, whose sha256 is the result digest of a task without callback."""
+    if not causes:
+        raise ValueError("an error result needs at least one cause")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=False)
+    error = output_dir / ERROR_FILE
+    error.write_bytes(error_text(status, causes).encode("utf-8"))
+    (output_dir / COMPUTED_JSON).write_bytes(ERROR_COMPUTED_JSON.encode("utf-8"))
+    return error
+
+
+def error_result_digest(output_dir: Path, has_callback: bool) -> str:
+    """The digest of an error result written by :func:`write_error_result`: sha256 of
+    ``error.txt``; for a callback deal keccak256 of no bytes, the digest of an empty
+    ``resultsCallback`` (iexec-worker crashes there instead: upstream bug)."""
+    if has_callback:
+        return "0x" + keccak(b"").hex()
+    return sha256_file(Path(output_dir) / ERROR_FILE)
 
 
 # --- logs ----------------------------------------------------------------------
@@ -280,20 +330,17 @@ def web2_digest(output_dir: Path, computed: ComputedFile) -> str:
 
 
 def callback_bytes(callback_data: str | None) -> bytes:
-    """The bytes of ``callback-data`` as web3j ``Numeric.hexStringToByteArray`` reads them
-    (optional ``0x``, an odd length reads the first digit alone). These exact bytes are the
+    """The bytes of ``callback-data`` (:func:`poco.results.callback_bytes`: web3j's reading,
+    optional ``0x``, an odd length reads the first digit alone). These exact bytes are the
     ``resultsCallback`` of ``finalize``; PoCo checks their keccak256 against the digest."""
     if callback_data is None:
         raise ResultError("callback deal, but computed.json has no callback-data")
-    if callback_data == "":
+    if callback_data in ("", "0x"):
         raise ResultError("callback deal, but computed.json has an empty callback-data")
-    digits = callback_data[2:] if callback_data.startswith("0x") else callback_data
-    if len(digits) % 2:
-        digits = "0" + digits
     try:
-        return bytes.fromhex(digits)
+        return poco_callback_bytes(callback_data)
     except ValueError as exc:
-        raise ResultError(f"callback-data is not hexadecimal: {callback_data[:80]!r}") from exc
+        raise ResultError(str(exc)) from exc
 
 
 def web3_digest(computed: ComputedFile) -> str:
@@ -373,12 +420,16 @@ def package(
     if _inside(root, zip_path.parent.resolve()):
         raise ValueError(f"the result zip {zip_path} must not be inside {output_dir}")
 
-    entries = list(_walk(root, root, ""))
+    try:
+        entries = list(_walk(root, root, ""))
+    except (OSError, RecursionError) as exc:  # a tree deeper than the paths the system takes
+        why = exc.strerror if isinstance(exc, OSError) else "too many levels"
+        raise ResultError(f"{IEXEC_OUT} cannot be zipped: {why}") from exc
     total = 0
     for entry in entries:
         base = entry.name.rsplit("/", 1)[-1]
         if max_name_length is not None and _utf16_len(base) > max_name_length:
-            raise ResultError(
+            raise NameTooLongError(
                 f"result file name {entry.name!r} is longer than {max_name_length} characters"
             )
         if entry.name.startswith("/") or ".." in entry.name.split("/"):

@@ -13,12 +13,16 @@ What :class:`DockerRunner` guarantees, and why:
   The user is left to the image (apps may expect root *inside* the container), which is
   safe because root without capabilities cannot escape it.
 - **Bounded**: memory (swap included), CPU, pids, log size, wall time and the size of
-  ``/iexec_out`` are limited. The run blocks on one engine ``wait`` (so the end of the
-  app is seen at once and the slot freed) until the time limit, and kills the container
-  when the wall time is over; a thread measures the output every ``poll_interval`` seconds
-  and kills the container when it goes over its limit. The output check is periodic, so an app can
-  overshoot by what it writes in one interval; the size is checked once more after the
-  app exits, so an app that is too quick for the check is still flagged.
+  ``/iexec_out`` are limited; the root filesystem is read-only and ``/tmp`` a small tmpfs.
+  The run blocks on one engine ``wait`` (so the end of the app is seen at once and the slot
+  freed) until the time limit, and kills the container when the wall time is over. When
+  the worker mounted a filesystem of the limit's size on the output folder
+  (:attr:`AppRun.output_mounted`, :mod:`workers.mounts`), the app cannot write past the
+  limit; the runner first checks that the engine binds that very filesystem. Otherwise a
+  thread measures the output every ``poll_interval`` seconds and kills the container when
+  it goes over its limit, so an app can overshoot by what it writes in one interval; the
+  size is checked once more after the app exits, so an app that is too quick for the
+  check is still flagged. An output that cannot be measured counts as over the limit.
 - **Always removed**: the container is force-removed in a ``finally``, whatever happens
   (app failure, engine error, ``KeyboardInterrupt``, ``SystemExit``). A container left by
   a worker that crashed is removed by name before the next run of the same task, and
@@ -56,6 +60,10 @@ IEXEC_OUT = "/iexec_out"
 TASK_LABEL = "workerpool.task"
 DEFAULT_PIDS_LIMIT = 512
 DEFAULT_LOG_LIMIT_BYTES = 10 * MB
+DEFAULT_TMP_BYTES = 64 * MB
+# a file dockerd puts into /iexec_out before the app starts, to check it binds the folder the
+# worker mounted (a worker in a container without shared mount propagation would not)
+PROBE_NAME = ".workerpool-mount-probe"
 LOG_TAIL_BYTES = 4096
 # stdout / stderr kept for stdout.txt / stderr.txt and status reports: iexec-core tails
 # the logs it stores to 100,000 characters, so more would be dropped upstream anyway.
@@ -82,8 +90,44 @@ class RunnerError(Exception):
 
 
 class AppImageError(RunnerError):
-    """The app image is not on this worker and cannot be pulled: the replicate becomes
-    APP_DOWNLOAD_FAILED. Not retryable: pulling the same reference again fails the same way."""
+    """The app image is not on this worker and cannot be pulled.
+
+    ``node_fault`` says whose failure it is. The app's (the reference is invalid, the
+    registry says the image or its manifest does not exist, or refuses it): pulling again
+    anywhere fails the same way, and the replicate ends in an error result
+    (APP_IMAGE_DOWNLOAD_FAILED). The node's (the registry is unreachable from here, rate-limits
+    this node or fails, the node's disk is full): another node may succeed."""
+
+    def __init__(self, message: str, *, node_fault: bool = False) -> None:
+        super().__init__(message)
+        self.node_fault = node_fault
+
+
+# what the Docker Engine says when the registry itself refuses the reference: the image (or
+# that tag, or that platform) does not exist, or may not be pulled
+_IMAGE_ABSENT = (
+    "manifest unknown",
+    "not found",
+    "repository does not exist",
+    "pull access denied",
+    "denied:",
+    "unauthorized",
+    "invalid reference format",
+    "no matching manifest",
+    "name unknown",
+)
+
+
+def image_error_is_the_apps(status: int | None, explanation: str) -> bool:
+    """Whether the Docker Engine's answer to a pull (HTTP ``status``, ``explanation``) means
+    the image cannot be had anywhere (the app's fault) rather than from here, now (the
+    node's: rate limit, registry down or unreachable, disk full)."""
+    if status in (400, 401, 403, 404):
+        return True
+    text = explanation.lower()
+    if any(word in text for word in ("toomanyrequests", "no space left", "rate limit")):
+        return False
+    return any(word in text for word in _IMAGE_ABSENT)
 
 
 class EngineError(RunnerError):
@@ -91,6 +135,22 @@ class EngineError(RunnerError):
     app is known, so the step may be retried once the engine is back."""
 
     retryable = True
+
+
+# what the engine says when the image's entrypoint or command cannot be run
+_APP_START_ERRORS = (
+    "executable file not found",
+    "no such file or directory",
+    "permission denied",
+    "exec format error",
+    "not a directory",
+)
+
+
+class OutputMountError(EngineError):
+    """The engine binds another folder than the one the worker mounted for the output."""
+
+    retryable = False
 
 
 def _fmt_bytes(count: int) -> str:
@@ -136,6 +196,15 @@ class AppRun:
     network: bool = False
     name: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    # the app's root filesystem is read-only; /tmp is a tmpfs of this size
+    tmp_bytes: int = DEFAULT_TMP_BYTES
+    # ``output_dir`` is a filesystem of its own sized to the limit (a tmpfs the worker
+    # mounted): the limit is then the filesystem's, the app cannot write past it
+    output_mounted: bool = False
+    # a TEE stage's container (workers/tee.py): pre-compute writes /iexec_in, and both stages
+    # run on the Docker network named here (they reach the node's enclave API)
+    input_writable: bool = False
+    network_mode: str = ""
 
     def __post_init__(self) -> None:
         self.input_dir = Path(self.input_dir)
@@ -159,6 +228,8 @@ class AppRun:
             raise ValueError("AppRun.pids_limit must be > 0")
         if self.log_limit_bytes < 1024:
             raise ValueError("AppRun.log_limit_bytes must be >= 1024")
+        if self.tmp_bytes < MB:
+            raise ValueError("AppRun.tmp_bytes must be >= 1 MB")
 
     @property
     def container_labels(self) -> dict[str, str]:
@@ -188,6 +259,9 @@ class RunOutcome:
     stderr: str = ""
     duration: float = 0.0
     error: str | None = None
+    # ``error`` is the app's doing (its image names an entrypoint that cannot run), not the
+    # engine's
+    error_is_the_apps: bool = False
     aborted: bool = False
     time_limit: float | None = None
     memory_limit: int | None = None
@@ -254,26 +328,40 @@ class ContainerRunner(Protocol):
 def dir_size(path: Path) -> int:
     """Total size in bytes of the regular files under ``path``, symlinks not followed.
 
-    The app may be writing while we count: files that vanish are skipped.
+    The walk goes from directory to directory by file descriptor, so no path length limit
+    applies (a tree deeper than PATH_MAX is measured too). The app may be writing while we
+    count: files that vanish are skipped; any other error (too many levels, a directory that
+    cannot be read) is raised, and callers count it as over the limit, never as zero.
     """
+
+    def fail(exc: OSError) -> None:
+        if not isinstance(exc, FileNotFoundError):
+            raise exc
+
     total = 0
-    stack = [str(path)]
-    while stack:
-        current = stack.pop()
-        try:
-            entries = list(os.scandir(current))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue
-        for entry in entries:
+    for _, _, files, root_fd in os.fwalk(path, onerror=fail, follow_symlinks=False):
+        for name in files:
             try:
-                info = entry.stat(follow_symlinks=False)
+                info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if stat.S_ISDIR(info.st_mode):
-                stack.append(entry.path)
-            elif stat.S_ISREG(info.st_mode):
+            if stat.S_ISREG(info.st_mode):
                 total += info.st_size
     return total
+
+
+def output_size(run: AppRun) -> tuple[int, bool]:
+    """``(bytes used, over the limit)`` of a run's output. On its own filesystem (a tmpfs of
+    the limit's size) the filesystem counts, and a full one is over the limit (the app met
+    ENOSPC: what it wrote is cut); otherwise the files are added up. Raises when the output
+    cannot be measured (callers count that as over the limit)."""
+    if run.output_mounted:
+        info = os.statvfs(run.output_dir)
+        used = (info.f_blocks - info.f_bfree) * info.f_frsize
+        full = info.f_bavail * info.f_frsize < 4096 or (info.f_files > 0 and info.f_favail == 0)
+        return used, full or used > run.output_limit_bytes
+    size = dir_size(run.output_dir)
+    return size, size > run.output_limit_bytes
 
 
 def _is_read_timeout(exc: BaseException) -> bool:
@@ -347,15 +435,16 @@ class _OutputWatch:
         while not self._stop.wait(wait):
             before = time.monotonic()
             try:
-                size = dir_size(self.run.output_dir)
-            except Exception as exc:  # never let the watch die quietly: try again later
+                size, over = output_size(self.run)
+            except Exception as exc:  # an output that cannot be measured is not a small one
                 log.warning("%s: cannot measure the output: %s", self.run.name, exc)
-                size = 0
+                size, over = -1, True
             walked = time.monotonic() - before
-            if size > self.run.output_limit_bytes:
+            if over:
                 self.exceeded = True
                 log.warning(
-                    "%s: output %d bytes over the limit of %d: killing the app container",
+                    "%s: output %d bytes, over the limit of %d (or not measurable): killing "
+                    "the app container",
                     self.run.name,
                     size,
                     self.run.output_limit_bytes,
@@ -411,8 +500,9 @@ class DockerRunner:
     def ensure_image(self, image: str) -> None:
         """Use the local image if present, else pull it once; :class:`AppImageError` if neither.
 
-        A failed pull is not retried here: the registry said no, or is unreachable, and
-        the scheduler decides whether another worker should try.
+        A failed pull is not retried here: the error says whose failure it is
+        (:attr:`AppImageError.node_fault`), and the scheduler gives a node-side one to another
+        worker.
         """
         import docker.errors
 
@@ -428,22 +518,28 @@ class DockerRunner:
                 f"Docker Engine unreachable while looking for {image}: {exc}"
             ) from exc
         except docker.errors.APIError as exc:
+            explanation = str(exc.explanation or exc)
             raise AppImageError(
-                f"app image {image} cannot be inspected: {exc.explanation}"
+                f"app image {image} cannot be inspected: {explanation}",
+                node_fault=not image_error_is_the_apps(exc.status_code, explanation),
             ) from exc
+        except requests.exceptions.RequestException as exc:
+            raise EngineError(f"Docker Engine failed while looking for {image}: {exc}") from exc
         log.info("app image %s is not present locally: pulling it", image)
         try:
             self.client.images.pull(image)
         except requests.exceptions.ConnectionError as exc:
             raise EngineError(f"Docker Engine unreachable while pulling {image}: {exc}") from exc
         except docker.errors.APIError as exc:
+            explanation = str(exc.explanation or exc)
             raise AppImageError(
-                f"app image {image} is not on this worker and could not be pulled: "
-                f"{exc.explanation or exc}"
+                f"app image {image} is not on this worker and could not be pulled: {explanation}",
+                node_fault=not image_error_is_the_apps(exc.status_code, explanation),
             ) from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise AppImageError(
-                f"app image {image} is not on this worker and could not be pulled: {exc}"
+                f"app image {image} is not on this worker and could not be pulled: {exc}",
+                node_fault=True,
             ) from exc
         log.info("app image %s pulled", image)
 
@@ -469,6 +565,8 @@ class DockerRunner:
         try:
             try:
                 container = self._create(run)
+                if run.output_mounted:
+                    self._check_output_mount(container, run)
                 return self._start_and_watch(container, run)
             except docker.errors.APIError as exc:  # before RequestException: it is one
                 log.warning("%s: Docker Engine error: %s", run.name, exc)
@@ -502,7 +600,10 @@ class DockerRunner:
         )
         host: dict[str, Any] = {
             "binds": {
-                str(run.input_dir.resolve()): {"bind": IEXEC_IN, "mode": "ro"},
+                str(run.input_dir.resolve()): {
+                    "bind": IEXEC_IN,
+                    "mode": "rw" if run.input_writable else "ro",
+                },
                 str(run.output_dir.resolve()): {"bind": IEXEC_OUT, "mode": "rw"},
             },
             "privileged": False,
@@ -512,10 +613,16 @@ class DockerRunner:
             "memswap_limit": run.memory_bytes,  # same value: no swap on top of the limit
             "pids_limit": run.pids_limit,
             "log_config": log_config,
+            # nothing but /tmp (bounded) and /iexec_out is writable: the container's own layer
+            # would otherwise be a disk with no limit
+            "read_only": True,
+            "tmpfs": {"/tmp": f"size={run.tmp_bytes},mode=1777"},
         }
         if run.nano_cpus:
             host["nano_cpus"] = run.nano_cpus
-        if not run.network:
+        if run.network_mode:
+            host["network_mode"] = run.network_mode
+        elif not run.network:
             host["network_mode"] = "none"
 
         def create() -> Container:
@@ -545,6 +652,32 @@ class DockerRunner:
                 return create()
             raise
 
+    @staticmethod
+    def _check_output_mount(container: Container, run: AppRun) -> None:
+        """Make sure the engine binds the filesystem the worker mounted on ``output_dir``: it
+        puts a file into the created container's /iexec_out, which must show up in the
+        worker's mount. A worker in a container without shared mount propagation mounts
+        where the engine does not look: the app would write past the limit into a folder
+        the worker cannot see, so the run is refused as the node's failure."""
+        import io
+        import tarfile
+
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.addfile(tarfile.TarInfo(PROBE_NAME), io.BytesIO(b""))
+        container.put_archive(IEXEC_OUT, buffer.getvalue())
+        probe = run.output_dir / PROBE_NAME
+        seen = os.path.lexists(probe)
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        if not seen:
+            raise OutputMountError(
+                f"the Docker Engine does not see the filesystem mounted on {run.output_dir} "
+                "(a worker in a container needs the work directory bind-mounted with "
+                "propagation rshared), so the output limit would not hold: set "
+                "WORKERPOOL_APP_OUTPUT_TMPFS=false or fix the mount"
+            )
+
     def _start_and_watch(self, container: Container, run: AppRun) -> RunOutcome:
         import docker.errors
 
@@ -559,9 +692,11 @@ class DockerRunner:
         except docker.errors.APIError as exc:
             # e.g. the entrypoint does not exist in the image: an app problem, not ours
             log.warning("%s: container did not start: %s", run.name, exc)
+            explanation = str(exc.explanation or exc)
             return RunOutcome(
                 exit_code=None,
-                error=f"container did not start: {exc.explanation or exc}",
+                error=f"container did not start: {explanation}",
+                error_is_the_apps=any(w in explanation.lower() for w in _APP_START_ERRORS),
                 duration=time.monotonic() - started,
                 **limits,
             )
@@ -632,8 +767,12 @@ class DockerRunner:
             oom_killed = bool(state.get("OOMKilled", False))
             failed = exit_code != 0 or oom_killed or error is not None or timed_out or aborted
             stdout, stderr, log_tail = self._logs(container, interleaved=failed)
-        if not output_too_large and dir_size(run.output_dir) > run.output_limit_bytes:
-            output_too_large = True
+        if not output_too_large:
+            try:
+                output_too_large = output_size(run)[1]
+            except Exception as exc:  # not measurable: counted as over, never as zero
+                log.warning("%s: cannot measure the output: %s", run.name, exc)
+                output_too_large = True
         outcome = RunOutcome(
             exit_code=exit_code,
             timed_out=timed_out,

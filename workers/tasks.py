@@ -3,7 +3,7 @@
 * the **compute** worker consumes the replicate queues of the node's capabilities with one
   thread per slot: a slot is held from pulling the image until COMPUTED, nothing more;
 * the **control** worker (a child process) consumes the node's own queue: contribute, and
-  the reveal and upload requests of the scheduler. It never waits behind a computation, and
+  the reveal, upload and abort requests of the scheduler. It never waits behind a computation, and
   being the only sender of the node's transactions it owns the nonce sequence.
 """
 
@@ -24,6 +24,7 @@ from celery.signals import worker_ready, worker_shutdown
 from poco.errors import RetryableError
 from pool import keys
 from pool.messages import (
+    ABORT,
     CONTRIBUTE,
     REPLICATE_QUEUES,
     REVEAL,
@@ -41,6 +42,7 @@ from workers.identity import IndexLease, LeaseLost
 from workers.node import JobRefused, WorkerNode
 from workers.publishers import PublishError, make_publisher
 from workers.runner import DockerRunner
+from workers.tee import TdxRunner, start_check
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ def from_scheduler(settings: Settings, redis: Any) -> tuple[Settings, list[str]]
 
 
 def compute_queues(settings: Settings) -> list[str]:
+    """The replicate queues of the node's capabilities. A TEE queue comes only from
+    WORKERPOOL_WORKER_TDX (a node declares TDX only when configured for it)."""
     queues = []
     for capability in settings.worker_capabilities:
         if capability not in REPLICATE_QUEUES:
@@ -81,6 +85,13 @@ def compute_queues(settings: Settings) -> list[str]:
                 f"WORKERPOOL_WORKER_CAPABILITIES: unknown {capability!r}; "
                 f"known: {', '.join(REPLICATE_QUEUES)}"
             )
+        if capability.startswith("tee-"):
+            raise SettingsError(
+                f"WORKERPOOL_WORKER_CAPABILITIES: {capability} is not declared there: a node "
+                "serves TDX tasks with WORKERPOOL_WORKER_TDX=on (or simulation), and no SGX "
+                "framework (scone, gramine)"
+            )
+    for capability in settings.node_capabilities():
         queues.append(REPLICATE_QUEUES[capability])
     return queues
 
@@ -110,8 +121,10 @@ def build_node(
         local_dir=local_dir,
         base_url=settings.result_base_url(),
     )
+    runner = DockerRunner()
+    tee = TdxRunner(settings, client, wallet, runner) if settings.worker_tdx != "off" else None
     return WorkerNode(
-        settings, client, wallet, messages, DockerRunner(), publisher, redis=redis, lease=lease
+        settings, client, wallet, messages, runner, publisher, redis=redis, lease=lease, tee=tee
     )
 
 
@@ -121,6 +134,11 @@ def create_compute_app(
     """The compute process: its Celery app, the node built on it, the receivers registered."""
     app = make_celery(settings, "workerpool-worker")
     node = build_node(settings, private_key, app, redis=redis, lease=lease)
+    # what the node checked on its host before it declares TDX (SettingsError: it cannot)
+    checks = start_check(settings, node.client.chain_id)
+    if node.tee is not None:
+        node.tee.checks = checks
+        node.tee.start_api()
     register_compute(app, node)
     return app, node
 
@@ -182,6 +200,10 @@ def register_compute(app: Celery, node: WorkerNode) -> None:
 
     def resume() -> None:
         try:
+            node.check_output_mount()
+        except Exception:  # the first task tries again
+            log.exception("could not check whether the app output can be mounted")
+        try:
             node.resume()
         except Exception:  # never take the node down: new jobs still run
             log.exception("resuming the replicates of a previous run failed")
@@ -192,7 +214,12 @@ def register_compute(app: Celery, node: WorkerNode) -> None:
 
 
 def register_control(app: Celery, node: WorkerNode) -> None:
-    """The receivers of the node's own queue: contribute, reveal, upload."""
+    """The receivers of the node's own queue: contribute, reveal, upload, abort."""
+
+    @app.task(shared=False, name=ABORT.name, acks_late=True)
+    def abort(payload: Any) -> dict[str, Any]:
+        request = ABORT.parse(payload)
+        return node.abort(request.taskid, request.cause, request.reason, request.signature).__dict__
 
     @app.task(
         shared=False,

@@ -313,12 +313,21 @@ def _var_lines(var: Var) -> list[str]:
     return [*_comment(var.doc), f"{var.name}={var.value}", ""]
 
 
+# files that never run in a pool's process: their environment is not the pool's settings
+NOT_POOL_PROCESSES = {
+    # the simulated TEE stages run inside their own containers and read their TEE session
+    "devnet/tee_stages.py",
+}
+
+
 def code_variables(root: Path = ROOT) -> dict[str, str]:
     """Every environment variable the code reads -> where: the settings table plus any
     ``os.environ[...]``, ``os.environ.get(...)``, ``os.getenv(...)`` under the packages."""
     found = {spec.env: "pool/settings.py (SETTINGS)" for spec in SETTINGS.values()}
     for package in SOURCE_PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
+            if str(path.relative_to(root)) in NOT_POOL_PROCESSES:
+                continue
             for name in environ_reads(path.read_text()):
                 found.setdefault(name, str(path.relative_to(root)))
     return found
