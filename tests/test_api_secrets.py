@@ -81,10 +81,13 @@ def test_no_private_key_in_any_response_or_log_line_of_a_full_run(
         api_token=TOKEN,
     )
     bodies: list[str] = []
+    crawls = 0
     with serve(create_app(settings, pool.store)) as url:
         session = requests.Session()
 
         def crawl(taskids: list[str], dealid: str) -> None:
+            nonlocal crawls
+            crawls += 1
             for path in _paths(pool, taskids, dealid, int(devnet.client.chain_id)):
                 bodies.append(session.get(url + path, timeout=10).text)
             worker = f"{url}/api/v1/workers/{pool.worker_address(0)}"
@@ -115,7 +118,11 @@ def test_no_private_key_in_any_response_or_log_line_of_a_full_run(
         "printed output": out + err,
         **{f"log file {p.name}": p.read_text(errors="replace") for p in pool.logs},
     }
-    assert len(bodies) > 100 and any("COMPLETED" in b for b in bodies)
+    # every route was read at least once while the deal ran and once after it ended
+    assert crawls >= 2 and len(bodies) == crawls * (
+        len(_paths(pool, deal.taskids(), deal.dealid, 1)) + 5
+    )
+    assert any("COMPLETED" in b for b in bodies)
     assert caplog.records and all(p.stat().st_size for p in pool.logs)
     needles = {key.lower().removeprefix("0x") for key in keys}
     for name, text in texts.items():

@@ -92,7 +92,10 @@ def test_links_carry_cut_and_shape_traffic_and_everything_is_removed_after(
     lo = subprocess.run(["ip", "-o", "addr", "show", "dev", "lo"], capture_output=True, text=True)
     assert f" {core}/" not in lo.stdout
     route = subprocess.run(
-        ["ip", "route", "show", "blackhole", str(net.subnet)], capture_output=True, text=True
+        ["ip", "route", "show", "type", "blackhole", str(net.subnet)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert route.stdout.strip() == ""
     assert not Path(f"/proc/{pid}").exists()
@@ -108,6 +111,8 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path: Path) -> No
         ["ip", "link", "add", f"{name}h", "type", "veth", "peer", "name", f"{name}n"], check=True
     )
     sleeper = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "600"])
+    route = ["blackhole", str(probe.subnet), "metric", hosts.harness.ROUTE_METRIC]
+    subprocess.run(["ip", "route", "add", *route], check=True)
     try:
         # When the next run starts
         with hosts.Hosts(1, workdir=tmp_path / "b"):
@@ -119,6 +124,7 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path: Path) -> No
             sleeper.kill()
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
         subprocess.run(["ip", "link", "del", f"{name}h"], capture_output=True)
+        subprocess.run(["ip", "route", "del", *route], capture_output=True)
     assert _names(probe.prefix) == []
 
 

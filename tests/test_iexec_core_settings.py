@@ -310,7 +310,9 @@ def test_a_node_without_a_chain_url_uses_the_one_its_scheduler_publishes(
     assert f"hub {devnet.info['hub']}" in out
 
     # a published chain id the node's chain does not have: refused before it takes any job
-    redis_client.set(keys.PUBLIC_CONFIG, json.dumps({"chainUrl": public, "chainId": 1}))
+    published = json.loads(redis_client.get(keys.PUBLIC_CONFIG))
+    assert published["chainUrl"] == public
+    redis_client.set(keys.PUBLIC_CONFIG, json.dumps({**published, "chainId": 1}))
     wrong = subprocess.run(
         [sys.executable, "-m", "cli", "worker"],
         env={

@@ -152,7 +152,7 @@ def remove_leftovers(prefix: str, subnet: str) -> list[str]:
         _run(["ip", "addr", "del", core, "dev", "lo"], check=False)
         removed.append(f"address {core}")
     route = ["blackhole", str(net), "metric", ROUTE_METRIC]
-    if _run(["ip", "route", "show", *route], check=False).strip():
+    if _run(["ip", "route", "show", "type", "blackhole", str(net)], check=False).strip():
         _run(["ip", "route", "del", *route], check=False)
         removed.append(f"route {' '.join(route)}")
     return removed
