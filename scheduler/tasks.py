@@ -78,6 +78,12 @@ def listen_step(scheduler: Scheduler) -> type[bootsteps.StartStopStep]:
             if self.thread is not None:
                 self.thread.join(timeout=10)
 
+        def terminate(self, parent: Any) -> None:
+            # a cold shutdown (and the end of an embedded worker) terminates the steps; a
+            # step without an object of its own would do nothing and leave the thread
+            # listening for a worker that is gone
+            self.stop(parent)
+
     return BlockListen
 
 

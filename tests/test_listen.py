@@ -13,6 +13,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
 
 from pool.messages import LISTEN_TASK, SCHEDULER_QUEUE, TICK_TASK, make_celery
 from pool.settings import Settings
@@ -20,7 +22,7 @@ from scheduler import deals as deals_mod
 from scheduler.context import SchedulerContext, TickReport
 from scheduler.deals import BlockWatch
 from scheduler.service import Scheduler
-from scheduler.tasks import register
+from scheduler.tasks import listen_step, register
 from testing.celery import fake_messenger
 from testing.chain import FakeChain, FakeWallet
 from testing.store import memory_store
@@ -72,6 +74,14 @@ def test_the_worker_listens_on_new_blocks_the_beat_only_ticks_and_not_when_turne
         running.stop(None)
     assert running.thread is not None and not running.thread.is_alive()
     assert chain.calls["eth_blockNumber"] == 0 and chain.calls["eth_getFilterChanges"] >= 5
+
+    # a Celery worker that ends (here as an embedded worker ends: terminated) stops it
+    embedded = Celery("listen-step", broker="memory://", backend="cache+memory://")
+    embedded.steps["worker"].add(listen_step(scheduler))
+    before = {t for t in threading.enumerate() if t.name == "block-listen"}
+    with start_worker(embedded, pool="solo", perform_ping_check=False, shutdown_timeout=20):
+        _wait(lambda: {t for t in threading.enumerate() if t.name == "block-listen"} - before)
+    assert {t for t in threading.enumerate() if t.name == "block-listen"} <= before
 
     off = make_celery(Settings(pool_address=POOL))
     register(off, make(fake_chain(), listen_period=0))
