@@ -150,6 +150,14 @@ def test_three_worker_hosts_complete_a_trust2_deal_over_slow_lossy_links(
         _assert_completed_once_per_worker(fleet, deal.taskids())
         lost = list(fleet.pool.store.workers.find({"status": str(WorkerStatus.LOST)}))
         assert lost == []
+        # a node in a namespace of its own (`ip netns exec` gives it its own mounts) mounts the
+        # output where the engine does not look: it says so once and measures the output
+        said = []
+        for log_file in fleet.pool.logs:
+            text = log_file.read_text(errors="replace")
+            said.append(text.count("the Docker Engine does not see the filesystem mounted"))
+            assert "node-side failure" not in text, text
+        assert max(said) == 1 and len(said) == 3, said
 
 
 def _worker_record(fleet: PoolAcrossHosts, n: int) -> dict[str, Any]:

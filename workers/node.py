@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -56,7 +56,14 @@ from workers import results as results_mod
 from workers import tee as tee_mod
 from workers.identity import IndexLease, LeaseLost, liveness_ttl
 from workers.publishers import PublishError, ResultPublisher
-from workers.runner import AppImageError, AppRun, ContainerRunner, EngineError, RunnerError
+from workers.runner import (
+    AppImageError,
+    AppRun,
+    ContainerRunner,
+    EngineError,
+    OutputMountError,
+    RunnerError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +547,11 @@ class WorkerNode:
             output_mounted=mounted,
         )
         try:
-            outcome = self.runner.run(run)
+            try:
+                outcome = self.runner.run(run)
+            except OutputMountError as exc:  # the engine looks under the tmpfs: measure instead
+                self._give_up_output_mount(out_dir, exc)
+                outcome = self.runner.run(replace(run, output_mounted=False))
         except EngineError as exc:  # not the app's fault: the scheduler plans it elsewhere
             self._checkpoint(job)
             return self._node_fault(job, f"container engine failure: {exc}")
@@ -669,6 +680,23 @@ class WorkerNode:
             return False
         self._tmpfs = True
         return True
+
+    def _give_up_output_mount(self, out_dir: Path, exc: OutputMountError) -> None:
+        """The engine binds the folder under the output tmpfs (the node runs in another mount
+        namespace than the engine: a container without shared propagation, ``ip netns
+        exec``): no run of this node can have the hard limit. Say so once, unmount, empty
+        the folder of what the engine wrote into the folder underneath (the probe), and let
+        the output be measured while the app runs, as on a node that may not mount."""
+        self._tmpfs = False
+        log.warning(
+            "%s: WORKERPOOL_APP_OUTPUT_LIMIT_MB is enforced by measuring the output while the "
+            "app runs from now on (a soft limit; fix the mount for a hard one, or set "
+            "WORKERPOOL_APP_OUTPUT_TMPFS=false to say the node measures)",
+            exc,
+        )
+        mounts.unmount(out_dir)
+        shutil.rmtree(out_dir)
+        out_dir.mkdir()
 
     def _error_result(
         self,

@@ -673,9 +673,9 @@ class DockerRunner:
         if not seen:
             raise OutputMountError(
                 f"the Docker Engine does not see the filesystem mounted on {run.output_dir} "
-                "(a worker in a container needs the work directory bind-mounted with "
-                "propagation rshared), so the output limit would not hold: set "
-                "WORKERPOOL_APP_OUTPUT_TMPFS=false or fix the mount"
+                "(the worker runs in another mount namespace than the engine: a worker in a "
+                "container needs the work directory bind-mounted with propagation rshared), "
+                "so the app's output cannot have a hard limit on this node"
             )
 
     def _start_and_watch(self, container: Container, run: AppRun) -> RunOutcome:
