@@ -344,3 +344,17 @@ def path_to(
             seen.add(nxt)
             frontier.append([*path, nxt])
     return None
+
+
+def may_stand_for_a_failure(table: Mapping[Any, frozenset[Any]], current: Any, target: Any) -> bool:
+    """Whether a report of ``target`` while the replicate is at ``current`` may follow a
+    failure the worker reported first, whose report has not been applied yet: ``target`` is
+    also reached from ``current`` through one of :data:`ERROR_RESULT_STATUSES` (an error
+    result's CONTRIBUTING processed before its COMPUTE_FAILED). The statuses
+    :func:`path_to` implies avoid failures, so such a report waits for the one it skips."""
+    return any(
+        failure != target
+        and path_to(table, current, failure) is not None
+        and path_to(table, failure, target) is not None
+        for failure in ERROR_RESULT_STATUSES
+    )

@@ -83,10 +83,12 @@ class Inbox:
             return Authorization(granted=False, reason=f"refused: {exc.reason}{hint}", requeue=True)
         return self.authorizer.authorize(signed.payload)
 
-    def report(self, data: Any, *, last_try: bool = True) -> None:
+    def report(self, data: Any, *, last_try: bool = True, first_try: bool = False) -> None:
         """Apply a signed status report. Raises :class:`NotYet` when what it claims is not
         confirmed yet (the chain, or a lost worker's heartbeat) and ``last_try`` is False
-        (the receiver asks again later); on the last try such a report is refused."""
+        (the receiver asks again later); on the last try such a report is refused. On its
+        ``first_try`` a report that may skip a failure reported before it waits for it
+        (:meth:`scheduler.reports.Reports.apply`)."""
         try:
             signed = REPORT.open(data, self.ctx.domain)
             check_time(signed, time.time(), REPORT_MAX_AGE, self.settings.message_max_age)
@@ -96,7 +98,7 @@ class Inbox:
             self.ctx.refusals.count(REPORT.name, exc)
             return
         try:
-            self.reports.apply(signed.payload)
+            self.reports.apply(signed.payload, first_try=first_try)
         except NotYet as exc:
             if not last_try:
                 log.info(

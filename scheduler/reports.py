@@ -44,7 +44,13 @@ from pool.messages import (
     ReplicateReport,
 )
 from pool.redact import redact_urls
-from pool.states import ReplicateStatus, TaskStatus, WorkerStatus
+from pool.states import (
+    REPLICATE_TRANSITIONS,
+    ReplicateStatus,
+    TaskStatus,
+    WorkerStatus,
+    may_stand_for_a_failure,
+)
 from scheduler.consensus import Consensus
 from scheduler.context import REPLICATE_DEAD, REVEAL_PHASE, SchedulerContext
 from scheduler.finalize import Finalizer
@@ -93,14 +99,32 @@ class Reports:
         self.consensus = consensus
         self.finalizer = finalizer
 
-    def apply(self, report: ReplicateReport) -> None:
+    def apply(self, report: ReplicateReport, *, first_try: bool = False) -> None:
         """Apply ``report`` of ``report.worker`` (the proven signer). Raises :class:`Refused`
         for a claim that is not the worker's to make, :class:`NotYet` for one the chain
-        does not show."""
+        does not show, and on its ``first_try`` for a report that skips statuses one of
+        which may have been a failure (its report, sent first, is on its way: the error
+        result's failure and cause must not be replaced by an implied success)."""
         taskid, worker, target = report.taskid, report.worker.lower(), report.status
         if target == R.COMPLETED and not report.finalized:
             raise Refused(BAD_STATUS, "COMPLETED is the scheduler's to set", worker)
         chain: dict[str, Any] = {}  # what the checks read, for what follows
+        check_chain = self._check(report, chain)
+
+        def check(current: dict[str, Any], path: list[ReplicateStatus]) -> None:
+            if (
+                first_try
+                and len(path) > 1
+                and may_stand_for_a_failure(
+                    REPLICATE_TRANSITIONS, ReplicateStatus(current["status"]), target
+                )
+            ):
+                raise NotYet(
+                    f"{target} skips {', '.join(map(str, path[:-1]))}: waiting once for the "
+                    "report sent before it"
+                )
+            check_chain(current, path)
+
         doc = self.store.advance_replicate(
             taskid,
             worker,
@@ -114,7 +138,7 @@ class Reports:
             stale_from=_UPLOADING
             if target == R.REVEALED and not report.upload_failed
             else frozenset(),
-            check=self._check(report, chain),
+            check=check,
         )
         if doc is None:
             if self.store.replicate(taskid, worker) is None:

@@ -142,7 +142,9 @@ def register(app: Celery, scheduler: Scheduler) -> None:
     def replicate_update(self: Any, envelope: Any) -> None:
         tries = self.request.retries
         try:
-            scheduler.inbox.report(envelope, last_try=tries >= CHAIN_LAG_RETRIES)
+            scheduler.inbox.report(
+                envelope, last_try=tries >= CHAIN_LAG_RETRIES, first_try=tries == 0
+            )
         except NotYet as exc:  # the scheduler's chain node may be a few blocks behind
             raise self.retry(countdown=CHAIN_LAG_DELAY * 2**tries, exc=exc) from exc
 

@@ -10,9 +10,10 @@ import pytest
 from poco.types import ChainTaskStatus, ContributionStatus
 from pool.messages import REVEAL, UPLOAD, Messenger, ReplicateReport
 from pool.settings import Settings
-from pool.states import ReplicateStatus, TaskStatus
+from pool.states import ReplicateStatus, ReplicateStatusCause, TaskStatus
 from pool.store import Store
 from scheduler.context import SchedulerContext, TickReport
+from scheduler.reports import NotYet
 from scheduler.service import Scheduler
 from testing.celery import FakeCelery
 from testing.chain import FakeChain, FakeWallet, chain_task, contribution
@@ -107,3 +108,79 @@ def test_an_upload_reported_after_it_was_given_up_as_timed_out_is_finalized(
     assert store.task(TASK)["resultLink"] == LINK  # type: ignore[index]
     scheduler.reconciler.reconcile(TickReport())
     assert len(celery.of(UPLOAD.name)) == 1  # nobody asked to upload again
+
+
+def _running_task(store: Store) -> None:
+    store.save_deal(
+        {"chainDealId": "0x" + "de" * 32},
+        [
+            {
+                "chainTaskId": TASK,
+                "chainDealId": "0x" + "de" * 32,
+                "index": 0,
+                "status": "RUNNING",
+                "trust": 1,
+                "queue": "replicates.standard",
+                "timeref": 300,
+                "contributionDeadline": NOW + 1000,
+                "finalDeadline": NOW + 3000,
+                "jobsQueued": 1,
+                "replicatesNeeded": 1,
+                "replicatesGranted": 1,
+            }
+        ],
+    )
+    store.create_replicate(TASK, WORKER, {})
+    store.advance_replicate(TASK, WORKER, ReplicateStatus.COMPUTING)
+
+
+def _statuses(store: Store) -> list[str]:
+    return [e["status"] for e in store.replicate(TASK, WORKER)["timeline"]]  # type: ignore[index]
+
+
+def test_an_error_results_contributing_processed_before_its_failure_waits_for_it(
+    scheduler: Scheduler, store: Store
+) -> None:
+    # Given a replicate COMPUTING whose app failed: the node reports COMPUTE_FAILED, then
+    # CONTRIBUTING its error result, and the scheduler's threads take the second one first
+    _running_task(store)
+    contributing = ReplicateReport(TASK, WORKER, ReplicateStatus.CONTRIBUTING)
+    # When the CONTRIBUTING is applied on its first try: it waits (asked again later)
+    with pytest.raises(NotYet):
+        scheduler.reports.apply(contributing, first_try=True)
+    assert store.replicate(TASK, WORKER)["status"] == "COMPUTING"  # type: ignore[index]
+    # Then the failure lands with its cause, and the CONTRIBUTING asked again follows it
+    scheduler.reports.apply(
+        ReplicateReport(
+            TASK,
+            WORKER,
+            ReplicateStatus.COMPUTE_FAILED,
+            reason="app exited with code 3",
+            cause=ReplicateStatusCause.APP_COMPUTE_FAILED,
+        ),
+        first_try=True,
+    )
+    scheduler.reports.apply(contributing)
+    assert _statuses(store)[-2:] == ["COMPUTE_FAILED", "CONTRIBUTING"]
+    failed = store.replicate(TASK, WORKER)["timeline"][-2]  # type: ignore[index]
+    assert failed["cause"] == "APP_COMPUTE_FAILED"
+
+
+def test_a_report_whose_skipped_statuses_cannot_be_a_failure_is_applied_at_once(
+    scheduler: Scheduler, store: Store
+) -> None:
+    _running_task(store)
+    # a CONTRIBUTING asked again (not its first try) whose failure report never came: applied,
+    # the statuses in between implied
+    scheduler.reports.apply(
+        ReplicateReport(TASK, WORKER, ReplicateStatus.CONTRIBUTING), first_try=False
+    )
+    assert _statuses(store)[-2:] == ["COMPUTED", "CONTRIBUTING"]
+    # a COMPUTING before its APP_DOWNLOADING: no failure leads to COMPUTING, no wait
+    store.create_replicate(TASK, "0x" + "bb" * 20, {})
+    store.advance_replicate(TASK, "0x" + "bb" * 20, ReplicateStatus.STARTING)
+    scheduler.reports.apply(
+        ReplicateReport(TASK, "0x" + "bb" * 20, ReplicateStatus.COMPUTING), first_try=True
+    )
+    timeline = store.replicate(TASK, "0x" + "bb" * 20)["timeline"]  # type: ignore[index]
+    assert [e["status"] for e in timeline][-2:] == ["APP_DOWNLOADING", "COMPUTING"]
