@@ -54,13 +54,8 @@ def report(scheduler: Scheduler, status: ReplicateStatus, **fields: Any) -> None
     scheduler.reports.apply(ReplicateReport(TASK, WORKER, status, **fields))
 
 
-def test_an_upload_reported_after_it_was_given_up_as_timed_out_is_finalized(
-    scheduler: Scheduler,
-    store: Store,
-    chain: FakeChain,
-    celery: FakeCelery,
-) -> None:
-    # Given a trust-1 task whose only winner revealed and was asked to upload
+def _running_task(store: Store, replicate: ReplicateStatus) -> None:
+    """A RUNNING trust-1 task with WORKER's replicate at ``replicate``."""
     store.save_deal(
         {"chainDealId": "0x" + "de" * 32},
         [
@@ -81,7 +76,17 @@ def test_an_upload_reported_after_it_was_given_up_as_timed_out_is_finalized(
         ],
     )
     store.create_replicate(TASK, WORKER, {})
-    store.advance_replicate(TASK, WORKER, ReplicateStatus.CONTRIBUTED)
+    store.advance_replicate(TASK, WORKER, replicate)
+
+
+def test_an_upload_reported_after_it_was_given_up_as_timed_out_is_finalized(
+    scheduler: Scheduler,
+    store: Store,
+    chain: FakeChain,
+    celery: FakeCelery,
+) -> None:
+    # Given a trust-1 task whose only winner revealed and was asked to upload
+    _running_task(store, ReplicateStatus.CONTRIBUTED)
     chain.tasks[TASK] = chain_task(
         TASK, ChainTaskStatus.REVEALING, [WORKER], winner_counter=1, reveal_deadline=NOW + 600
     )
@@ -110,30 +115,6 @@ def test_an_upload_reported_after_it_was_given_up_as_timed_out_is_finalized(
     assert len(celery.of(UPLOAD.name)) == 1  # nobody asked to upload again
 
 
-def _running_task(store: Store) -> None:
-    store.save_deal(
-        {"chainDealId": "0x" + "de" * 32},
-        [
-            {
-                "chainTaskId": TASK,
-                "chainDealId": "0x" + "de" * 32,
-                "index": 0,
-                "status": "RUNNING",
-                "trust": 1,
-                "queue": "replicates.standard",
-                "timeref": 300,
-                "contributionDeadline": NOW + 1000,
-                "finalDeadline": NOW + 3000,
-                "jobsQueued": 1,
-                "replicatesNeeded": 1,
-                "replicatesGranted": 1,
-            }
-        ],
-    )
-    store.create_replicate(TASK, WORKER, {})
-    store.advance_replicate(TASK, WORKER, ReplicateStatus.COMPUTING)
-
-
 def _statuses(store: Store) -> list[str]:
     return [e["status"] for e in store.replicate(TASK, WORKER)["timeline"]]  # type: ignore[index]
 
@@ -143,7 +124,7 @@ def test_an_error_results_contributing_processed_before_its_failure_waits_for_it
 ) -> None:
     # Given a replicate COMPUTING whose app failed: the node reports COMPUTE_FAILED, then
     # CONTRIBUTING its error result, and the scheduler's threads take the second one first
-    _running_task(store)
+    _running_task(store, ReplicateStatus.COMPUTING)
     contributing = ReplicateReport(TASK, WORKER, ReplicateStatus.CONTRIBUTING)
     # When the CONTRIBUTING is applied on its first try: it waits (asked again later)
     with pytest.raises(NotYet):
@@ -169,7 +150,7 @@ def test_an_error_results_contributing_processed_before_its_failure_waits_for_it
 def test_a_report_whose_skipped_statuses_cannot_be_a_failure_is_applied_at_once(
     scheduler: Scheduler, store: Store
 ) -> None:
-    _running_task(store)
+    _running_task(store, ReplicateStatus.COMPUTING)
     # a CONTRIBUTING asked again (not its first try) whose failure report never came: applied,
     # the statuses in between implied
     scheduler.reports.apply(
