@@ -1,10 +1,13 @@
 """The node's liveness never waits for Docker: a busy engine once took 60 s to list
 containers and, with the orphan clean-up on the heartbeat thread, live nodes were judged
-LOST in the middle of a 200-task deal (ops/bench). Fakes: fakeredis, a stub Celery, a runner
-whose container listing hangs."""
+LOST in the middle of a 200-task deal (ops/bench). A node resumes only what its previous
+life left. An upload asked twice (anyone on Redis can ask) publishes once and reports the same
+link. Fakes: fakeredis, a stub Celery, a runner whose container listing hangs, a chain that
+answers one question."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -13,8 +16,9 @@ from typing import Any
 
 import fakeredis
 
+from poco.types import ContributionStatus
 from pool import keys
-from pool.messages import MessageSigner, Messenger, heartbeat_time
+from pool.messages import REPORT, MessageSigner, Messenger, heartbeat_time
 from pool.settings import Settings
 from testing.celery import FAKE_DOMAIN, FakeCelery, fake_messenger
 from testing.runner import FakeRunner
@@ -124,3 +128,66 @@ def test_resume_takes_only_what_a_previous_life_left_not_the_first_jobs_of_this_
     # no chain read, no report, its directory untouched
     assert node.leftovers == [old] and outcomes == [] and chain.read == [] and not celery.messages
     assert (tmp_path / ADDRESS / new / "state.json").exists()
+
+
+class ChainSaysRevealed:
+    """The chain of a task this node revealed (what an upload request checks)."""
+
+    def view_contribution(self, taskid: str, worker: str) -> Any:
+        return SimpleNamespace(status=ContributionStatus.PROVED)
+
+
+class CountingPublisher:
+    storage = "ipfs"
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish(self, task_id: str, data: bytes) -> str:
+        self.published.append((task_id, data))
+        return "/ipfs/QmResult"
+
+
+def _reports(celery: FakeCelery) -> list[dict[str, Any]]:
+    return [json.loads(m.args[0]["body"]) for m in celery.of(REPORT.name)]
+
+
+def test_an_upload_asked_twice_publishes_once_and_gives_the_same_link_again(
+    tmp_path: Path,
+) -> None:
+    # Given a node that revealed a task and keeps its zipped result
+    taskid = "0x" + "03" * 32
+    task_dir = tmp_path / ADDRESS / taskid
+    task_dir.mkdir(parents=True)
+    (task_dir / "result.zip").write_bytes(b"zipped result")
+    (task_dir / "state.json").write_text(
+        json.dumps({"digest": "0x" + "00" * 32, "zip": str(task_dir / "result.zip")})
+    )
+    celery = FakeCelery()
+    node = _node(tmp_path, ChainSaysRevealed(), celery)
+    publisher = CountingPublisher()
+    node.publisher = publisher  # type: ignore[assignment]
+    # When anyone on Redis asks it to upload (early, before the scheduler's own request),
+    # and then the scheduler asks
+    first = node.upload(taskid)
+    second = node.upload(taskid)
+    # Then the result was published once, and both requests reported its link
+    assert publisher.published == [(taskid, b"zipped result")]
+    assert first.status == second.status == "RESULT_UPLOADED"
+    uploaded = [r for r in _reports(celery) if r["status"] == "RESULT_UPLOADED"]
+    assert [r["result_link"] for r in uploaded] == [uploaded[0]["result_link"]] * 2
+    assert "QmResult" in uploaded[0]["result_link"]
+    # And only the link is left of the task's files
+    assert sorted(p.name for p in task_dir.iterdir()) == ["state.json"]
+
+
+def test_an_upload_asked_of_a_node_with_nothing_to_publish_sends_the_scheduler_elsewhere(
+    tmp_path: Path,
+) -> None:
+    celery = FakeCelery()
+    node = _node(tmp_path, ChainSaysRevealed(), celery)
+    taskid = "0x" + "04" * 32
+    outcome = node.upload(taskid)
+    assert outcome.status == "REVEALED"
+    (report,) = _reports(celery)
+    assert report["status"] == "REVEALED" and report["upload_failed"] is True

@@ -1019,18 +1019,40 @@ class WorkerNode:
         return JobOutcome(taskid, str(R.REVEALED))
 
     def upload(self, taskid: str) -> JobOutcome:
-        state = self._state(taskid)
-        # a request to upload may come from anyone who can write to Redis: the result is
-        # published only once this node revealed (the chain is closed to contributions then),
-        # never while a free-rider could still contribute a digest computed from it
+        """Publish the result and report its link. A request may come from anyone who can
+        write to Redis, so the same request may come twice, or before the scheduler's own:
+        the result is published once, and only its link is kept afterwards (the janitor
+        deletes it when the task is final), so that every later request reports that link
+        again rather than finding nothing."""
+        try:
+            state = self._state(taskid)
+        except PocoError as exc:  # nothing here to publish: the scheduler asks another winner
+            self.report(taskid, R.REVEALED, reason=f"upload failed: {exc}", upload_failed=True)
+            return JobOutcome(taskid, str(R.REVEALED), str(exc))
+        # the result is published only once this node revealed (the chain is closed to
+        # contributions then), never while a free-rider could still contribute a digest
+        # computed from it
         mine = self._on_chain(taskid)
         if mine != ContributionStatus.PROVED:
             log.warning("task %s: upload asked before our reveal (%s): ignored", taskid, mine.name)
             return JobOutcome(taskid, "DROPPED", f"not revealed on chain ({mine.name})")
         self.report(taskid, R.RESULT_UPLOADING)
-        link, callback_data = self._result_link(taskid, state)
-        self.report(taskid, R.RESULT_UPLOADED, result_link=link, callback_data=callback_data)
-        self.purge(taskid)  # published: the link is all finalize needs
+        task_dir = self.workdir / taskid
+        with task_lock(task_dir):  # two requests at once publish once
+            state = self._state(taskid)
+            published = state.get("published")
+            if published is None:
+                link, callback_data = self._result_link(taskid, state)
+                published = {"resultLink": link, "callbackData": callback_data}
+                # the link is all finalize needs: the result and its inputs go
+                _clear(task_dir)
+                _write_json(task_dir / "state.json", {"published": published})
+        self.report(
+            taskid,
+            R.RESULT_UPLOADED,
+            result_link=published["resultLink"],
+            callback_data=published["callbackData"],
+        )
         return JobOutcome(taskid, str(R.RESULT_UPLOADED))
 
     def _result_link(self, taskid: str, state: dict[str, Any]) -> tuple[str, str]:
