@@ -81,11 +81,14 @@ def run_control(loglevel: str) -> None:
     key = sys.stdin.readline().strip()
     with refusals(ValueError):
         app, node = create_control_app(Settings.from_env(), key)
-    app.worker_main(
-        _celery_argv(
-            worker_queue(node.address), 4, loglevel, f"control-{node.address.lower()[:10]}"
+    try:
+        app.worker_main(
+            _celery_argv(
+                worker_queue(node.address), 4, loglevel, f"control-{node.address.lower()[:10]}"
+            )
         )
-    )
+    finally:
+        node.reporter.flush()  # a progress report still held
 
 
 def run_compute(loglevel: str) -> None:

@@ -15,6 +15,12 @@ def utcnow() -> dt.datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000, tzinfo=None)
 
 
+def from_unix(seconds: float) -> dt.datetime:
+    """A Unix time, as the store writes times (naive UTC, milliseconds)."""
+    moment = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000, tzinfo=None)
+
+
 def iso(moment: dt.datetime) -> str:
     """The iExec market's timestamp format (``2024-05-01T12:00:00.000Z``); sorts as it reads."""
     return moment.isoformat(timespec="milliseconds") + "Z"

@@ -37,6 +37,7 @@ import enum
 import functools
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -103,13 +104,13 @@ class AnswerLost(Exception):
 
 class Payload:
     """A message body: a frozen dataclass sent as one JSON object of its fields (a field left
-    at None is not sent)."""
+    at None, or at its default empty list, is not sent)."""
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or (value == () and f.default == ()):
                 continue
             wire[f.name] = list(value) if isinstance(value, tuple) else value
         return wire
@@ -255,6 +256,23 @@ class ReplicateReport(Payload):
     # ABORTED because of the node itself (its Docker engine, the registry as seen from it,
     # its disk): planned on another node, and counted towards pausing this one
     node_fault: bool = False
+    # the progress statuses the replicate went through since the node's previous report,
+    # oldest first, and when (Unix seconds): reported with this one instead of one message
+    # each (workers/reporting.py)
+    passed: tuple[ReplicateStatus, ...] = ()
+    passed_at: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.passed) != len(self.passed_at):
+            raise MessageError("ReplicateReport: passed and passed_at differ in length")
+        if len(self.passed) > MAX_PASSED or len(set(self.passed)) != len(self.passed):
+            raise MessageError(f"ReplicateReport: at most {MAX_PASSED} distinct passed statuses")
+        if self.status in self.passed or not all(math.isfinite(t) for t in self.passed_at):
+            raise MessageError("ReplicateReport: passed must be other statuses, at finite times")
+
+
+# a report carries at most this many statuses it passed (a replicate's whole progress)
+MAX_PASSED = 8
 
 
 class ReportFields(TypedDict, total=False):

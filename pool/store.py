@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pymongo
@@ -576,11 +576,16 @@ class Store:
         extra: dict[str, Any] | None = None,
         stale_from: frozenset[str] = frozenset(),
         check: Callable[[dict[str, Any], list[ReplicateStatus]], None] | None = None,
+        passed: Mapping[ReplicateStatus, dt.datetime] | None = None,
     ) -> dict[str, Any] | None:
         """Bring a replicate to ``target`` through the allowed statuses in between (reports
-        can be processed out of order). Returns None for a stale report (``target`` is behind
-        the current status, or the replicate is in one of ``stale_from``: a transition back
-        the report does not mean) or an unknown replicate.
+        can be processed out of order), in one write. Returns None for a stale report
+        (``target`` is behind the current status, or the replicate is in one of
+        ``stale_from``: a transition back the report does not mean) or an unknown replicate.
+
+        ``passed``: the statuses the worker says it went through on the way, and when: the
+        timeline records them at that time (kept between the replicate's last change and
+        now); the others in between are recorded as implied by the report.
 
         ``check`` sees the replicate and the statuses about to be walked (none when the
         replicate is there already) before anything is written, and may raise to stop the
@@ -589,27 +594,32 @@ class Store:
             current = self.replicate(taskid, worker)
             if current is None or current["status"] in stale_from:
                 return None
-            path = path_to(REPLICATE_TRANSITIONS, ReplicateStatus(current["status"]), target)
+            path = _route(ReplicateStatus(current["status"]), list(passed or ()), target)
             if path is None:
                 return None
             if check is not None:
                 check(current, path)
             if not path:
                 return current
+            now = utcnow()
+            floor = current.get("updatedAt") or now
+            through: list[tuple[ReplicateStatus, dt.datetime | None]] = []
+            for step in path[:-1]:
+                at = (passed or {}).get(step)
+                if at is not None:  # a worker's clock: in order, and not ahead of ours
+                    at = floor = min(max(at, floor), now)
+                through.append((step, at))
             try:
-                doc = current
-                for step in path:
-                    last = step == target
-                    doc = self.transition_replicate(
-                        taskid,
-                        worker,
-                        step,
-                        tx_hash=tx_hash if last else None,
-                        note=note if last else "implied by a later report",
-                        cause=cause if last else None,
-                        extra=extra if last else None,
-                    )
-                return doc
+                return self.transition_replicate(
+                    taskid,
+                    worker,
+                    target,
+                    tx_hash=tx_hash,
+                    note=note,
+                    cause=cause,
+                    extra=extra,
+                    through=through,
+                )
             except InvalidTransition:
                 continue
         return None
@@ -730,6 +740,7 @@ class Store:
         note: str | None = None,
         cause: str | None = None,
         extra: dict[str, Any] | None = None,
+        through: Sequence[tuple[ReplicateStatus, dt.datetime | None]] = (),
     ) -> dict[str, Any]:
         return _transition(
             self.replicates,
@@ -743,6 +754,7 @@ class Store:
             cause,
             # a change: its progress bound is looked at from now (:meth:`replicates_due`)
             marks=("stallAt",),
+            through=through,
         )
 
     # ---- compute logs -----------------------------------------------------------------------
@@ -1011,6 +1023,23 @@ def _projection(fields: Iterable[str] | None) -> dict[str, int]:
     return {"_id": 0, **{name: 1 for name in fields}}
 
 
+def _route(
+    current: ReplicateStatus, passed: list[ReplicateStatus], target: ReplicateStatus
+) -> list[ReplicateStatus] | None:
+    """The statuses from ``current`` to ``target``: through the ones the worker says it
+    passed, in their order, when that is a way the transitions allow; otherwise the shortest
+    way (:func:`path_to`), or None when ``target`` cannot be reached."""
+    route: list[ReplicateStatus] = []
+    at = current
+    for step in [*passed, target]:
+        leg = path_to(REPLICATE_TRANSITIONS, at, step)
+        if leg is None:
+            return path_to(REPLICATE_TRANSITIONS, current, target)
+        route += leg
+        at = step
+    return route
+
+
 def _event(
     new: Any, now: dt.datetime, tx_hash: str | None, note: str | None, cause: str | None = None
 ) -> dict[str, Any]:
@@ -1036,11 +1065,18 @@ def _transition(
     inc: dict[str, int] | None,
     cause: str | None = None,
     marks: Iterable[str] = (),
+    through: Sequence[tuple[Any, dt.datetime | None]] = (),
 ) -> dict[str, Any]:
     """Move the document at ``key`` to ``new`` from a status that allows it (its fields
-    ``marks`` set to the time of the change, as ``updatedAt``)."""
+    ``marks`` set to the time of the change, as ``updatedAt``). ``through``: the statuses
+    walked on the way, each allowed from the one before, recorded in the timeline before
+    ``new`` in the same write: at their time, or now as implied by the change."""
     now = utcnow()
-    event = _event(new, now, tx_hash, note, cause)
+    events = [
+        _event(step, at or now, None, None if at else "implied by a later report")
+        for step, at in through
+    ]
+    events.append(_event(new, now, tx_hash, note, cause))
     update: dict[str, Any] = {
         "$set": {
             **(extra or {}),
@@ -1048,12 +1084,13 @@ def _transition(
             "status": str(new),
             "updatedAt": now,
         },
-        "$push": {"timeline": event},
+        "$push": {"timeline": events[0] if len(events) == 1 else {"$each": events}},
     }
     if inc:
         update["$inc"] = inc
+    first = through[0][0] if through else new
     doc = collection.find_one_and_update(
-        {**key, "status": {"$in": predecessors(table, new)}},
+        {**key, "status": {"$in": predecessors(table, first)}},
         update,
         projection={"_id": 0},
         return_document=ReturnDocument.AFTER,

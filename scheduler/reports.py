@@ -33,6 +33,7 @@ from typing import Any
 
 from poco.results import callback_bytes, parse_result_link
 from poco.types import ChainTaskStatus, ContributionStatus, Task
+from pool.clock import from_unix
 from pool.messages import (
     BAD_RESULT_LINK,
     BAD_STATUS,
@@ -114,7 +115,7 @@ class Reports:
         def check(current: dict[str, Any], path: list[ReplicateStatus]) -> None:
             if (
                 first_try
-                and len(path) > 1
+                and not set(path[:-1]) <= set(report.passed)  # (the worker's own account)
                 and may_stand_for_a_failure(
                     REPLICATE_TRANSITIONS, ReplicateStatus(current["status"]), target
                 )
@@ -139,6 +140,10 @@ class Reports:
             if target == R.REVEALED and not report.upload_failed
             else frozenset(),
             check=check,
+            passed={
+                status: from_unix(at)
+                for status, at in zip(report.passed, report.passed_at, strict=True)
+            },
         )
         if doc is None:
             if self.store.replicate(taskid, worker) is None:

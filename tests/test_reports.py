@@ -3,12 +3,15 @@ devnet tests reach only under load."""
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from typing import Any
 
 import pytest
 
 from poco.types import ChainTaskStatus, ContributionStatus
-from pool.messages import REVEAL, UPLOAD, Messenger, ReplicateReport
+from pool.clock import utcnow
+from pool.messages import REVEAL, UPLOAD, MessageError, Messenger, ReplicateReport
 from pool.settings import Settings
 from pool.states import ReplicateStatus, ReplicateStatusCause, TaskStatus
 from pool.store import Store
@@ -23,6 +26,7 @@ POOL = "0x" + "11" * 20
 WORKER = "0x" + "aa" * 20
 TASK = "0x" + "0a" * 32
 NOW = 1_000_000
+R = ReplicateStatus
 LINK = '{ "storage": "ipfs", "location": "/ipfs/QmYnLRMJpuWMYdor2GYo5M4NZCPoEpVaXJeS56aPz77hdc" }'
 
 
@@ -165,3 +169,97 @@ def test_a_report_whose_skipped_statuses_cannot_be_a_failure_is_applied_at_once(
     )
     timeline = store.replicate(TASK, "0x" + "bb" * 20)["timeline"]  # type: ignore[index]
     assert [e["status"] for e in timeline][-2:] == ["APP_DOWNLOADING", "COMPUTING"]
+
+
+def test_a_report_carrying_the_statuses_it_passed_records_them_at_their_time_in_one_write(
+    scheduler: Scheduler, store: Store
+) -> None:
+    # Given a replicate at CREATED, and a node whose fast task went through STARTING,
+    # APP_DOWNLOADING and COMPUTING before it computed (one report for the four)
+    _running_task(store, ReplicateStatus.CREATED)
+    hour_ago = utcnow() - dt.timedelta(hours=1)
+    store.replicates.update_one({"chainTaskId": TASK}, {"$set": {"updatedAt": hour_ago}})
+    start = time.time() - 3
+    computed = ReplicateReport(
+        TASK,
+        WORKER,
+        ReplicateStatus.COMPUTED,
+        passed=(ReplicateStatus.STARTING, ReplicateStatus.APP_DOWNLOADING, R.COMPUTING),
+        passed_at=(start, start + 1, start + 2),
+    )
+    writes = store.replicates.find_one_and_update
+    calls: list[Any] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return writes(*args, **kwargs)
+
+    store.replicates.find_one_and_update = counted  # type: ignore[method-assign]
+    # When it is applied on its first try: no wait, since the node says what it went through
+    scheduler.reports.apply(computed, first_try=True)
+    # Then the timeline has the four, the passed ones at the node's times, in one write
+    timeline = store.replicate(TASK, WORKER)["timeline"]  # type: ignore[index]
+    assert [e["status"] for e in timeline][-4:] == [
+        "STARTING",
+        "APP_DOWNLOADING",
+        "COMPUTING",
+        "COMPUTED",
+    ]
+    times = [e["at"] for e in timeline[-4:]]
+    assert times == sorted(times) and times[0] < times[1] < times[2]
+    assert all("note" not in e for e in timeline[-4:-1])  # reported, not implied
+    assert len(calls) == 1
+
+
+def test_a_report_that_says_it_passed_the_status_a_failure_could_stand_for_does_not_wait(
+    scheduler: Scheduler, store: Store
+) -> None:
+    # (without passed, this CONTRIBUTING waits once: the test above)
+    _running_task(store, ReplicateStatus.COMPUTING)
+    scheduler.reports.apply(
+        ReplicateReport(
+            TASK, WORKER, R.CONTRIBUTING, passed=(R.COMPUTED,), passed_at=(time.time(),)
+        ),
+        first_try=True,
+    )
+    assert _statuses(store)[-2:] == ["COMPUTED", "CONTRIBUTING"]
+
+
+def test_passed_statuses_cannot_reorder_a_timeline_nor_date_it_ahead(
+    scheduler: Scheduler, store: Store
+) -> None:
+    _running_task(store, ReplicateStatus.STARTING)
+    now = time.time()
+    # a node clock an hour ahead, and one a day behind the replicate's last change
+    scheduler.reports.apply(
+        ReplicateReport(
+            TASK,
+            WORKER,
+            R.COMPUTED,
+            passed=(R.APP_DOWNLOADING, R.COMPUTING),
+            passed_at=(now - 86_400, now + 3_600),
+        ),
+        first_try=True,
+    )
+    timeline = store.replicate(TASK, WORKER)["timeline"]  # type: ignore[index]
+    times = [e["at"] for e in timeline]
+    assert times == sorted(times)
+    assert timeline[-2]["at"] <= timeline[-1]["at"]
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"passed": ["STARTING"], "passed_at": []},  # a time missing
+        {"passed": ["STARTING", "STARTING"], "passed_at": [1.0, 2.0]},  # twice
+        {"passed": ["COMPUTED"], "passed_at": [1.0]},  # the status itself
+        {"passed": ["NOT_A_STATUS"], "passed_at": [1.0]},
+        {"passed": ["STARTING"], "passed_at": ["soon"]},
+    ],
+)
+def test_a_report_whose_passed_statuses_do_not_hold_together_is_malformed(
+    wire: dict[str, Any],
+) -> None:
+    body = {"taskid": TASK, "worker": WORKER, "status": "COMPUTED", **wire}
+    with pytest.raises(MessageError):
+        ReplicateReport.from_wire(body)

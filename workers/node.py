@@ -56,6 +56,7 @@ from workers import results as results_mod
 from workers import tee as tee_mod
 from workers.identity import IndexLease, LeaseLost, liveness_ttl
 from workers.publishers import PublishError, ResultPublisher
+from workers.reporting import Reporter
 from workers.runner import (
     AppImageError,
     AppRun,
@@ -199,6 +200,7 @@ class WorkerNode:
         self.wallet = wallet
         self.address = wallet.address
         self.messages = messages
+        self.reporter = Reporter(messages.report)
         self.redis = redis  # liveness keys (None: the scheduler reads heartbeat messages only)
         self.lease = lease  # the mnemonic index this node holds, renewed with each heartbeat
         self.runner = runner
@@ -227,8 +229,9 @@ class WorkerNode:
     # ---- messages to the scheduler ----------------------------------------------------------
     def report(self, taskid: str, status: ReplicateStatus, **fields: Unpack[ReportFields]) -> None:
         """Tell the scheduler this node's replicate of ``taskid`` is now ``status``
-        (``fields``: what :class:`~pool.messages.ReplicateReport` carries beside it)."""
-        self.messages.report(ReplicateReport(taskid, self.address, status, **fields))
+        (``fields``: what :class:`~pool.messages.ReplicateReport` carries beside it). A
+        progress status may go with the next report (workers/reporting.py)."""
+        self.reporter.report(ReplicateReport(taskid, self.address, status, **fields))
 
     def heartbeat(self) -> dict[str, Any]:
         """Send a signed heartbeat; returns its envelope."""
@@ -904,7 +907,7 @@ class WorkerNode:
         """Trust 1: publish the result, then contribute, reveal and finalize in one
         transaction (PoCo's contributeAndFinalize); the scheduler only records it. Falls back
         to the classic contribute when publishing fails (the upload is then asked later)."""
-        self.report(taskid, R.CONTRIBUTING, note="contributeAndFinalize")
+        self.report(taskid, R.CONTRIBUTING)  # (the COMPLETED report says it finalized)
         try:
             link, callback_data = self._result_link(taskid, state)
         except PublishError as exc:

@@ -211,6 +211,7 @@ def register_compute(app: Celery, node: WorkerNode) -> None:
     @worker_shutdown.connect(weak=False)
     def stop_heartbeat(**_: Any) -> None:
         stop.set()
+        node.reporter.flush()  # a progress report still held
 
 
 def register_control(app: Celery, node: WorkerNode) -> None:
