@@ -31,19 +31,22 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, namedtuple
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
+import eth_abi
 import requests
 from eth_account import Account as EthAccount
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
+from eth_utils.abi import collapse_if_tuple, function_abi_to_4byte_selector
 from web3 import Web3
 from web3.exceptions import (
     BlockNotFound,
@@ -200,6 +203,61 @@ class _CountingProvider(HTTPProvider):
         return super()._make_request(method, request_data)
 
 
+class _Read:
+    """A read of one hub function, with what web3's contract machinery works out again on
+    every call (the function's ABI entry found among ~100 and validated, its selector hashed,
+    each value normalized by walking the ABI) worked out once: the arguments are encoded and
+    the answer decoded with eth_abi, addresses checksummed and structs as named tuples, as
+    web3 returns them. Half of a viewTask's CPU went to that machinery (ops/bench)."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.name = str(entry["name"])
+        self.selector = function_abi_to_4byte_selector(cast(Any, entry))
+        self.inputs = [collapse_if_tuple(arg) for arg in entry["inputs"]]
+        outputs = entry["outputs"]
+        self.outputs = [collapse_if_tuple(out) for out in outputs]
+        self.shapes = [_shape(out) for out in outputs]
+
+    def calldata(self, *args: Any) -> str:
+        return "0x" + (self.selector + eth_abi.encode(self.inputs, args)).hex()
+
+    def decode(self, answer: bytes) -> Any:
+        values = eth_abi.decode(self.outputs, bytes(answer))
+        shaped = [shape(value) for shape, value in zip(self.shapes, values, strict=True)]
+        return shaped[0] if len(shaped) == 1 else tuple(shaped)
+
+
+def _shape(arg: dict[str, Any]) -> Callable[[Any], Any]:
+    """How a decoded value of ABI type ``arg`` is given back (as web3 gives it)."""
+    kind = str(arg["type"])
+    if kind.endswith("]"):  # an array: each element shaped as the element type
+        inner = _shape({**arg, "type": kind[: kind.rindex("[")]})
+        return lambda values: [inner(v) for v in values]
+    if kind == "tuple":
+        components = arg["components"]
+        record = namedtuple(  # type: ignore[misc]  # (names from the ABI)
+            str(arg.get("internalType", "tuple")).rpartition(".")[2].split(" ")[-1] or "Struct",
+            [str(c["name"]) for c in components],
+            rename=True,
+        )
+        parts = [_shape(c) for c in components]
+        return lambda value: record(*(part(v) for part, v in zip(parts, value, strict=True)))
+    if kind == "address":
+        return to_checksum_address
+    return lambda value: value
+
+
+@functools.cache
+def _hub_reads() -> dict[str, _Read]:
+    """The hub reads made for every task, worked out once per process."""
+    wanted = {"viewTask", "viewContribution"}
+    return {
+        str(entry["name"]): _Read(entry)
+        for entry in proxy_abi()
+        if entry.get("type") == "function" and entry.get("name") in wanted
+    }
+
+
 class _Immutable:
     """A bounded memo of chain values that never change once they exist (LRU)."""
 
@@ -265,6 +323,7 @@ class ChainClient:
         self.eth: Any = self.w3.eth
         self.hub_address = to_checksum_address(hub)
         self.hub = self.eth.contract(address=self.hub_address, abi=proxy_abi(), decode_tuples=True)
+        self._reads = _hub_reads()
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -397,17 +456,18 @@ class ChainClient:
         return self._immutable.get(key, read, lambda d: d.exists)
 
     def view_task(self, taskid: str) -> Task:
-        raw = self.rpc("viewTask", lambda: self.hub.functions.viewTask(_hex32(taskid)).call())
-        return Task.from_chain(taskid, raw)
+        return Task.from_chain(taskid, self._read("viewTask", _hex32(taskid)))
 
     def view_contribution(self, taskid: str, worker: str) -> Contribution:
-        raw = self.rpc(
-            "viewContribution",
-            lambda: self.hub.functions.viewContribution(
-                _hex32(taskid), to_checksum_address(worker)
-            ).call(),
-        )
+        raw = self._read("viewContribution", _hex32(taskid), to_checksum_address(worker))
         return Contribution.from_chain(raw)
+
+    def _read(self, name: str, *args: Any) -> Any:
+        """Call the hub's view function ``name`` (the hot reads: :class:`_Read`)."""
+        read = self._reads[name]
+        data = read.calldata(*args)
+        answer = self.rpc(name, lambda: self.eth.call({"to": self.hub_address, "data": data}))
+        return read.decode(answer)
 
     def count_category(self) -> int:
         return self.rpc("countCategory", lambda: int(self.hub.functions.countCategory().call()))

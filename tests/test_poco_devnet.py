@@ -14,7 +14,7 @@ from poco.chain import ChainClient
 from poco.errors import TransactionReverted
 from poco.orders import AppOrder, RequestOrder, WorkerpoolOrder, random_salt
 from poco.proofs import deal_id, result_hash, sign_authorization, task_id
-from poco.types import ChainTaskStatus, ContributionStatus
+from poco.types import ChainTaskStatus, Contribution, ContributionStatus, Task
 
 pytestmark = pytest.mark.devnet
 
@@ -272,3 +272,30 @@ def test_a_client_counts_its_requests_and_transactions_and_reads_a_deal_once(
     assert calls["eth_call"] == 3
     assert calls["eth_estimateGas"] == 1 and calls["eth_sendRawTransaction"] == 1
     assert calls["eth_getTransactionReceipt"] >= 1
+
+
+def test_the_hot_reads_decode_what_web3_s_contract_machinery_decodes(
+    chain_snapshot: DevnetHandle,
+) -> None:
+    # (viewTask and viewContribution skip web3's per-call ABI work: same values, same shapes)
+    devnet = chain_snapshot
+    client = devnet.client
+    worker = devnet.worker_wallet(0)
+    deal = _match(devnet, appprice=APP_PRICE, workerpoolprice=POOL_PRICE)
+    taskid = deal.taskids()[0]
+    actions.initialize(devnet.wallet("scheduler"), deal.dealid, deal.bot_first)
+    auth = sign_authorization(devnet.key("scheduler"), worker.address, taskid)
+    actions.contribute(worker, taskid, DIGEST, auth)  # a contributor, a consensus value
+    raw = bytes.fromhex(taskid[2:])
+    by_web3 = client.hub.functions.viewTask(raw).call()
+    assert client._read("viewTask", raw) == tuple(by_web3)
+    assert client.view_task(taskid) == Task.from_chain(taskid, by_web3)
+    assert client.view_task(taskid).contributors == (worker.address,)
+    contribution = client.hub.functions.viewContribution(raw, worker.address).call()
+    assert client.view_contribution(taskid, worker.address) == Contribution.from_chain(contribution)
+    assert client.view_contribution(taskid, worker.address).status == ContributionStatus.CONTRIBUTED
+    # a task that does not exist reads as zeros, as through web3
+    unknown = "0x" + "77" * 32
+    assert client.view_task(unknown) == Task.from_chain(
+        unknown, client.hub.functions.viewTask(bytes.fromhex("77" * 32)).call()
+    )
