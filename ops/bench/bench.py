@@ -59,11 +59,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "scale_timeout": 1800,
     },
 }
+ENGINE = "docker engine"  # (its CPU runs the apps: a bare docker run costs it too)
+# the goals (issue 21): a figure beside its goal in the table, OK or MISS; never asserted
 TARGETS = {
-    "overhead_s": 1.0,
-    "throughput_ratio": 0.70,
-    "dispatch_tasks_per_s": 100.0,
-    "rss_mb_10k": 300.0,
+    "overhead_s": 0.15,
+    "throughput_ratio": 0.90,
+    "pool_cpu_ms_per_task": 50.0,  # scheduler + workers + chain node, beyond the engine's
+    "dispatch_tasks_per_s": 500.0,
+    "idle_tick_s": 0.05,
+    "rss_mb": 300.0,
     "init_tx_per_task": 1 / 20,
 }
 
@@ -295,16 +299,26 @@ def table(results: dict[str, Any]) -> str:
                 f">= {100 * TARGETS['throughput_ratio']:.0f} % {'OK' if ok else 'MISS'}",
             )
         )
+        per = t["cpu_ms_per_task"]
+        pool_cpu = sum(v for k, v in per.items() if k != ENGINE)
+        ok = pool_cpu <= TARGETS["pool_cpu_ms_per_task"]
+        rows.append(
+            (
+                "2 pool CPU per task (scheduler, workers, chain node)",
+                fmt(pool_cpu, " ms"),
+                "",
+                ", ".join(f"{k.split(' ')[0]} {v:.0f}" for k, v in per.items() if k != ENGINE)
+                + f" (docker engine {per.get(ENGINE, 0):.0f})",
+                f"<= {TARGETS['pool_cpu_ms_per_task']:.0f} ms {'OK' if ok else 'MISS'}",
+            )
+        )
         if "machine_cpu_ms_per_run" in t["bare_docker"]:
-            per = t["cpu_ms_per_task"]
             rows.append(
                 (
                     "2 machine CPU per task (all processes)",
                     fmt(t["machine_cpu_ms_per_task"], " ms"),
                     fmt(t["bare_docker"]["machine_cpu_ms_per_run"], " ms"),
-                    ", ".join(
-                        f"{k.split(' ')[0]} {v:.0f}" for k, v in per.items() if k != "docker engine"
-                    ),
+                    ", ".join(f"{k.split(' ')[0]} {v:.0f}" for k, v in per.items() if k != ENGINE),
                     "",
                 )
             )
@@ -372,19 +386,30 @@ def table(results: dict[str, Any]) -> str:
                 f"3 scheduler dispatch, {n} tasks",
                 fmt(d["tasks_per_s"], " tasks/s"),
                 f"{d['us_per_task']:.0f} us/task",
-                f"idle tick {s['idle_tick']['median_s']:.2f} s",
-                f">= 100/s {'OK' if ok else 'MISS'}",
+                "",
+                f">= {TARGETS['dispatch_tasks_per_s']:.0f}/s {'OK' if ok else 'MISS'}",
+            )
+        )
+        idle = s["idle_tick"]
+        ok = idle["median_s"] <= TARGETS["idle_tick_s"]
+        rows.append(
+            (
+                f"3 scheduler idle tick, {n} tasks running",
+                f"{1000 * idle['median_s']:.1f} ms",
+                "",
+                f"{idle['store_ops']:g} store ops, {sum(idle['docs_read'].values()):g} docs read",
+                f"<= {1000 * TARGETS['idle_tick_s']:.0f} ms {'OK' if ok else 'MISS'}",
             )
         )
         rss = s["rss_mb"]["peak"]
-        lim = TARGETS["rss_mb_10k"] if n <= 10000 else None
+        ok = rss <= TARGETS["rss_mb"]
         rows.append(
             (
                 f"3 scheduler peak RSS, {n} tasks",
                 fmt(rss, " MB"),
                 "incl. in-process store",
                 "",
-                f"<= 300 MB {'OK' if rss <= lim else 'MISS'}" if lim else "",
+                f"<= {TARGETS['rss_mb']:.0f} MB {'OK' if ok else 'MISS'}",
             )
         )
         lc = s.get("lifecycle")
