@@ -480,6 +480,7 @@ class DockerRunner:
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._abort: set[str] = set()
+        self._output_mount_seen = False  # the engine saw a mounted output once
 
     @property
     def client(self) -> docker.DockerClient:
@@ -565,8 +566,11 @@ class DockerRunner:
         try:
             try:
                 container = self._create(run)
-                if run.output_mounted:
+                if run.output_mounted and not self._output_mount_seen:
                     self._check_output_mount(container, run)
+                    # the engine and this process share their mounts: they do for every
+                    # later run (one engine request less per task)
+                    self._output_mount_seen = True
                 return self._start_and_watch(container, run)
             except docker.errors.APIError as exc:  # before RequestException: it is one
                 log.warning("%s: Docker Engine error: %s", run.name, exc)
