@@ -70,7 +70,7 @@ class _Ordered:
     documents that have every field, kept sorted (which key a document has is kept by
     :class:`_Index`)."""
 
-    def __init__(self, fields: tuple[str, ...], ids: dict[int, Any]) -> None:
+    def __init__(self, fields: tuple[str, ...], ids: list[Any]) -> None:
         self.fields = fields
         self.keys: SortedList = SortedList()
         self.ids = ids  # seq -> document id, shared by the collection's indexes
@@ -205,7 +205,9 @@ class _Index:
         self.fwd: dict[str, dict[Any, Any]] = {f: {} for f in INDEXED_FIELDS}
         self.unindexable: dict[Any, None] = {}
         self.seqs: dict[Any, int] = {}  # id -> insertion number
-        self.ids: dict[int, Any] = {}  # insertion number -> id
+        # insertion number -> id (None: deleted; a list grows by one slot per insert ever,
+        # which a test or a benchmark can afford)
+        self.ids: list[Any] = [None]
         self.counter = 0
         self.ordered: list[_Ordered] = []
         self.declared = 0  # indexes of the collection seen by sync
@@ -227,7 +229,7 @@ class _Index:
         if seq is None:
             self.counter += 1
             seq = self.seqs[key] = self.counter
-            self.ids[seq] = key
+            self.ids.append(key)
             was: tuple[tuple[Any, ...], tuple[Any, ...]] | None = (
                 (None,) * len(INDEXED_FIELDS),
                 (None,) * len(self.ordered),
@@ -270,7 +272,7 @@ class _Index:
             for index, old_key in zip(self.ordered, keys, strict=True):
                 index.move(old_key, None)
         self.unindexable.pop(key, None)
-        self.ids.pop(seq, None)
+        self.ids[seq] = None
 
     def _unfile_everywhere(self, key: Any, seq: int) -> None:
         """Take ``key`` out of every index without knowing what it was filed under (a scan of
