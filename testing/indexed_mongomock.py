@@ -194,8 +194,8 @@ def _range(cond: Any) -> tuple[Any, bool, Any, bool] | None:
 
 
 class _Index:
-    """The collection's hash indexes (field -> value -> the ids holding it: one id, or a dict
-    of them in insertion order) and its compound indexes, sorted (:class:`_Ordered`); per
+    """The collection's hash indexes (field -> value -> the ids holding it: one id, or a list
+    or a dict of them in insertion order) and its compound indexes, sorted (:class:`_Ordered`); per
     document only its insertion number. What a document was filed under is computed when it
     changes: from the document it replaces, or, for a document an update changes in place,
     from the copy mongomock takes of it before changing it (:attr:`original`). (Kept small: a
@@ -282,7 +282,7 @@ class _Index:
             held_by = [
                 value
                 for value, held in buckets.items()
-                if (key in held if isinstance(held, dict) else held == key)
+                if (key in held if isinstance(held, dict | list) else held == key)
             ]
             for value in held_by:
                 self._unfile(field, value, key)
@@ -297,12 +297,18 @@ class _Index:
             buckets[value] = key
         elif isinstance(held, dict):
             held[key] = None
+        elif isinstance(held, list):
+            held.append(key)
         elif held != key:
-            buckets[value] = {held: None, key: None}
+            buckets[value] = [held, key]
 
     def _unfile(self, field: str, value: Any, key: Any) -> None:
         buckets = self.fwd[field]
         held = buckets.get(value, _MISSING)
+        if isinstance(held, list):
+            # a bucket is a list (8 bytes an id) while it only grows; a dict from its first
+            # removal on (the ids of a deal never leave its bucket, those of a status do)
+            held = buckets[value] = dict.fromkeys(held)
         if isinstance(held, dict):
             held.pop(key, None)
         elif held is not _MISSING and held == key:
@@ -312,7 +318,7 @@ class _Index:
         held = self.fwd[field].get(value, _MISSING)
         if held is _MISSING:
             return []
-        return list(held) if isinstance(held, dict) else [held]
+        return list(held) if isinstance(held, dict | list) else [held]
 
     def sync(self, indexes: dict[str, Any], documents: dict[Any, dict[str, Any]]) -> None:
         """Build the compound indexes declared since the last look (from the documents)."""
