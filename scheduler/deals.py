@@ -318,21 +318,27 @@ def _deal_doc(deal: Deal, category: Category, entry: Any) -> dict[str, Any]:
 
 def _task_docs(deal: Deal, category: Category, queue: str) -> list[dict[str, Any]]:
     timeref = category.work_clock_time_ref
+    # the deal's values, computed once: its tasks share them (one object per deal in this
+    # process, not one per task: the embedded store keeps what it is given)
+    status = str(TaskStatus.RECEIVED)
+    contribution_deadline = deal.start_time + CONTRIBUTION_DEADLINE_RATIO * timeref
+    final_deadline = deal.start_time + FINAL_DEADLINE_RATIO * timeref
+    needed = replicates_needed(deal.trust)
     return [
         {
             "chainTaskId": task_id(deal.dealid, idx),
             "chainDealId": deal.dealid,
             "index": idx,
-            "status": str(TaskStatus.RECEIVED),
+            "status": status,
             "trust": deal.trust,
             "tag": deal.tag,
             "queue": queue,
             "category": deal.category,
             "timeref": timeref,
-            "contributionDeadline": deal.start_time + CONTRIBUTION_DEADLINE_RATIO * timeref,
-            "finalDeadline": deal.start_time + FINAL_DEADLINE_RATIO * timeref,
+            "contributionDeadline": contribution_deadline,
+            "finalDeadline": final_deadline,
             "jobsQueued": 0,
-            "replicatesNeeded": replicates_needed(deal.trust),
+            "replicatesNeeded": needed,
             "replicatesGranted": 0,
         }
         for idx in range(deal.bot_first, deal.bot_first + deal.bot_size)

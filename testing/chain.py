@@ -95,16 +95,29 @@ def fake_block_hash(block: int) -> str:
 
 class _Tasks(dict[str, Task]):
     """The chain's tasks by id. A task initialized and not changed since is kept as its deal
-    and index, and made when read (a fake chain of 100,000 tasks in flight stays small)."""
+    and index, and made when read (a fake chain of 100,000 tasks in flight stays small: the
+    task id as a number, its deal's number and its index packed in another)."""
 
     def __init__(self, make: Callable[[str, str, int], Task]) -> None:
         super().__init__()
-        self.initialized: dict[str, tuple[str, int]] = {}
+        self.initialized: dict[int, int] = {}  # task id -> deal number << 32 | index
+        self._deals: list[str] = []
+        self._deal_numbers: dict[str, int] = {}
         self._make = make
 
+    def initialize(self, taskid: str, dealid: str, idx: int) -> None:
+        if not 0 <= idx < 2**32:
+            raise AssertionError(f"task index {idx} out of this fake's range")
+        number = self._deal_numbers.get(dealid)
+        if number is None:
+            number = self._deal_numbers[dealid] = len(self._deals)
+            self._deals.append(dealid)
+        self.initialized[_number(taskid)] = number << 32 | idx
+
     def __missing__(self, taskid: str) -> Task:
-        if taskid in self.initialized:
-            return self._make(taskid, *self.initialized[taskid])
+        packed = self.initialized.get(_number(taskid))
+        if packed is not None:
+            return self._make(taskid, self._deals[packed >> 32], packed & 0xFFFFFFFF)
         raise KeyError(taskid)
 
     def get(self, taskid: str, default: Any = None) -> Any:
@@ -114,7 +127,20 @@ class _Tasks(dict[str, Task]):
             return default
 
     def __contains__(self, taskid: object) -> bool:
-        return dict.__contains__(self, taskid) or taskid in self.initialized
+        return dict.__contains__(self, taskid) or (
+            isinstance(taskid, str) and _number(taskid) in self.initialized
+        )
+
+
+def _number(taskid: str) -> int:
+    """A task id's number (-1, which no task has, for what is not a 0x-prefixed bytes32)."""
+    digits = taskid[2:]
+    if len(taskid) != 66 or not taskid.startswith("0x") or not digits.isalnum():
+        return -1
+    try:
+        return int(digits, 16)
+    except ValueError:
+        return -1
 
 
 class FakeChain:
@@ -296,7 +322,7 @@ class FakeChain:
         taskid = task_id(dealid, idx)
         if taskid in self.tasks:
             raise AssertionError(f"task {taskid} initialized twice")
-        self.tasks.initialized[taskid] = (dealid, idx)
+        self.tasks.initialize(taskid, dealid, idx)
 
     def _initialized_task(self, taskid: str, dealid: str, idx: int) -> Task:
         deal = self.deals[dealid]

@@ -41,6 +41,7 @@ _installed: dict[str, Any] = {}
 # above every part of a key (the type ranks and the insertion number it is compared with)
 _TOP = float("inf")
 _RANGE_OPS = {"$lt", "$lte", "$gt", "$gte"}
+_PATCH = "patch_datetime_awareness_in_document"  # (mongomock's: datetimes as it stores them)
 
 
 def _value(doc: dict[str, Any], field: str) -> Any:
@@ -69,7 +70,7 @@ class _Ordered:
     documents that have every field, kept sorted (which key a document has is kept by
     :class:`_Index`)."""
 
-    def __init__(self, fields: tuple[str, ...], ids: dict[int, Any]) -> None:
+    def __init__(self, fields: tuple[str, ...], ids: list[Any]) -> None:
         self.fields = fields
         self.keys: SortedList = SortedList()
         self.ids = ids  # seq -> document id, shared by the collection's indexes
@@ -193,58 +194,101 @@ def _range(cond: Any) -> tuple[Any, bool, Any, bool] | None:
 
 
 class _Index:
-    """The collection's hash indexes (field -> value -> the ids holding it: one id, or a dict
-    of them in insertion order) and its compound indexes, sorted (:class:`_Ordered`); per
-    document, its insertion number, the values it is filed under and its compound keys.
-    (Kept small: a benchmark's peak memory includes it.)"""
+    """The collection's hash indexes (field -> value -> the ids holding it: one id, or a list
+    or a dict of them in insertion order) and its compound indexes, sorted (:class:`_Ordered`); per
+    document only its insertion number. What a document was filed under is computed when it
+    changes: from the document it replaces, or, for a document an update changes in place,
+    from the copy mongomock takes of it before changing it (:attr:`original`). (Kept small: a
+    benchmark's peak memory includes it, as a real MongoDB's memory includes its indexes.)"""
 
     def __init__(self) -> None:
         self.fwd: dict[str, dict[Any, Any]] = {f: {} for f in INDEXED_FIELDS}
         self.unindexable: dict[Any, None] = {}
-        # id -> [seq, hash values (by INDEXED_FIELDS, None: not filed), compound keys]
-        self.meta: dict[Any, list[Any]] = {}
-        self.ids: dict[int, Any] = {}  # seq -> id
+        self.seqs: dict[Any, int] = {}  # id -> insertion number
+        # insertion number -> id (None: deleted; a list grows by one slot per insert ever,
+        # which a test or a benchmark can afford)
+        self.ids: list[Any] = [None]
         self.counter = 0
         self.ordered: list[_Ordered] = []
         self.declared = 0  # indexes of the collection seen by sync
+        # (id, copy) of the document an update is changing in place, as it was before
+        self.original: tuple[Any, dict[str, Any]] | None = None
 
-    def put(self, key: Any, doc: dict[str, Any]) -> None:
-        meta = self.meta.get(key)
-        if meta is None:
-            self.counter += 1
-            meta = self.meta[key] = [self.counter, (None,) * len(INDEXED_FIELDS), ()]
-            self.ids[self.counter] = key
-        seq, filed, keys = meta
+    def filing(self, doc: dict[str, Any], seq: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """What ``doc`` is filed under: its hash values (by INDEXED_FIELDS, None: not filed)
+        and its compound keys (by index, None: not in it)."""
         values = []
-        for i, field in enumerate(INDEXED_FIELDS):
-            new = _value(doc, field)
-            if new is _MISSING:
-                self.unindexable[key] = None
-                new = None
-            old = filed[i]
-            if old is not None and (old != new or type(old) is not type(new)):
-                self._unfile(field, old, key)
-            if new is not None and (old != new or type(old) is not type(new)):
-                self._file(field, new, key)
-            values.append(new)
-        new_keys = tuple(index.key(doc, seq) for index in self.ordered)
-        old_keys = keys or (None,) * len(self.ordered)
-        for index, old_key, new_key in zip(self.ordered, old_keys, new_keys, strict=True):
-            index.move(old_key, new_key)
-        meta[1], meta[2] = tuple(values), new_keys
+        for field in INDEXED_FIELDS:
+            value = _value(doc, field)
+            values.append(None if value is _MISSING else value)
+        return tuple(values), tuple(index.key(doc, seq) for index in self.ordered)
 
-    def drop(self, key: Any) -> None:
-        meta = self.meta.pop(key, None)
-        if meta is None:
-            return
-        seq, filed, keys = meta
-        for field, old in zip(INDEXED_FIELDS, filed, strict=True):
-            if old is not None:
-                self._unfile(field, old, key)
-        for index, old_key in zip(self.ordered, keys or (None,) * len(self.ordered), strict=True):
-            index.move(old_key, None)
+    def put(self, key: Any, doc: dict[str, Any], old: dict[str, Any] | None) -> None:
+        """File ``doc`` under ``key``; ``old``: the document it replaces (None: new)."""
+        seq = self.seqs.get(key)
+        if seq is None:
+            self.counter += 1
+            seq = self.seqs[key] = self.counter
+            self.ids.append(key)
+            was: tuple[tuple[Any, ...], tuple[Any, ...]] | None = (
+                (None,) * len(INDEXED_FIELDS),
+                (None,) * len(self.ordered),
+            )
+        else:
+            was = None
+            if old is not None and old is not doc:
+                was = self.filing(old, seq)
+            elif self.original is not None and self.original[0] == key:
+                was = self.filing(self.original[1], seq)
+            self.original = None
+        if was is None:  # changed in place out of an update's sight: looked for everywhere
+            self._unfile_everywhere(key, seq)
+            was = ((None,) * len(INDEXED_FIELDS), (None,) * len(self.ordered))
+        filed, keys = was
+        values, new_keys = self.filing(doc, seq)
         self.unindexable.pop(key, None)
-        self.ids.pop(seq, None)
+        for field, old_value, new in zip(INDEXED_FIELDS, filed, values, strict=True):
+            if _value(doc, field) is _MISSING:
+                self.unindexable[key] = None
+            changed = old_value != new or type(old_value) is not type(new)
+            if old_value is not None and changed:
+                self._unfile(field, old_value, key)
+            if new is not None and changed:
+                self._file(field, new, key)
+        for index, old_key, new_key in zip(self.ordered, keys, new_keys, strict=True):
+            index.move(old_key, new_key)
+
+    def drop(self, key: Any, old: dict[str, Any] | None) -> None:
+        seq = self.seqs.pop(key, None)
+        if seq is None:
+            return
+        if old is None:
+            self._unfile_everywhere(key, seq)
+        else:
+            filed, keys = self.filing(old, seq)
+            for field, value in zip(INDEXED_FIELDS, filed, strict=True):
+                if value is not None:
+                    self._unfile(field, value, key)
+            for index, old_key in zip(self.ordered, keys, strict=True):
+                index.move(old_key, None)
+        self.unindexable.pop(key, None)
+        self.ids[seq] = None
+
+    def _unfile_everywhere(self, key: Any, seq: int) -> None:
+        """Take ``key`` out of every index without knowing what it was filed under (a scan of
+        the indexes: for a document changed in place where no update saw it, never on the
+        store's own paths)."""
+        for field, buckets in self.fwd.items():
+            held_by = [
+                value
+                for value, held in buckets.items()
+                if (key in held if isinstance(held, dict | list) else held == key)
+            ]
+            for value in held_by:
+                self._unfile(field, value, key)
+        for index in self.ordered:
+            for stale in [k for k in index.keys if k[-1] == seq]:
+                index.keys.remove(stale)
 
     def _file(self, field: str, value: Any, key: Any) -> None:
         buckets = self.fwd[field]
@@ -253,12 +297,18 @@ class _Index:
             buckets[value] = key
         elif isinstance(held, dict):
             held[key] = None
+        elif isinstance(held, list):
+            held.append(key)
         elif held != key:
-            buckets[value] = {held: None, key: None}
+            buckets[value] = [held, key]
 
     def _unfile(self, field: str, value: Any, key: Any) -> None:
         buckets = self.fwd[field]
         held = buckets.get(value, _MISSING)
+        if isinstance(held, list):
+            # a bucket is a list (8 bytes an id) while it only grows; a dict from its first
+            # removal on (the ids of a deal never leave its bucket, those of a status do)
+            held = buckets[value] = dict.fromkeys(held)
         if isinstance(held, dict):
             held.pop(key, None)
         elif held is not _MISSING and held == key:
@@ -268,7 +318,7 @@ class _Index:
         held = self.fwd[field].get(value, _MISSING)
         if held is _MISSING:
             return []
-        return list(held) if isinstance(held, dict) else [held]
+        return list(held) if isinstance(held, dict | list) else [held]
 
     def sync(self, indexes: dict[str, Any], documents: dict[Any, dict[str, Any]]) -> None:
         """Build the compound indexes declared since the last look (from the documents)."""
@@ -283,12 +333,9 @@ class _Index:
             index = _Ordered(fields, self.ids)
             known.add(fields)
             for doc_id, doc in documents.items():
-                meta = self.meta.get(doc_id)
-                if meta is None:
-                    continue
-                key = index.key(doc, meta[0])
-                index.move(None, key)
-                meta[2] = (*meta[2], key)
+                seq = self.seqs.get(doc_id)
+                if seq is not None:
+                    index.move(None, index.key(doc, seq))
             self.ordered.append(index)
 
     def candidates(self, spec: Any) -> list[Any] | None:
@@ -300,7 +347,7 @@ class _Index:
             and isinstance(spec["_id"], Hashable)
             and not isinstance(spec["_id"], dict)
         ):
-            return [spec["_id"]] if spec["_id"] in self.meta else []
+            return [spec["_id"]] if spec["_id"] in self.seqs else []
         best: list[Any] | None = None
         for field in INDEXED_FIELDS:
             if field not in spec:
@@ -327,8 +374,8 @@ class _Index:
             return None
         found_ids = dict.fromkeys(best)
         found_ids.update(self.unindexable)
-        meta = self.meta
-        return sorted(found_ids, key=lambda k: meta[k][0] if k in meta else 0)
+        seqs = self.seqs
+        return sorted(found_ids, key=lambda k: seqs.get(k, 0))
 
     def rest_of(self, spec: dict[str, Any]) -> tuple[str, set[str], dict[str, Any]] | None:
         """For a ``$in`` of strings on a hash-indexed field: that field, its values and the
@@ -358,7 +405,7 @@ class _Index:
     ) -> tuple[int, Iterator[Any]] | None:
         best: tuple[int, Iterator[Any]] | None = None
         for index in self.ordered:
-            found = index.plan(spec, sort, len(self.meta))
+            found = index.plan(spec, sort, len(self.seqs))
             if found is not None and (best is None or found[0] < best[0]):
                 best = found
         return best
@@ -383,6 +430,7 @@ def install() -> None:
     if _installed:
         return
     import mongomock_ng.collection as mcol
+    import mongomock_ng.helpers as mhelpers
     import mongomock_ng.store as mstore
     from mongomock_ng.filtering import filter_applies
     from pymongo.errors import DuplicateKeyError
@@ -400,10 +448,17 @@ def install() -> None:
                 col,
                 {
                     n: getattr(col, n)
-                    for n in ("_iter_documents", "_ensure_uniques", "_get_dataset")
+                    for n in (
+                        "_iter_documents",
+                        "_ensure_uniques",
+                        "_get_dataset",
+                        "_update_documents",
+                    )
                 },
             ),
             "cursor": (cursor, {"_compute_results": cursor._compute_results}),
+            "module": (mcol, {"_clone_document": mcol._clone_document}),
+            "helpers": (mhelpers, {_PATCH: getattr(mhelpers, _PATCH)}),
         }
     )
     orig_init, orig_set, orig_del, orig_drop = (
@@ -415,6 +470,8 @@ def install() -> None:
 
     def __init__(self: Any, name: str) -> None:
         orig_init(self, name)
+        # a dict keeps the insertion order as mongomock's OrderedDict does, in half its memory
+        self._documents = {}
         self._wp_index = _Index()
 
     def _index(self: Any) -> _Index:
@@ -422,20 +479,23 @@ def install() -> None:
         if index is None:  # a store made before install
             index = self._wp_index = _Index()
             for key, doc in self._documents.items():
-                index.put(key, doc)
+                index.put(key, doc, None)
         index.sync(self.indexes, self._documents)
         return index
 
     def __setitem__(self: Any, key: Any, val: Any) -> None:
+        old = self._documents.get(key)
         orig_set(self, key, val)
-        _index(self).put(key, val)
+        _index(self).put(key, val, old)
 
     def __delitem__(self: Any, key: Any) -> None:
+        old = self._documents.get(key)
         orig_del(self, key)
-        _index(self).drop(key)
+        _index(self).drop(key, old)
 
     def drop(self: Any) -> None:
         orig_drop(self)
+        self._documents = {}
         self._wp_index = _Index()
 
     for name, patched in (
@@ -446,11 +506,38 @@ def install() -> None:
     ):
         setattr(cs, name, patched)
 
-    orig_iter, orig_uniques, orig_dataset = (
+    orig_iter, orig_uniques, orig_dataset, orig_update = (
         col._iter_documents,
         col._ensure_uniques,
         col._get_dataset,
+        col._update_documents,
     )
+    orig_clone = mcol._clone_document
+
+    # mongomock's update copies each document it reads (to restore it if the update fails),
+    # then changes the stored document in place and stores it again: the copy tells its
+    # index what the document was filed under (see _Index.put)
+    updating: list[Any] = []
+
+    def _update_documents(self: Any, *args: Any, **kwargs: Any) -> Any:
+        store = self._store
+        updating.append(store)
+        try:
+            return orig_update(self, *args, **kwargs)
+        finally:
+            updating.pop()
+            index = getattr(store, "_wp_index", None)
+            if index is not None:
+                index.original = None
+
+    def _clone_document(doc: Any) -> Any:
+        copied = orig_clone(doc)
+        if updating and isinstance(doc, dict):
+            store = updating[-1]
+            key = doc.get("_id")
+            if isinstance(key, Hashable) and store._documents.get(key) is doc:
+                _index(store).original = (key, copied)
+        return copied
 
     def _iter_documents(self: Any, spec: Any) -> Iterator[dict[str, Any]]:
         store = self._store
@@ -525,6 +612,7 @@ def install() -> None:
         ("_iter_documents", _iter_documents),
         ("_ensure_uniques", _ensure_uniques),
         ("_get_dataset", _get_dataset),
+        ("_update_documents", _update_documents),
     )
     for name, patched in patches:
         setattr(col, name, patched)
@@ -549,6 +637,19 @@ def install() -> None:
 
     for name, patched in (("_compute_results", _compute_results),):
         setattr(cursor, name, patched)
+    mcol._clone_document = _clone_document
+
+    orig_patch = mhelpers.patch_datetime_awareness_in_document
+
+    def patch_datetime_awareness_in_document(value: Any) -> Any:
+        # mongomock makes a copy of every datetime it stores, truncated to milliseconds; one
+        # that is already naive and in milliseconds is kept as it is (a datetime does not
+        # change: the same answers, without a copy per document of a time a batch shares)
+        if type(value) is dt.datetime and value.tzinfo is None and not value.microsecond % 1000:
+            return value
+        return orig_patch(value)
+
+    mhelpers.patch_datetime_awareness_in_document = patch_datetime_awareness_in_document
 
 
 def uninstall() -> None:

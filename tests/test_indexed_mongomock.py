@@ -4,7 +4,9 @@ compound index instead of the whole collection."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -106,6 +108,77 @@ def test_answers_are_mongomocks_also_after_updates_and_deletes(indexed: None) ->
         if step % 31 == 0:
             plain.delete_one(target)
     indexed_mongomock.install()
+
+
+def test_answers_stay_mongomocks_after_every_kind_of_write(
+    indexed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mongomock changes in place the documents an update reads: the indexes must follow
+    # each write path (many at once, sorted, find-and-modify, replace, upsert, delete),
+    # from what each update read, never from a scan of the indexes
+    from pymongo import ReturnDocument
+
+    def unexpected(*_: Any) -> None:
+        raise AssertionError("a document changed where no update read it")
+
+    monkeypatch.setattr(indexed_mongomock._Index, "_unfile_everywhere", unexpected)
+
+    rng = random.Random(2121)
+    docs = _docs(rng, 300)
+    fast = _collection(docs)
+    indexed_mongomock.uninstall()
+    plain = _collection(docs)
+    indexed_mongomock.install()
+
+    def both(method: str, *args: Any, **kwargs: Any) -> None:
+        getattr(fast, method)(*copy.deepcopy(args), **kwargs)
+        indexed_mongomock.uninstall()
+        try:
+            getattr(plain, method)(*copy.deepcopy(args), **kwargs)
+        finally:
+            indexed_mongomock.install()
+
+    for step in range(42):
+        status = rng.choice(STATUSES)
+        moved_to = rng.choice(STATUSES)
+        deadline = rng.randrange(50)
+        some = f"t{rng.randrange(320):05d}"
+        kind = step % 6
+        if kind == 0:
+            both(
+                "update_many",
+                {"status": status, "deadline": {"$lt": deadline}},
+                {"$set": {"status": moved_to}, "$inc": {"deadline": 3}},
+            )
+        elif kind == 1:
+            both(
+                "find_one_and_update",
+                {"status": status},
+                {"$set": {"seenAt": BASE, "queue": "b"}},
+                sort=[("chainTaskId", -1)],
+                return_document=ReturnDocument.AFTER,
+            )
+        elif kind == 2:
+            both(
+                "replace_one",
+                {"chainTaskId": some},
+                {"chainTaskId": some, "status": moved_to, "deadline": deadline},
+                upsert=True,
+            )
+        elif kind == 3:
+            both("update_one", {"chainTaskId": some}, {"$unset": {"deadline": ""}})
+        elif kind == 4:
+            both("delete_many", {"status": status, "deadline": deadline})
+        else:  # an update that changes nothing, then one that changes some
+            both("update_many", {"status": status}, {"$set": {"queue": "a"}})
+            both("update_many", {"queue": "a"}, {"$set": {"seenAt": BASE}})
+        for query, sort, limit in itertools.islice(_queries(rng), 6):
+            got = _answer(fast, query, sort, limit)
+            indexed_mongomock.uninstall()
+            try:
+                assert got == _answer(plain, query, sort, limit), (step, query, sort, limit)
+            finally:
+                indexed_mongomock.install()
 
 
 def test_a_sorted_limited_range_reads_its_page_not_the_collection(
