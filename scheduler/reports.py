@@ -111,8 +111,10 @@ class Reports:
             raise Refused(BAD_STATUS, "COMPLETED is the scheduler's to set", worker)
         chain: dict[str, Any] = {}  # what the checks read, for what follows
         check_chain = self._check(report, chain)
+        walked: list[ReplicateStatus] = []  # the statuses the report moves the replicate through
 
         def check(current: dict[str, Any], path: list[ReplicateStatus]) -> None:
+            walked[:] = path
             if (
                 first_try
                 and not set(path[:-1]) <= set(report.passed)  # (the worker's own account)
@@ -152,15 +154,12 @@ class Reports:
             return
         if report.stdout or report.stderr:
             self.keep_compute_logs(report)
-        if target == R.CONTRIBUTED:
-            self.fleet.succeeded(worker)
-            task = self.store.task(taskid) or {}
-            if task.get("status") in _REVEAL_PHASE:
-                # consensus came with another one
-                self.consensus.request_reveals(taskid, chain.get("task"))
-            elif not self.consensus.check(taskid, chain.get("task")):
-                self.planner.replan(taskid)
-        elif target == R.CONTRIBUTING:
+        # a later report applied first walks the replicate past CONTRIBUTED (a node asked to
+        # reveal by someone else than the scheduler, reports taken out of order): what the
+        # contribution means for the task is done all the same (COMPLETED: finalized at once)
+        if target == R.CONTRIBUTED or (R.CONTRIBUTED in walked and target != R.COMPLETED):
+            self.contributed(taskid, worker, chain.get("task"))
+        if target == R.CONTRIBUTING:
             # its CONTRIBUTED (or COMPLETED) report should follow: the tick looks again until
             # it does, and past its grace asks the chain (the report may be lost)
             self.store.mark_for_review(taskid)
@@ -202,6 +201,16 @@ class Reports:
                 "replicate of %s on %s: %s (%s)", worker, taskid, target, _short(report.reason)
             )
             self.store.mark_for_review(taskid)  # another replicate may be needed
+
+    def contributed(self, taskid: str, worker: str, chain: Task | None) -> None:
+        """``worker`` contributed to ``taskid`` (``chain``: the viewTask its check read)."""
+        self.fleet.succeeded(worker)
+        task = self.store.task(taskid) or {}
+        if task.get("status") in _REVEAL_PHASE:
+            # consensus came with another one
+            self.consensus.request_reveals(taskid, chain)
+        elif not self.consensus.check(taskid, chain):
+            self.planner.replan(taskid)
 
     def keep_compute_logs(self, report: ReplicateReport) -> None:
         """The app's stdout and stderr of a COMPUTED or COMPUTE_FAILED report go to the

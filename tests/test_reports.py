@@ -263,3 +263,21 @@ def test_a_report_whose_passed_statuses_do_not_hold_together_is_malformed(
     body = {"taskid": TASK, "worker": WORKER, "status": "COMPUTED", **wire}
     with pytest.raises(MessageError):
         ReplicateReport.from_wire(body)
+
+
+def test_a_reveal_reported_before_its_contribution_still_brings_the_task_to_consensus(
+    scheduler: Scheduler, store: Store, chain: FakeChain, celery: FakeCelery
+) -> None:
+    # Given a node that contributed and, asked to reveal by someone on Redis before the
+    # scheduler saw its contribution, revealed: consensus is on chain, the task RUNNING here
+    _running_task(store, ReplicateStatus.COMPUTED)
+    chain.tasks[TASK] = chain_task(
+        TASK, ChainTaskStatus.REVEALING, [WORKER], winner_counter=1, reveal_deadline=NOW + 600
+    )
+    chain.contributions[(TASK, WORKER)] = contribution(ContributionStatus.CONTRIBUTED)
+    # When its REVEALING report is applied before its CONTRIBUTED (which comes stale after)
+    report(scheduler, R.REVEALING)
+    report(scheduler, R.CONTRIBUTED)
+    # Then the contribution's consequence was not lost: consensus recorded, reveal asked
+    assert store.task(TASK)["status"] == str(TaskStatus.CONSENSUS_REACHED)  # type: ignore[index]
+    assert [m.args[0]["taskid"] for m in celery.of(REVEAL.name)] == [TASK]
