@@ -110,3 +110,13 @@ def test_what_ends_a_stage_is_never_held(status: ReplicateStatus) -> None:
     sent = Sent()
     Reporter(sent, hold=60).report(rep(status))
     assert [r.status for r in sent.reports] == [status]
+
+
+def test_a_report_the_broker_refuses_keeps_the_progress_held_before_it() -> None:
+    sent = Sent(failures=1)
+    reporter = Reporter(sent, hold=60)
+    reporter.report(rep(R.COMPUTING))
+    with pytest.raises(ConnectionError):
+        reporter.report(rep(R.COMPUTED, exit_code=0))
+    reporter.report(rep(R.COMPUTED, exit_code=0))  # the node's next try
+    assert [(r.passed, r.status) for r in sent.reports] == [((R.COMPUTING,), R.COMPUTED)]

@@ -66,7 +66,12 @@ class Reporter:
                 self._start()
                 self._wake.notify()
                 return
-            self._send(_carrying(report, before))
+            try:
+                self._send(_carrying(report, before))
+            except Exception:  # the caller hears of it; the held progress waits for the next
+                if held is not None:
+                    self._held[report.taskid] = held
+                raise
 
     def flush(self) -> None:
         """Send every held report now (the node stops)."""
